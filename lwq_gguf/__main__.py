@@ -1,0 +1,3 @@
+from lwq_gguf.cli import main
+
+raise SystemExit(main())

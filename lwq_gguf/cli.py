@@ -1,0 +1,170 @@
+"""The command line: ``lwq-gguf score | plan | convert``. Thin: parse, call pipeline, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lwq_gguf import __version__
+from lwq_gguf.errors import LwqError
+from lwq_gguf.plan import STRATEGIES, PlanConfig, parse_override
+from lwq_gguf.quants import DEFAULT_LADDER
+
+EPILOG = "Types are llama.cpp's names (q2_k ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring")
+    g.add_argument("--calib", type=Path, help="calibration text (default: packaged WikiText-2 "
+                   "validation excerpt)")
+    g.add_argument("--calib-tokens", type=int, default=4096, help="tokens of it to use (4096)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="PyTorch device for LIM scoring (auto: cuda when available)")
+    g.add_argument("--scores", type=Path, help="reuse a scores JSON from `lwq-gguf score`")
+
+
+def _plan_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("planning")
+    g.add_argument("--avg-bits", type=float, required=required,
+                   help="target BPW of the whole file (llama.cpp's BPW, embeddings included)")
+    g.add_argument("--strategy", default="lim", choices=STRATEGIES,
+                   help="layer ranking: lim (default), zd or random")
+    g.add_argument("--ladder", default=",".join(DEFAULT_LADDER),
+                   help=f"types to choose from (default {','.join(DEFAULT_LADDER)})")
+    g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
+    g.add_argument("--token-embedding-type", default="auto",
+                   help="type of token_embd.weight, or auto: planned first (default auto)")
+    g.add_argument("--output-tensor-type", default="auto",
+                   help="type of output.weight, or auto: planned first (default auto)")
+    g.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="fix matching tensors to TYPE, as llama-quantize does (repeatable)")
+
+
+def _plan_config(a: argparse.Namespace) -> PlanConfig:
+    return PlanConfig(a.avg_bits, tuple(a.ladder.split(",")), a.strategy, a.seed,
+                      a.token_embedding_type.lower(), a.output_tensor_type.lower(),
+                      tuple(parse_override(s) for s in a.tensor_type))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lwq-gguf", epilog=EPILOG,
+                                 description="Layer-wise mixed-precision GGUF quantization.")
+    ap.add_argument("--version", action="version", version=f"lwq-gguf {__version__}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="measure LIM and ZD per decoder layer", epilog=EPILOG)
+    s.add_argument("model", type=Path, help="Hugging Face model folder")
+    s.add_argument("-o", "--output", type=Path, help="scores JSON (default MODELNAME.scores.json)")
+    s.add_argument("--png", type=Path, help="chart (default: the JSON path with .png)")
+    s.add_argument("--force", action="store_true", help="replace existing outputs")
+    _score_args(s)
+
+    p = sub.add_parser("plan", help="choose a type for every tensor", epilog=EPILOG)
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="plan JSON (default: print the tables only)")
+    p.add_argument("--tensor-type-file", type=Path, help="also export for llama-quantize")
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    _plan_args(p, required=True)
+    _score_args(p)
+
+    c = sub.add_parser("convert", help="HF folder -> layer-wise mixed-precision GGUF", epilog=EPILOG)
+    c.add_argument("model", type=Path)
+    c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write")
+    c.add_argument("--plan", type=Path, help="use this plan JSON instead of planning")
+    c.add_argument("--imatrix", type=Path, help="importance matrix for llama-quantize")
+    c.add_argument("--outtype", default="auto", choices=["auto", "f16", "bf16", "f32"],
+                   help="type of the 16-bit intermediate (auto: bf16 for bf16 models, else f16)")
+    c.add_argument("--force", action="store_true", help="replace an existing output")
+    c.add_argument("--no-verify", action="store_true", help="skip the read-back and llama.cpp check")
+    c.add_argument("--threads", type=int, default=0, help="llama-quantize threads (default: all)")
+    _plan_args(c, required=False)
+    _score_args(c)
+    return ap
+
+
+def _score_config(a):
+    from lwq_gguf.score import ScoreConfig
+
+    if a.calib_tokens < 16:
+        raise LwqError(f"--calib-tokens {a.calib_tokens}: use at least 16")
+    return ScoreConfig(a.calib, a.calib_tokens, 512, a.device)
+
+
+def cmd_score(a) -> None:
+    from lwq_gguf.load import open_model
+    from lwq_gguf.report import table
+    from lwq_gguf.score import plot_scores, score_model
+    from lwq_gguf.write import atomic_write_text, check_output
+
+    out = a.output or Path(f"{a.model.resolve().name}.scores.json")
+    png = a.png or out.with_suffix(".png")
+    check_output(out, a.force)
+    check_output(png, a.force)
+    model = open_model(a.model)
+    scores = score_model(model, _score_config(a), progress=not a.quiet)
+    atomic_write_text(out, scores.to_json())
+    plot_scores(scores, png, f"{a.model.name}: layer importance")
+    order = sorted(range(scores.n_layers), key=lambda i: -scores.lim[i])
+    rank = {layer: i + 1 for i, layer in enumerate(order)}
+    print(table(("layer", "LIM", "LIM rank", "ZD"),
+                [(i, f"{scores.lim[i]:.4f}", rank[i], f"{scores.zd[i]:.4f}")
+                 for i in range(scores.n_layers)]))
+    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
+
+
+def cmd_plan(a) -> None:
+    from lwq_gguf.load import open_model
+    from lwq_gguf.pipeline import get_scores, plan_model
+    from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
+    from lwq_gguf.write import atomic_write_text, check_output
+
+    cfg = _plan_config(a)
+    for path in (a.output, a.tensor_type_file):
+        if path:
+            check_output(path, a.force)
+    model = open_model(a.model)
+    scores = get_scores(model, a.scores, _score_config(a), not a.quiet)
+    plan = plan_model(model, cfg, scores)
+    print(plan_layers_table(plan, scores.lim))
+    print(plan_types_table(plan))
+    print(plan_summary(plan))
+    if a.output:
+        atomic_write_text(a.output, plan.to_json(), a.force)
+        print(f"wrote {a.output}")
+    if a.tensor_type_file:
+        atomic_write_text(a.tensor_type_file, plan.tensor_type_file(), a.force)
+        print(f"wrote {a.tensor_type_file} (llama-quantize --tensor-type-file)")
+
+
+def cmd_convert(a) -> None:
+    from lwq_gguf.pipeline import convert
+    from lwq_gguf.report import plan_summary, plan_types_table
+    from lwq_gguf.write import WriteConfig
+
+    if a.plan is None and a.avg_bits is None:
+        raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
+    plan_cfg = _plan_config(a) if a.plan is None else None
+    wcfg = WriteConfig(a.output, a.imatrix, a.outtype, a.force, a.threads)
+    r = convert(a.model, wcfg, plan_cfg=plan_cfg, plan_file=a.plan, scores_file=a.scores,
+                score_cfg=_score_config(a), verify=not a.no_verify, progress=not a.quiet)
+    print(plan_types_table(r.plan))
+    print(plan_summary(r.plan))
+    check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
+    size = r.output.stat().st_size / 2**20
+    print(f"wrote {r.output}: {size:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
+          f"{r.seconds:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert}[a.command](a)
+    except LwqError as e:
+        print(f"lwq-gguf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lwq-gguf: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,268 @@
+"""Stage 3 - plan: layer scores + a bit budget -> one quantization type for every tensor.
+
+The budget is llama.cpp's BPW over the whole file: sum(tensor bytes) * 8 / sum(tensor elements),
+every tensor counted (embeddings, output and the F32 norms included) with its real block size.
+
+Method (the paper's, at tensor granularity at the boundary): the ladder gives levels L0 < L1 < ...
+Every planned tensor at level j costs the bytes of the type it can really take at that level
+(``quants.legal_type``: a 576-wide row cannot hold Q4_K, so it is counted as llama.cpp's Q5_0
+fallback). The two adjacent levels whose all-tensor BPW brackets the target are chosen; then,
+walking the units in priority order (embedding/output first under the ``auto`` policy, then the
+layers from most to least important, inside a layer attn_v, ffn_down, attn_output, attn_k, attn_q,
+ffn_gate, ffn_up), each unit is raised to the upper level while that stays within the budget.
+Every tensor kind therefore gets its upper type in a prefix of the importance ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from lwq_gguf import __version__
+from lwq_gguf.errors import PlanError
+from lwq_gguf.quants import DEFAULT_LADDER, QUANT_TYPES, legal_type, parse_ladder, quant_type
+
+TOLERANCE = 0.02
+STRATEGIES = ("lim", "zd", "random")
+PLAN_FORMAT, PLAN_VERSION = "lwq-gguf.plan", 1
+_KIND_PRIORITY = ("attn_v", "ffn_down", "attn_output", "attn_k", "attn_q", "ffn_gate", "ffn_up")
+_BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
+_NEVER = ("_norm.weight", "ffn_gate_inp.weight", "pos_embd", "token_types")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the GGUF as llama.cpp's converter writes it (ggml shape: ne0 first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    src_type: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def layer(self) -> int | None:
+        m = _BLK.match(self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def kind(self) -> str:
+        m = _BLK.match(self.name)
+        return m.group(2) if m else self.name.removesuffix(".weight")
+
+    @property
+    def quantizable(self) -> bool:
+        """The same rule as llama-quantize (tensor_allows_quantization at the pin)."""
+        return (len(self.shape) >= 2 and self.name.endswith("weight")
+                and not any(s in self.name for s in _NEVER))
+
+
+def tensor_nbytes(type_name: str, shape: Sequence[int]) -> int:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    avg_bits: float
+    ladder: tuple[str, ...] = DEFAULT_LADDER
+    strategy: str = "lim"
+    seed: int = 0
+    token_embedding_type: str = "auto"  # "auto" = planned first, or a type name
+    output_tensor_type: str = "auto"
+    overrides: tuple[tuple[str, str], ...] = ()  # (regex, type): first match wins, like llama-quantize
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        object.__setattr__(self, "ladder", parse_ladder(self.ladder))
+        for t in (self.token_embedding_type, self.output_tensor_type):
+            if t != "auto":
+                quant_type(t)
+        for pattern, t in self.overrides:
+            quant_type(t)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise PlanError(f"bad --tensor-type pattern {pattern!r}: {e}")
+
+
+def parse_override(spec: str) -> tuple[str, str]:
+    """'REGEX=TYPE' as llama-quantize --tensor-type takes it."""
+    pattern, sep, t = spec.rpartition("=")
+    if not sep or not pattern:
+        raise PlanError(f"bad --tensor-type {spec!r}: write it as REGEX=TYPE, e.g. attn_v=q6_k")
+    return pattern.lower(), quant_type(t).name
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: PlanConfig
+    tensors: tuple[GGUFTensor, ...]
+    types: tuple[str, ...]  # the type each tensor has in the output file
+    layer_order: tuple[int, ...]  # most important first
+    pair: tuple[str, str]
+    tool_version: str = field(default=__version__, compare=False)
+
+    def type_of(self, name: str) -> str:
+        return self.types[[t.name for t in self.tensors].index(name)]
+
+    def bpw(self, layers_only: bool = False) -> float:
+        bits = elems = 0
+        for t, ty in zip(self.tensors, self.types):
+            if layers_only and t.layer is None:
+                continue
+            bits += tensor_nbytes(ty, t.shape) * 8
+            elems += t.numel
+        return bits / elems
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(ty, t.shape) for t, ty in zip(self.tensors, self.types))
+
+    def type_elements(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t, ty in zip(self.tensors, self.types):
+            out[ty] = out.get(ty, 0) + t.numel
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def to_dict(self) -> dict:
+        cfg = asdict(self.config)
+        cfg["overrides"] = [list(o) for o in self.config.overrides]
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "tool_version": self.tool_version,
+            "config": cfg, "layer_order": list(self.layer_order), "pair": list(self.pair),
+            "summary": {"bpw": round(self.bpw(), 4), "bpw_layers": round(self.bpw(True), 4),
+                        "bytes": self.nbytes, "elements": sum(t.numel for t in self.tensors)},
+            "tensors": [{"name": t.name, "shape": list(t.shape), "src_type": t.src_type, "type": ty}
+                        for t, ty in zip(self.tensors, self.types)],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        try:
+            d = json.loads(text)
+            if d.get("format") != PLAN_FORMAT or d.get("version") != PLAN_VERSION:
+                raise PlanError(f"{source}: not a version-{PLAN_VERSION} lwq-gguf plan: "
+                                "make it with `lwq-gguf plan`")
+            c = d["config"]
+            cfg = PlanConfig(float(c["avg_bits"]), tuple(c["ladder"]), c["strategy"], int(c["seed"]),
+                             c["token_embedding_type"], c["output_tensor_type"],
+                             tuple((p, t) for p, t in c["overrides"]))
+            tensors = tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["src_type"]) for r in d["tensors"])
+            types = tuple(quant_type(r["type"]).name for r in d["tensors"])
+            return cls(cfg, tensors, types, tuple(d["layer_order"]), tuple(d["pair"]),
+                       d.get("tool_version", "?"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise PlanError(f"{source}: corrupt plan file ({e}): make a new one with `lwq-gguf plan`")
+
+    def tensor_type_file(self) -> str:
+        """``llama-quantize --tensor-type-file`` lines: one exact pattern per quantized tensor."""
+        return "".join(f"^{re.escape(t.name)}$={ty}\n"
+                       for t, ty in zip(self.tensors, self.types) if t.quantizable)
+
+
+def layer_order(strategy: str, n_layers: int, lim: Sequence[float] | None,
+                zd: Sequence[float] | None, seed: int = 0) -> tuple[int, ...]:
+    """Layers from most to least important under ``strategy``."""
+    if strategy == "random":
+        order = list(range(n_layers))
+        random.Random(seed).shuffle(order)
+        return tuple(order)
+    score = lim if strategy == "lim" else zd
+    if score is None or len(score) != n_layers:
+        raise PlanError(f"strategy {strategy!r} needs {strategy.upper()} scores for {n_layers} "
+                        "layers: run `lwq-gguf score` on this model (or pass --strategy random)")
+    return tuple(sorted(range(n_layers), key=lambda i: (-score[i], i)))
+
+
+def _fixed_type(t: GGUFTensor, cfg: PlanConfig) -> str | None:
+    """The type a tensor gets regardless of the budget, or None when the planner decides."""
+    if not t.quantizable:
+        return t.src_type
+    for pattern, ty in cfg.overrides:
+        if re.search(pattern, t.name):
+            return legal_type(ty, t.shape[0])
+    policy = {"token_embd.weight": cfg.token_embedding_type,
+              "output.weight": cfg.output_tensor_type}.get(t.name, "auto")
+    return None if policy == "auto" else legal_type(policy, t.shape[0])
+
+
+def _priority(t: GGUFTensor, rank: dict[int, int]) -> tuple:
+    if t.layer is None:
+        return (0 if t.name in ("token_embd.weight", "output.weight") else 2, 0, 0, t.name)
+    k = t.kind
+    kp = _KIND_PRIORITY.index(k) if k in _KIND_PRIORITY else len(_KIND_PRIORITY)
+    return (1, rank[t.layer], kp, t.name)
+
+
+def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
+              lim: Sequence[float] | None = None, zd: Sequence[float] | None = None) -> Plan:
+    tensors = tuple(tensors)
+    order = layer_order(cfg.strategy, n_layers, lim, zd, cfg.seed)
+    rank = {layer: i for i, layer in enumerate(order)}
+    total_elems = sum(t.numel for t in tensors)
+    fixed = [_fixed_type(t, cfg) for t in tensors]
+    fixed_bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(tensors, fixed) if ty)
+    units = sorted((i for i, ty in enumerate(fixed) if ty is None),
+                   key=lambda i: _priority(tensors[i], rank))
+    levels = [[legal_type(q, tensors[i].shape[0]) for q in cfg.ladder] for i in range(len(tensors))]
+
+    def level_bits(j: int) -> int:
+        return fixed_bits + sum(tensor_nbytes(levels[i][j], tensors[i].shape) * 8 for i in units)
+
+    all_bpw = [level_bits(j) / total_elems for j in range(len(cfg.ladder))]
+    lo_bpw, hi_bpw = all_bpw[0], all_bpw[-1]
+    target = cfg.avg_bits
+    if not lo_bpw - TOLERANCE <= target <= hi_bpw + TOLERANCE:
+        raise PlanError(
+            f"--avg-bits {target:g} is outside what ladder {','.join(cfg.ladder)} reaches on this "
+            f"model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick a "
+            "target in that range or widen the ladder")
+    j = max([k for k in range(len(all_bpw)) if all_bpw[k] <= target] or [0])
+    hi = min(j + 1, len(cfg.ladder) - 1)
+    chosen = {i: levels[i][j] for i in units}
+    budget = target * total_elems
+    bits = level_bits(j)
+    skipped = []
+    for i in units:  # raise units in priority order while the budget allows
+        step = (tensor_nbytes(levels[i][hi], tensors[i].shape)
+                - tensor_nbytes(levels[i][j], tensors[i].shape)) * 8
+        if step <= 0:
+            continue
+        if bits + step <= budget:
+            chosen[i] = levels[i][hi]
+            bits += step
+        else:
+            skipped.append((i, step))
+    if skipped:  # one more raise if it lands closer to the target than stopping short
+        i, step = min(skipped, key=lambda s: abs(bits + s[1] - budget))
+        if abs(bits + step - budget) < abs(bits - budget):
+            chosen[i] = levels[i][hi]
+    types = tuple(fixed[i] if fixed[i] else chosen[i] for i in range(len(tensors)))
+    plan = Plan(cfg, tensors, types, order, (cfg.ladder[j], cfg.ladder[hi]))
+    got = plan.bpw()
+    if abs(got - target) > TOLERANCE:
+        raise PlanError(f"--avg-bits {target:g}: the closest this model's tensors allow is "
+                        f"{got:.3f} BPW (tensor steps too coarse): choose a nearby target")
+    return plan
+
+
+def describe_types() -> str:
+    return ", ".join(f"{n} ({q.bpw:g})" for n, q in QUANT_TYPES.items())

