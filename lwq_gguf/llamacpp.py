@@ -88,7 +88,8 @@ def run_tool(cmd: list[str], *, what: str, on_line: Callable[[str], None] | None
         raise
     out = "\n".join(lines)
     if rc != 0:
-        if re.search(r"No space left|ENOSPC|File too large|EFBIG|failed to write|write error",
+        if re.search(r"No space left|ENOSPC|File too large|EFBIG|failed to write|write error|"
+                     r"requested and \d+ written",
                      out, re.I) or rc == -25:  # -25: SIGXFSZ (file size limit)
             raise OSError(28, "No space left on device (or file size limit reached)")
         tail = [ln for ln in lines if ln.strip()][-3:]

@@ -6,15 +6,18 @@ every tensor counted (embeddings, output and the F32 norms included) with its re
 Method (the paper's, at tensor granularity at the boundary): the ladder gives levels L0 < L1 < ...
 Every planned tensor at level j costs the bytes of the type it can really take at that level
 (``quants.legal_type``: a 576-wide row cannot hold Q4_K, so it is counted as llama.cpp's Q5_0
-fallback). The two adjacent levels whose all-tensor BPW brackets the target are chosen; then,
-walking the units in priority order (embedding/output first under the ``auto`` policy, then the
-layers from most to least important, inside a layer attn_v, ffn_down, attn_output, attn_k, attn_q,
-ffn_gate, ffn_up), each unit is raised to the upper level while that stays within the budget.
-Every tensor kind therefore gets its upper type in a prefix of the importance ranking.
+fallback). Token embedding and output (``auto`` policy) are placed first, at the upper of the two
+adjacent levels whose all-tensor BPW brackets the target (else at the nearest level that still
+lets the layers reach it). For the layer tensors, the two adjacent levels that bracket the rest of
+the budget are chosen; walking them in priority order (layers from most to least important, inside
+a layer attn_v, ffn_down, attn_output, attn_k, attn_q, ffn_gate, ffn_up), each is raised to the
+upper level while that stays within the budget. Every tensor kind therefore gets its upper type
+in a prefix of the importance ranking.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -204,46 +207,36 @@ def _fixed_type(t: GGUFTensor, cfg: PlanConfig) -> str | None:
     return None if policy == "auto" else legal_type(policy, t.shape[0])
 
 
+_EMBED = ("token_embd.weight", "output.weight")
+
+
 def _priority(t: GGUFTensor, rank: dict[int, int]) -> tuple:
     if t.layer is None:
-        return (0 if t.name in ("token_embd.weight", "output.weight") else 2, 0, 0, t.name)
+        return (0, 0, 0, t.name)
     k = t.kind
     kp = _KIND_PRIORITY.index(k) if k in _KIND_PRIORITY else len(_KIND_PRIORITY)
     return (1, rank[t.layer], kp, t.name)
 
 
-def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
-              lim: Sequence[float] | None = None, zd: Sequence[float] | None = None) -> Plan:
-    tensors = tuple(tensors)
-    order = layer_order(cfg.strategy, n_layers, lim, zd, cfg.seed)
-    rank = {layer: i for i, layer in enumerate(order)}
-    total_elems = sum(t.numel for t in tensors)
-    fixed = [_fixed_type(t, cfg) for t in tensors]
-    fixed_bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(tensors, fixed) if ty)
-    units = sorted((i for i, ty in enumerate(fixed) if ty is None),
-                   key=lambda i: _priority(tensors[i], rank))
-    levels = [[legal_type(q, tensors[i].shape[0]) for q in cfg.ladder] for i in range(len(tensors))]
+def _two_level(units: list[int], levels: list[list[str]], shapes: list[tuple], budget: float
+               ) -> tuple[dict[int, str], int]:
+    """Types for ``units`` (in priority order) whose bits come closest to ``budget``.
 
-    def level_bits(j: int) -> int:
-        return fixed_bits + sum(tensor_nbytes(levels[i][j], tensors[i].shape) * 8 for i in units)
+    All units start at the highest level whose total fits; then each, in priority order, is raised
+    one level while the budget allows; finally one more raise if it lands closer to the budget.
+    Returns (types, level index of the lower of the two levels used).
+    """
+    def cost(i: int, j: int) -> int:
+        return tensor_nbytes(levels[i][j], shapes[i]) * 8
 
-    all_bpw = [level_bits(j) / total_elems for j in range(len(cfg.ladder))]
-    lo_bpw, hi_bpw = all_bpw[0], all_bpw[-1]
-    target = cfg.avg_bits
-    if not lo_bpw - TOLERANCE <= target <= hi_bpw + TOLERANCE:
-        raise PlanError(
-            f"--avg-bits {target:g} is outside what ladder {','.join(cfg.ladder)} reaches on this "
-            f"model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick a "
-            "target in that range or widen the ladder")
-    j = max([k for k in range(len(all_bpw)) if all_bpw[k] <= target] or [0])
-    hi = min(j + 1, len(cfg.ladder) - 1)
+    n_levels = len(levels[units[0]]) if units else 1
+    totals = [sum(cost(i, j) for i in units) for j in range(n_levels)]
+    j = max([k for k in range(n_levels) if totals[k] <= budget] or [0])
+    hi = min(j + 1, n_levels - 1)
     chosen = {i: levels[i][j] for i in units}
-    budget = target * total_elems
-    bits = level_bits(j)
-    skipped = []
-    for i in units:  # raise units in priority order while the budget allows
-        step = (tensor_nbytes(levels[i][hi], tensors[i].shape)
-                - tensor_nbytes(levels[i][j], tensors[i].shape)) * 8
+    bits, skipped = totals[j], []
+    for i in units:
+        step = cost(i, hi) - cost(i, j)
         if step <= 0:
             continue
         if bits + step <= budget:
@@ -251,17 +244,63 @@ def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
             bits += step
         else:
             skipped.append((i, step))
-    if skipped:  # one more raise if it lands closer to the target than stopping short
+    if skipped:
         i, step = min(skipped, key=lambda s: abs(bits + s[1] - budget))
         if abs(bits + step - budget) < abs(bits - budget):
             chosen[i] = levels[i][hi]
-    types = tuple(fixed[i] if fixed[i] else chosen[i] for i in range(len(tensors)))
-    plan = Plan(cfg, tensors, types, order, (cfg.ladder[j], cfg.ladder[hi]))
-    got = plan.bpw()
-    if abs(got - target) > TOLERANCE:
-        raise PlanError(f"--avg-bits {target:g}: the closest this model's tensors allow is "
-                        f"{got:.3f} BPW (tensor steps too coarse): choose a nearby target")
-    return plan
+    return chosen, j
+
+
+def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
+              lim: Sequence[float] | None = None, zd: Sequence[float] | None = None) -> Plan:
+    """Plan every tensor; see the module docstring for the method.
+
+    Embedding and output under the ``auto`` policy are placed first (each on its own): at the
+    upper of the two levels the whole model would use, else the nearest levels that still let the
+    layers reach the target (output.weight kept higher when only one can be).
+    """
+    tensors = tuple(tensors)
+    order = layer_order(cfg.strategy, n_layers, lim, zd, cfg.seed)
+    rank = {layer: i for i, layer in enumerate(order)}
+    total_elems = sum(t.numel for t in tensors)
+    fixed = [_fixed_type(t, cfg) for t in tensors]
+    fixed_bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(tensors, fixed) if ty)
+    free = [i for i, ty in enumerate(fixed) if ty is None]
+    emb = [i for i in free if tensors[i].name in _EMBED]
+    units = sorted((i for i in free if i not in emb), key=lambda i: _priority(tensors[i], rank))
+    levels = [[legal_type(q, t.shape[0]) for q in cfg.ladder] for t in tensors]
+    shapes = [t.shape for t in tensors]
+    n_levels = len(cfg.ladder)
+
+    def level_bpw(j: int) -> float:
+        return (fixed_bits + sum(tensor_nbytes(levels[i][j], shapes[i]) * 8 for i in free)) / total_elems
+
+    target = cfg.avg_bits
+    lo_bpw, hi_bpw = level_bpw(0), level_bpw(n_levels - 1)
+    if not lo_bpw - TOLERANCE <= target <= hi_bpw + TOLERANCE:
+        raise PlanError(
+            f"--avg-bits {target:g} is outside what ladder {','.join(cfg.ladder)} reaches on this "
+            f"model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick a "
+            "target in that range or widen the ladder")
+    j = max([k for k in range(n_levels) if level_bpw(k) <= target] or [0])
+    hi = min(j + 1, n_levels - 1)
+    prefs = [hi] + list(range(j, -1, -1)) + list(range(hi + 1, n_levels))
+    emb.sort(key=lambda i: tensors[i].name != "output.weight")  # output first: it matters more
+    combos = sorted(itertools.product(range(len(prefs)), repeat=len(emb)), key=lambda c: (sum(c), c))
+    best = None
+    for combo in combos:
+        e_level = {i: prefs[k] for i, k in zip(emb, combo)}
+        emb_bits = sum(tensor_nbytes(levels[i][e], shapes[i]) * 8 for i, e in e_level.items())
+        chosen, lo = _two_level(units, levels, shapes, target * total_elems - fixed_bits - emb_bits)
+        chosen.update({i: levels[i][e] for i, e in e_level.items()})
+        types = tuple(fixed[i] or chosen[i] for i in range(len(tensors)))
+        plan = Plan(cfg, tensors, types, order, (cfg.ladder[lo], cfg.ladder[min(lo + 1, n_levels - 1)]))
+        if abs(plan.bpw() - target) <= TOLERANCE:
+            return plan
+        if best is None or abs(plan.bpw() - target) < abs(best.bpw() - target):
+            best = plan
+    raise PlanError(f"--avg-bits {target:g}: the closest this model's tensors allow is "
+                    f"{best.bpw():.3f} BPW (tensor steps too coarse): choose a nearby target")
 
 
 def describe_types() -> str:

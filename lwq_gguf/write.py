@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,13 @@ def check_output(output: Path, force: bool) -> None:
         raise OutputError(f"{output}: already exists: pass --force to replace it")
     if not folder.is_dir():
         raise OutputError(f"{folder}: output folder does not exist: create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{folder}: output folder is not writable: choose another -o path")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{folder}: output folder is not writable ({e.strerror}): choose another "
+                          "-o path") from None
 
 
 def check_imatrix(imatrix: Path | None, plan: Plan) -> None:

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny generated models, the demo models, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "models"))
+SMOL = ROOT / "models" / "smollm2-135m"
+K256 = ROOT / "models" / "smollm2-135m-k256"
+
+from tiny import make_tiny  # noqa: E402
+
+
+def run_cli(*args, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """``python -m lwq_gguf ARGS`` in a child process, as a user runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "lwq_gguf", *map(str, args)], capture_output=True,
+                       text=True, env=env, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"lwq-gguf {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def error_line(p: subprocess.CompletedProcess) -> str:
+    """The one error line a user error must produce (and no traceback)."""
+    assert p.returncode != 0, p.stdout
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("lwq-gguf: error:")]
+    assert len(errors) == 1, p.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch, layers, dtype=..., shards=..., tied=...) -> folder of a cached random model."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", layers: int = 2, **kw) -> Path:
+        key = (arch, layers, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = make_tiny(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, layers, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_models():
+    for d in (SMOL, K256):
+        if not (d / "model.safetensors").is_file():
+            pytest.fail(f"{d} missing: run `make models` first")
+    return SMOL, K256

@@ -1,0 +1,120 @@
+"""Planning on synthetic tensor inventories (shapes of the demo models); no llama.cpp needed."""
+
+import random
+import re
+
+import pytest
+
+from lwq_gguf.errors import PlanError
+from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, make_plan, parse_override, tensor_nbytes
+from lwq_gguf.quants import QUANT_TYPES
+
+KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def inventory(n_layers=30, hidden=768, ffn=1536, kv=192, vocab=49152, tied=True):
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden, kv), "attn_v": (hidden, kv),
+              "attn_output": (hidden, hidden), "ffn_gate": (hidden, ffn), "ffn_up": (hidden, ffn),
+              "ffn_down": (ffn, hidden)}
+    t = [GGUFTensor("token_embd.weight", (hidden, vocab), "f16")]
+    for i in range(n_layers):
+        t.append(GGUFTensor(f"blk.{i}.attn_norm.weight", (hidden,), "f32"))
+        t += [GGUFTensor(f"blk.{i}.{k}.weight", shapes[k], "f16") for k in KINDS]
+        t.append(GGUFTensor(f"blk.{i}.ffn_norm.weight", (hidden,), "f32"))
+    t.append(GGUFTensor("output_norm.weight", (hidden,), "f32"))
+    if not tied:
+        t.append(GGUFTensor("output.weight", (hidden, vocab), "f16"))
+    return t
+
+
+LIM = [round(random.Random(1).uniform(-1, 0), 4) for _ in range(30)]
+ZD = [round(random.Random(2).uniform(0.1, 0.2), 4) for _ in range(30)]
+
+
+def follows_ranking(plan: Plan, scores) -> None:
+    """For every tensor kind, layers with more bits never rank below layers with fewer."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    for kind in KINDS:
+        bits = [QUANT_TYPES[plan.type_of(f"blk.{i}.{kind}.weight")].bpw for i in order]
+        assert bits == sorted(bits, reverse=True), (kind, bits)
+
+
+@pytest.mark.parametrize("target", [3.0, 3.5, 4.25, 5.0, 6.0, 7.5])
+def test_k256_shapes_hit_every_target_and_follow_lim(target):
+    plan = make_plan(inventory(), 30, PlanConfig(target), lim=LIM, zd=ZD)
+    assert abs(plan.bpw() - target) <= 0.02
+    follows_ranking(plan, LIM)
+    assert plan.layer_order[0] == max(range(30), key=lambda i: LIM[i])
+
+
+def test_zd_and_random_strategies():
+    zd = make_plan(inventory(), 30, PlanConfig(4.0, strategy="zd"), lim=LIM, zd=ZD)
+    follows_ranking(zd, ZD)
+    r1 = make_plan(inventory(), 30, PlanConfig(4.0, strategy="random", seed=1))
+    r1b = make_plan(inventory(), 30, PlanConfig(4.0, strategy="random", seed=1))
+    r2 = make_plan(inventory(), 30, PlanConfig(4.0, strategy="random", seed=2))
+    assert r1 == r1b and r1.layer_order != r2.layer_order
+    assert abs(r2.bpw() - 4.0) <= 0.02
+
+
+def test_bpw_counts_real_bytes_of_every_tensor():
+    plan = make_plan(inventory(n_layers=4), 4, PlanConfig(4.5), lim=LIM[:4])
+    bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(plan.tensors, plan.types))
+    assert plan.bpw() == bits / sum(t.numel for t in plan.tensors)
+    assert all(plan.type_of(t.name) == "f32" for t in plan.tensors if "norm" in t.name)
+    assert plan.bpw(layers_only=True) != plan.bpw()
+
+
+def test_unaligned_rows_get_types_they_can_take():
+    inv = inventory(hidden=576, kv=192)
+    with pytest.raises(PlanError, match=r"outside .* reaches on this model: 4\.\d+ to 8\.\d+ BPW"):
+        make_plan(inv, 30, PlanConfig(3.5), lim=LIM)
+    for target in (4.5, 5.0, 6.0):
+        plan = make_plan(inv, 30, PlanConfig(target), lim=LIM)
+        assert abs(plan.bpw() - target) <= 0.02
+        for t, ty in zip(plan.tensors, plan.types):
+            assert QUANT_TYPES[ty].fits(t.shape[0]), (t.name, ty)
+        assert {plan.type_of(f"blk.{i}.attn_q.weight") for i in range(30)} <= {"q4_0", "q5_0", "q5_1", "q8_0"}
+
+
+def test_out_of_range_and_bad_names():
+    with pytest.raises(PlanError, match=r"--avg-bits 2 is outside .* 2\.\d+ to 8\.\d+ BPW"):
+        make_plan(inventory(), 30, PlanConfig(2.0), lim=LIM)
+    with pytest.raises(PlanError, match="--avg-bits 9 is outside"):
+        make_plan(inventory(), 30, PlanConfig(9.0), lim=LIM)
+    with pytest.raises(PlanError, match="unknown quantization type 'q9_k'"):
+        PlanConfig(4.0, ladder=("q2_k", "q9_k"))
+    with pytest.raises(PlanError, match="unknown strategy"):
+        PlanConfig(4.0, strategy="magic")
+    with pytest.raises(PlanError, match="needs LIM scores"):
+        make_plan(inventory(), 30, PlanConfig(4.0))
+
+
+def test_embedding_policy_and_overrides_are_respected_within_budget():
+    cfg = PlanConfig(4.0, token_embedding_type="q6_k", overrides=(parse_override("attn_v=q8_0"),))
+    plan = make_plan(inventory(), 30, cfg, lim=LIM)
+    assert plan.type_of("token_embd.weight") == "q6_k"
+    assert all(plan.type_of(f"blk.{i}.attn_v.weight") == "q8_0" for i in range(30))
+    assert abs(plan.bpw() - 4.0) <= 0.02
+    auto = make_plan(inventory(tied=False), 30, PlanConfig(5.0), lim=LIM)
+    assert auto.type_of("output.weight") in ("q5_k", "q6_k")  # planned first: the upper level
+    with pytest.raises(PlanError, match="REGEX=TYPE"):
+        parse_override("attn_v")
+
+
+def test_plan_json_round_trip_and_tensor_type_file():
+    plan = make_plan(inventory(n_layers=6), 6, PlanConfig(3.7, strategy="random", seed=3))
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.to_json() == plan.to_json()
+    lines = plan.tensor_type_file().splitlines()
+    quantizable = [t for t in plan.tensors if t.quantizable]
+    assert len(lines) == len(quantizable)
+    names = [t.name for t in plan.tensors]
+    for line, t in zip(lines, quantizable):
+        pattern, ty = line.split("=")
+        assert [n for n in names if re.search(pattern, n)] == [t.name]
+        assert ty == plan.type_of(t.name)
+    with pytest.raises(PlanError, match="corrupt plan"):
+        Plan.from_json('{"format": "lwq-gguf.plan", "version": 1}')
+    with pytest.raises(PlanError, match="not a version-1"):
+        Plan.from_json('{"format": "x"}')
