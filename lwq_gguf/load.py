@@ -8,6 +8,7 @@ tensor at a time as float32, so memory stays bounded by the largest tensor.
 
 from __future__ import annotations
 
+import math
 import json
 import re
 import struct
@@ -45,10 +46,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def layer(self) -> int | None:
@@ -109,7 +107,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorRef]:
             raise ModelInputError(f"{file}: corrupt header entry for tensor {name!r}: {fix}")
         if dtype not in _DTYPE_SIZES:
             raise ModelInputError(f"{file}: tensor {name!r} has unknown dtype {dtype!r}: {fix}")
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        numel = math.prod(shape)
         if end - begin != numel * _DTYPE_SIZES[dtype] or begin < 0:
             raise ModelInputError(
                 f"{file}: tensor {name!r} byte range does not match its shape {list(shape)}: {fix}")

@@ -17,6 +17,7 @@ in a prefix of the importance ranking.
 
 from __future__ import annotations
 
+import math
 import itertools
 import json
 import random
@@ -28,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
-from lwq_gguf.quants import DEFAULT_LADDER, QUANT_TYPES, legal_type, parse_ladder, quant_type
+from lwq_gguf.quants import DEFAULT_LADDER, legal_type, parse_ladder, quant_type
 
 TOLERANCE = 0.02
 STRATEGIES = ("lim", "zd", "random")
@@ -48,10 +49,7 @@ class GGUFTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def layer(self) -> int | None:
@@ -72,10 +70,7 @@ class GGUFTensor:
 
 def tensor_nbytes(type_name: str, shape: Sequence[int]) -> int:
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name.upper()]]
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * size
+    return math.prod(shape) // block * size
 
 
 @dataclass(frozen=True)
@@ -301,7 +296,3 @@ def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
             best = plan
     raise PlanError(f"--avg-bits {target:g}: the closest this model's tensors allow is "
                     f"{best.bpw():.3f} BPW (tensor steps too coarse): choose a nearby target")
-
-
-def describe_types() -> str:
-    return ", ".join(f"{n} ({q.bpw:g})" for n, q in QUANT_TYPES.items())

@@ -7,6 +7,7 @@ a block size by hand.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
@@ -33,9 +34,7 @@ class QuantType:
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         """Bytes of a tensor with ggml shape ``shape`` (ne0 first)."""
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         if n % self.block:
             raise PlanError(f"shape {shape} does not fit {self.name} blocks of {self.block}")
         return n // self.block * self.type_size

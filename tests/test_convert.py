@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
@@ -45,8 +46,16 @@ def llama2(tiny):
 @pytest.fixture(scope="module")
 def llama2_scores(llama2, tmp_path_factory):
     out = tmp_path_factory.mktemp("scores") / "s.json"
-    run_cli("-q", "score", llama2, "-o", out, "--calib-tokens", "1024", check=True)
+    p = run_cli("-q", "score", llama2, "-o", out, "--calib-tokens", "1024", check=True)
+    assert out.with_suffix(".png").stat().st_size > 1000 and "LIM rank" in p.stdout
     return out
+
+
+def test_console_script_and_module_entry_points():
+    script = Path(sys.executable).parent / "lwq-gguf"
+    for cmd in ([str(script), "--help"], [sys.executable, "-m", "lwq_gguf", "convert", "--help"]):
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        assert p.returncode == 0 and "convert" in p.stdout, p.stderr
 
 
 @pytest.mark.parametrize("arch,layers,kw", [
