@@ -10,7 +10,7 @@ from pathlib import Path
 from lwq_gguf.errors import LwqError, PlanError
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.llamacpp import find_llama_cpp
-from lwq_gguf.plan import Plan, PlanConfig, make_plan
+from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, make_plan
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
 from lwq_gguf.verify import CheckResult, check_file, read_back
 from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup, inventory,
@@ -37,11 +37,29 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
     return scores
 
 
-def plan_model(model: HFModel, cfg: PlanConfig, scores: Scores | None) -> Plan:
+def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
+    """The GGUF tensor list, from the pinned converter itself."""
     with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
-        tensors = inventory(find_llama_cpp(), model.path, Path(tmp))
+        return inventory(find_llama_cpp(), model.path, Path(tmp))
+
+
+def plan_tensors(tensors: tuple[GGUFTensor, ...], model: HFModel, cfg: PlanConfig,
+                 scores: Scores | None) -> Plan:
     return make_plan(tensors, model.n_layers, cfg,
                      scores.lim if scores else None, scores.zd if scores else None)
+
+
+def plan_model(model: HFModel, cfg: PlanConfig, scores: Scores | None) -> Plan:
+    return plan_tensors(model_tensors(model), model, cfg, scores)
+
+
+def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
+    try:
+        plan = Plan.from_json(path.read_text(), str(path))
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read plan ({e.strerror})") from None
+    check_plan_matches(plan, tensors, str(path))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -65,24 +83,18 @@ def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | N
     cleanup(out)  # what a killed earlier run may have left beside the target
     model = open_model(model_dir)
     try:
-        with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
-            tensors = inventory(lc, model.path, Path(tmp))
-        if plan_cfg is not None:  # budget and types checked before the (slow) scoring
-            make_plan(tensors, model.n_layers, replace(plan_cfg, strategy="random"))
-        scores = get_scores(model, scores_file, score_cfg, progress) if (
-            plan_file is None or scores_file is not None) else None
+        tensors = model_tensors(model)
         if plan_file is not None:
-            try:
-                plan = Plan.from_json(plan_file.read_text(), str(plan_file))
-            except OSError as e:
-                raise PlanError(f"{plan_file}: cannot read plan ({e.strerror})")
-            if scores is None:
-                zd_scores(model, progress)  # NaN/Inf check
-            check_plan_matches(plan, tensors, str(plan_file))
+            plan = read_plan(plan_file, tensors)
+        else:  # the budget and type names are checked before the (slow) scoring
+            make_plan(tensors, model.n_layers, replace(plan_cfg, strategy="random"))
+        scores = None
+        if plan_file is None or scores_file is not None:
+            scores = get_scores(model, scores_file, score_cfg, progress)
         else:
-            assert plan_cfg is not None
-            plan = make_plan(tensors, model.n_layers, plan_cfg,
-                             scores.lim if scores else None, scores.zd if scores else None)
+            zd_scores(model, progress)  # the NaN/Inf check reads every weight
+        if plan_file is None:
+            plan = plan_tensors(tensors, model, plan_cfg, scores)
         partial = write_gguf(lc, model.path, plan, scores, write_cfg, progress)
         if verify:
             check = check_file(lc, partial, plan, score_cfg.calib_file, shown_as=out)
