@@ -1,4 +1,4 @@
-"""The command line: ``lwq-gguf score | plan | convert``. Thin: parse, call pipeline, print."""
+"""The command line: ``lwq-gguf score | plan | convert | eval``. Thin: parse, call, print."""
 
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=0, help="llama-quantize threads (default: all)")
     _plan_args(c, required=False)
     _score_args(c)
+
+    e = sub.add_parser("eval", help="perplexity and KL-divergence in llama.cpp "
+                       "(llama-perplexity's protocol)", epilog=EPILOG)
+    e.add_argument("quant", type=Path, help="the GGUF to measure")
+    e.add_argument("--base", type=Path, help="the 16-bit GGUF to compare against (adds KLD)")
+    e.add_argument("--text", type=Path, required=True, help="evaluation text, e.g. wiki.test.raw")
+    e.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512)")
+    e.add_argument("--chunks", type=int, help="first N chunks (default: all)")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="llama.cpp backend (cuda: all layers offloaded)")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
 
 
@@ -157,10 +169,34 @@ def cmd_convert(a) -> None:
           f"{r.seconds:.0f} s")
 
 
+def cmd_eval(a) -> None:
+    import json
+
+    from lwq_gguf.evaluate import EvalConfig, evaluate
+    from lwq_gguf.llamacpp import find_llama_cpp
+    from lwq_gguf.report import table
+
+    if a.ctx < 16 or (a.chunks is not None and a.chunks < 1):
+        raise LwqError("--ctx must be at least 16 and --chunks at least 1")
+    r = evaluate(a.quant, a.text, find_llama_cpp(), EvalConfig(a.ctx, a.chunks, a.device, a.threads),
+                 a.base, progress=not (a.quiet or a.json))
+    if a.json:
+        print(json.dumps(r.to_dict()))
+        return
+    rows = [("PPL", f"{r.ppl:.4f} ± {r.ppl_err:.4f}")]
+    if r.kld_mean is not None:
+        rows += [("PPL ratio (quant/base)", f"{r.ppl_ratio:.4f}"),
+                 ("mean KLD", f"{r.kld_mean:.6f} ± {r.kld_err:.6f}"),
+                 ("99th pct KLD", f"{r.kld_p99:.6f}"), ("same top token", f"{r.same_top_pct:.2f}%")]
+    print(table(("metric", "value"), rows))
+    print(f"{r.chunks} chunks x {a.ctx} tokens, {r.tokens_scored} scored, llama.cpp on {r.device}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert}[a.command](a)
+        {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert,
+         "eval": cmd_eval}[a.command](a)
     except LwqError as e:
         print(f"lwq-gguf: error: {e}", file=sys.stderr)
         return e.exit_code
