@@ -45,7 +45,7 @@ test: setup models
 
 demo: setup models
 	$(VENV)/bin/lwq-gguf convert models/smollm2-135m-k256 --avg-bits 3.5 -o out/smollm2-k256-3.5bpw.gguf --force
-	@echo "demo: the perplexity/KLD comparison against llama.cpp's mixes is not yet built (issue: eval/compare)"
+	@echo "demo: not yet: the side-by-side comparison with llama.cpp mixes (lwq-gguf compare) is still to come; lwq-gguf eval measures one file"
 
 out:
 	mkdir -p out

@@ -89,7 +89,7 @@ def _open(lc: LlamaCpp, path: Path, cfg: EvalConfig, device: str):
                        "corrupt; re-create it") from None
 
 
-def _chunk_logprobs(llm, chunk: list[int]) -> np.ndarray:
+def _chunk_logits(llm, chunk: list[int]) -> np.ndarray:
     """float32 logits of the scored positions of one chunk (ctx/2 .. ctx-2)."""
     llm.reset()
     llm.eval(chunk)
@@ -139,8 +139,8 @@ def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig
         if add_bos:
             chunk[0] = bos
         targets = np.asarray(chunk[cfg.ctx // 2 + 1:])
-        lq = _chunk_logprobs(q, chunk)
-        lb = _chunk_logprobs(b, chunk) if b is not None else None
+        lq = _chunk_logits(q, chunk)
+        lb = _chunk_logits(b, chunk) if b is not None else None
         for r in range(0, len(targets), _ROWS):
             pq = _log_softmax(lq[r: r + _ROWS])
             t = targets[r: r + _ROWS]
