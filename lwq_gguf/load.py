@@ -8,8 +8,8 @@ tensor at a time as float32, so memory stays bounded by the largest tensor.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import re
 import struct
 from collections.abc import Iterator

@@ -17,9 +17,9 @@ in a prefix of the importance ranking.
 
 from __future__ import annotations
 
-import math
 import itertools
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -267,17 +267,16 @@ def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
     shapes = [t.shape for t in tensors]
     n_levels = len(cfg.ladder)
 
-    def level_bpw(j: int) -> float:
-        return (fixed_bits + sum(tensor_nbytes(levels[i][j], shapes[i]) * 8 for i in free)) / total_elems
-
+    all_bpw = [(fixed_bits + sum(tensor_nbytes(levels[i][j], shapes[i]) * 8 for i in free))
+               / total_elems for j in range(n_levels)]  # every free tensor at level j
     target = cfg.avg_bits
-    lo_bpw, hi_bpw = level_bpw(0), level_bpw(n_levels - 1)
+    lo_bpw, hi_bpw = all_bpw[0], all_bpw[-1]
     if not lo_bpw - TOLERANCE <= target <= hi_bpw + TOLERANCE:
         raise PlanError(
             f"--avg-bits {target:g} is outside what ladder {','.join(cfg.ladder)} reaches on this "
             f"model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick a "
             "target in that range or widen the ladder")
-    j = max([k for k in range(n_levels) if level_bpw(k) <= target] or [0])
+    j = max([k for k in range(n_levels) if all_bpw[k] <= target] or [0])
     hi = min(j + 1, n_levels - 1)
     prefs = [hi] + list(range(j, -1, -1)) + list(range(hi + 1, n_levels))
     emb.sort(key=lambda i: tensors[i].name != "output.weight")  # output first: it matters more

@@ -7,7 +7,6 @@ a block size by hand.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
@@ -31,13 +30,6 @@ class QuantType:
     def fits(self, row_len: int) -> bool:
         """True when a row of ``row_len`` weights (ggml ne0) can be stored in this type."""
         return row_len % self.block == 0
-
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes of a tensor with ggml shape ``shape`` (ne0 first)."""
-        n = math.prod(shape)
-        if n % self.block:
-            raise PlanError(f"shape {shape} does not fit {self.name} blocks of {self.block}")
-        return n // self.block * self.type_size
 
 
 # Target types a plan may use (and llama-quantize accepts); float types for tensors kept unquantized.
