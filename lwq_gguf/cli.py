@@ -9,7 +9,7 @@ from pathlib import Path
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan import STRATEGIES, PlanConfig, parse_override
-from lwq_gguf.quants import DEFAULT_LADDER
+from lwq_gguf.quants import DEFAULT_BASELINES, DEFAULT_LADDER
 
 EPILOG = "Types are llama.cpp's names (q2_k ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
 
@@ -24,10 +24,11 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scores", type=Path, help="reuse a scores JSON from `lwq-gguf score`")
 
 
-def _plan_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False) -> None:
     g = p.add_argument_group("planning")
-    g.add_argument("--avg-bits", type=float, required=required,
-                   help="target BPW of the whole file (llama.cpp's BPW, embeddings included)")
+    g.add_argument("--avg-bits", type=float, required=required, nargs="+" if several else None,
+                   metavar="B", help="target BPW of the whole file (llama.cpp's BPW, embeddings "
+                   "included)" + ("; several targets allowed" if several else ""))
     g.add_argument("--strategy", default="lim", choices=STRATEGIES,
                    help="layer ranking: lim (default), zd or random")
     g.add_argument("--ladder", default=",".join(DEFAULT_LADDER),
@@ -42,7 +43,8 @@ def _plan_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _plan_config(a: argparse.Namespace) -> PlanConfig:
-    return PlanConfig(a.avg_bits, tuple(a.ladder.split(",")), a.strategy, a.seed,
+    bits = a.avg_bits[0] if isinstance(a.avg_bits, list) else a.avg_bits
+    return PlanConfig(bits, tuple(a.ladder.split(",")), a.strategy, a.seed,
                       a.token_embedding_type.lower(), a.output_tensor_type.lower(),
                       tuple(parse_override(s) for s in a.tensor_type))
 
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--no-verify", action="store_true", help="skip the read-back and llama.cpp check")
     c.add_argument("--threads", type=int, default=0, help="llama-quantize threads (default: all)")
+    c.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile (TEMPLATE, "
+                   "SYSTEM and stop tokens from the chat template) beside the GGUF")
+    c.add_argument("--modelfile", type=Path, help="where --ollama writes it (default: Modelfile "
+                   "in the output's folder)")
     _plan_args(c, required=False)
     _score_args(c)
 
@@ -93,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama.cpp backend (cuda: all layers offloaded)")
     e.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    m = sub.add_parser("compare", help="layer-wise files vs llama.cpp's mixes: PPL and KLD "
+                       "against the 16-bit model, table and plot", epilog=EPILOG)
+    m.add_argument("model", type=Path, help="Hugging Face model folder")
+    m.add_argument("--text", type=Path, required=True, help="evaluation text, e.g. wiki.test.raw")
+    m.add_argument("-o", "--output", type=Path, help="output folder (default compare-MODELNAME); "
+                   "files and results in it are reused")
+    m.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help=f"llama-quantize mixes (default {','.join(DEFAULT_BASELINES)}; none)")
+    m.add_argument("--imatrix", type=Path, help="importance matrix for both sides")
+    m.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512)")
+    m.add_argument("--chunks", type=int, help="first N chunks (default: all)")
+    m.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    _plan_args(m, required=False, several=True)
+    _score_args(m)
     return ap
 
 
@@ -159,6 +180,12 @@ def cmd_convert(a) -> None:
         raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
     plan_cfg = _plan_config(a) if a.plan is None else None
     wcfg = WriteConfig(a.output, a.imatrix, a.outtype, a.force, a.threads)
+    modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
+    if modelfile is not None:
+        from lwq_gguf.ollama import modelfile_text
+        from lwq_gguf.write import atomic_write_text, check_output
+
+        check_output(modelfile, a.force)
     r = convert(a.model, wcfg, plan_cfg=plan_cfg, plan_file=a.plan, scores_file=a.scores,
                 score_cfg=_score_config(a), verify=not a.no_verify, progress=not a.quiet)
     print(plan_types_table(r.plan))
@@ -167,6 +194,12 @@ def cmd_convert(a) -> None:
     size = r.output.stat().st_size / 2**20
     print(f"wrote {r.output}: {size:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
           f"{r.seconds:.0f} s")
+    if modelfile is not None:
+        text, notes = modelfile_text(r.output, a.model, modelfile)
+        atomic_write_text(modelfile, text, a.force)
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
 
 
 def cmd_eval(a) -> None:
@@ -192,11 +225,40 @@ def cmd_eval(a) -> None:
     print(f"{r.chunks} chunks x {a.ctx} tokens, {r.tokens_scored} scored, llama.cpp on {r.device}")
 
 
+def cmd_compare(a) -> None:
+    import shlex
+
+    from lwq_gguf.compare import CompareConfig, run_compare, write_outputs
+    from lwq_gguf.evaluate import EvalConfig
+    from lwq_gguf.quants import parse_mixes
+    from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
+
+    if a.ctx < 16 or (a.chunks is not None and a.chunks < 1):
+        raise LwqError("--ctx must be at least 16 and --chunks at least 1")
+    if a.scores:
+        raise LwqError("compare scores the model once itself (OUT/scores.json): drop --scores")
+    targets = tuple(dict.fromkeys(a.avg_bits or ()))
+    out = a.output or Path(f"compare-{a.model.resolve().name}")
+    plan = _plan_config(argparse.Namespace(**{**vars(a), "avg_bits": targets[0] if targets else 4.0}))
+    cfg = CompareConfig(a.model, out, a.text, targets, plan, parse_mixes(a.baselines), a.imatrix,
+                        _score_config(a), EvalConfig(a.ctx, a.chunks, a.device, a.threads),
+                        a.threads)
+    res = run_compare(cfg, progress=not a.quiet)
+    paths = write_outputs(cfg, res, "lwq-gguf " + shlex.join(a.argv))
+    print(table(COMPARE_HEADERS, compare_rows(res.rows)))
+    print(f"{res.base.result.chunks} chunks x {a.ctx} tokens on {res.device}; {res.built} file(s) "
+          f"built, {res.evaluated} evaluated, {len(res.rows) - res.evaluated} from cache; "
+          f"{res.seconds:.0f} s")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     a = build_parser().parse_args(argv)
+    a.argv = [str(x) for x in argv]
     try:
         {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert,
-         "eval": cmd_eval}[a.command](a)
+         "eval": cmd_eval, "compare": cmd_compare}[a.command](a)
     except LwqError as e:
         print(f"lwq-gguf: error: {e}", file=sys.stderr)
         return e.exit_code

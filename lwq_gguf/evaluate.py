@@ -110,55 +110,150 @@ def _mean_err(values: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0
 
 
-def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
-             base: Path | None = None, progress: bool = True) -> EvalResult:
-    device = resolve_device(lc, cfg.device)
+def _memory_budget(device: str) -> int:
+    """Bytes of models that may be open at once besides the base: half the available memory."""
+    if device == "cuda":
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0] * 0.8)
+        except Exception:  # noqa: BLE001 - no torch CUDA: one quant at a time
+            return 0
     try:
-        raw = text.read_bytes()
+        with open("/proc/meminfo") as f:
+            avail = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+    return avail // 2
+
+
+def _groups(quants: list[Path], base: Path | None, budget: int) -> list[list[int]]:
+    """Indices of the quants, grouped so each group plus the base fits in ``budget`` bytes."""
+    room = budget - (base.stat().st_size if base else 0)
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, q in enumerate(quants):
+        size = q.stat().st_size if q.is_file() and q != base else 0
+        if groups[-1] and used + size > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
+
+
+def _read_text(text: Path) -> bytes:
+    try:
+        return text.read_bytes()
     except OSError as e:
         raise LwqError(f"{text}: cannot read the text ({e.strerror}): pass --text FILE") from None
-    q = _open(lc, quant, cfg, device)
+
+
+def _same_model(quant: Path, q, base: Path, b) -> None:
+    for what, get in (("architecture", lambda m: m.metadata.get("general.architecture")),
+                      ("vocabulary", lambda m: m.n_vocab())):
+        if get(q) != get(b):
+            raise LwqError(f"{quant}: {what} {get(q)!r} differs from the base {base} "
+                           f"({get(b)!r}): compare quants of the same model")
+
+
+def _whole_chunks(tokens, text: Path, ctx: int) -> int:
+    n = len(tokens) // ctx
+    if n < 2:
+        raise LwqError(f"{text}: too short: {len(tokens)} tokens make {n} chunk(s) of {ctx}; give "
+                       f"a text of at least {2 * ctx} tokens or a smaller --ctx")
+    return n
+
+
+def check_text(gguf: Path, text: Path, lc: LlamaCpp, ctx: int) -> int:
+    """The number of whole chunks ``text`` makes with ``gguf``'s vocabulary (at least 2)."""
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lc.bin))
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    return _whole_chunks(vocab.tokenize(_read_text(text), add_bos=True, special=False), text, ctx)
+
+
+class _Tally:
+    """Per-token NLL (and, against a base, KLD and top-1 agreement) of one quant."""
+
+    def __init__(self) -> None:
+        self.nll: list[np.ndarray] = []
+        self.nll_base: list[np.ndarray] = []
+        self.kld: list[np.ndarray] = []
+        self.same: list[np.ndarray] = []
+
+    def result(self, n_chunks: int, device: str) -> EvalResult:
+        nll = np.concatenate(self.nll)
+        mean, err = _mean_err(nll)
+        ppl = math.exp(mean)
+        res = dict(ppl=ppl, ppl_err=ppl * err, chunks=n_chunks, tokens_scored=int(nll.size),
+                   device=device)
+        if self.kld:
+            kld = np.concatenate(self.kld)
+            k_mean, k_err = _mean_err(kld)
+            ppl_base = math.exp(float(np.concatenate(self.nll_base).mean()))
+            res.update(kld_mean=k_mean, kld_err=k_err, kld_p99=float(np.percentile(kld, 99)),
+                       same_top_pct=100 * float(np.concatenate(self.same).mean()),
+                       ppl_ratio=ppl / ppl_base)
+        return EvalResult(**res)
+
+
+def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
+                  base: Path | None = None, progress: bool = True) -> list[EvalResult]:
+    """Evaluate several files of one model on the same chunks; the base runs once per chunk.
+
+    Quants are opened in groups that fit in half the free memory (each group re-runs the base).
+    """
+    device = resolve_device(lc, cfg.device)
+    raw = _read_text(text)
+    if not quants:
+        return []
+    results: list[EvalResult | None] = [None] * len(quants)
     b = _open(lc, base, cfg, device) if base else None
-    if b is not None:
-        for what, get in (("architecture", lambda m: m.metadata.get("general.architecture")),
-                          ("vocabulary", lambda m: m.n_vocab())):
-            if get(q) != get(b):
-                raise LwqError(f"{quant}: {what} {get(q)!r} differs from the base {base} "
-                               f"({get(b)!r}): compare quants of the same model")
-    tokens = q.tokenize(raw, add_bos=True, special=False)
-    n_max = len(tokens) // cfg.ctx
-    if n_max < 2:
-        raise LwqError(f"{text}: too short: {len(tokens)} tokens make {n_max} chunk(s) of "
-                       f"{cfg.ctx}; give a text of at least {2 * cfg.ctx} tokens or a smaller --ctx")
-    n_chunks = min(cfg.chunks or n_max, n_max)
-    add_bos, bos = q._model.add_bos_token(), q.token_bos()
-    nll, nll_b, kld, same = [], [], [], []
-    for i in tqdm(range(n_chunks), desc=f"eval ({device})", unit="chunk", disable=not progress,
-                  leave=False):
-        chunk = list(tokens[i * cfg.ctx: (i + 1) * cfg.ctx])
-        if add_bos:
-            chunk[0] = bos
-        targets = np.asarray(chunk[cfg.ctx // 2 + 1:])
-        lq = _chunk_logits(q, chunk)
-        lb = _chunk_logits(b, chunk) if b is not None else None
-        for r in range(0, len(targets), _ROWS):
-            pq = _log_softmax(lq[r: r + _ROWS])
-            t = targets[r: r + _ROWS]
-            nll.append(-pq[np.arange(len(t)), t])
-            if lb is not None:
-                pb = _log_softmax(lb[r: r + _ROWS])
-                nll_b.append(-pb[np.arange(len(t)), t])
-                kld.append((np.exp(pb) * (pb - pq)).sum(axis=1))
-                same.append(pb.argmax(axis=1) == pq.argmax(axis=1))
-    nll_a = np.concatenate(nll)
-    mean, err = _mean_err(nll_a)
-    ppl = math.exp(mean)
-    res = dict(ppl=ppl, ppl_err=ppl * err, chunks=n_chunks, tokens_scored=int(nll_a.size),
-               device=device)
-    if b is not None:
-        kld_a = np.concatenate(kld)
-        k_mean, k_err = _mean_err(kld_a)
-        ppl_base = math.exp(float(np.concatenate(nll_b).mean()))
-        res.update(kld_mean=k_mean, kld_err=k_err, kld_p99=float(np.percentile(kld_a, 99)),
-                   same_top_pct=100 * float(np.concatenate(same).mean()), ppl_ratio=ppl / ppl_base)
-    return EvalResult(**res)
+    tokens = n_chunks = None
+    for group in _groups(quants, base, _memory_budget(device)):
+        # the base itself, listed as a quant, is read from the base's logits (KLD 0)
+        models = [None if b is not None and quants[i].resolve() == base.resolve()
+                  else _open(lc, quants[i], cfg, device) for i in group]
+        if b is not None:
+            for i, m in zip(group, models):
+                if m is not None:
+                    _same_model(quants[i], m, base, b)
+        if tokens is None:
+            first = b if b is not None else models[0]
+            tokens = first.tokenize(raw, add_bos=True, special=False)
+            n_chunks = min(cfg.chunks or 1 << 62, _whole_chunks(tokens, text, cfg.ctx))
+            add_bos, bos = first._model.add_bos_token(), first.token_bos()
+        tallies = [_Tally() for _ in group]
+        what = f"eval {len(group)} file(s)" if len(quants) > 1 else "eval"
+        for c in tqdm(range(n_chunks), desc=f"{what} ({device})", unit="chunk",
+                      disable=not progress, leave=False):
+            chunk = list(tokens[c * cfg.ctx: (c + 1) * cfg.ctx])
+            if add_bos:
+                chunk[0] = bos
+            targets = np.asarray(chunk[cfg.ctx // 2 + 1:])
+            base_lp = None
+            if b is not None:
+                base_lp = _log_softmax(_chunk_logits(b, chunk))
+                nll_base = -base_lp[np.arange(len(targets)), targets]
+            for m, tally in zip(models, tallies):
+                lq = _chunk_logits(m, chunk) if m is not None else None
+                for r in range(0, len(targets), _ROWS):
+                    pq = _log_softmax(lq[r: r + _ROWS]) if m is not None else base_lp[r: r + _ROWS]
+                    t = targets[r: r + _ROWS]
+                    tally.nll.append(-pq[np.arange(len(t)), t])
+                    if base_lp is not None:
+                        pb = base_lp[r: r + _ROWS]
+                        tally.nll_base.append(nll_base[r: r + _ROWS])
+                        tally.kld.append((np.exp(pb) * (pb - pq)).sum(axis=1))
+                        tally.same.append(pb.argmax(axis=1) == pq.argmax(axis=1))
+        for i, tally in zip(group, tallies):
+            results[i] = tally.result(n_chunks, device)
+        del models
+    return results  # type: ignore[return-value]
+
+
+def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
+             base: Path | None = None, progress: bool = True) -> EvalResult:
+    return evaluate_many([quant], text, lc, cfg, base, progress)[0]

@@ -105,3 +105,29 @@ def legal_type(name: str, row_len: int) -> str:
 
 def file_type_for(name: str) -> LlamaFileType:
     return _FILE_TYPE[name]
+
+
+# llama-quantize's whole-file presets ("mixes"), by the names it accepts: Q2_K, Q3_K_M, IQ4_XS ...
+MIXES: tuple[str, ...] = tuple(n[len("MOSTLY_"):] for n in LlamaFileType.__members__
+                               if n.startswith("MOSTLY_") and not n.endswith("_GUESSED"))
+DEFAULT_BASELINES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K",
+                     "Q8_0")
+_MIX_NEEDS_IMATRIX = ("IQ1_", "IQ2_X", "IQ2_S", "IQ2_M", "Q2_K_S")
+
+
+def parse_mixes(spec: str) -> tuple[str, ...]:
+    """'q2_k,Q3_K_M' -> llama-quantize preset names; 'none' -> ()."""
+    if spec.strip().lower() in ("", "none"):
+        return ()
+    out = []
+    for name in (s.strip().upper() for s in spec.split(",") if s.strip()):
+        if name not in MIXES or name in ("F16", "BF16"):
+            raise PlanError(f"unknown llama-quantize type {name!r}: use e.g. "
+                            f"{','.join(DEFAULT_BASELINES)} (or none)")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def mix_needs_imatrix(name: str) -> bool:
+    return name.startswith(_MIX_NEEDS_IMATRIX)

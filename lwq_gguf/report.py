@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from lwq_gguf.plan import Plan, tensor_nbytes
 
@@ -58,3 +59,77 @@ def plan_summary(plan: Plan) -> str:
             f"strategy {plan.config.strategy}, levels {plan.pair[0]}/{plan.pair[1]}); "
             f"{plan.bpw(layers_only=True):.3f} over the repeating layers alone; "
             f"{plan.nbytes / 2**20:.1f} MiB of tensors")
+
+
+def machine() -> str:
+    """One line naming this machine: CPU model, cores, memory (and the GPU when torch sees one)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+        with open("/proc/meminfo") as f:
+            mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal:"))) / 2**20
+    except (OSError, StopIteration):
+        mem = 0
+    desc = f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.machine()}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            desc += f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return desc
+
+
+COMPARE_HEADERS = ("file", "MiB", "BPW", "PPL", "ΔPPL", "mean KLD", "p99 KLD", "same top")
+
+
+def compare_rows(rows) -> list[list[str]]:
+    """Table cells of compare's rows (see lwq_gguf.compare.Row), sorted by BPW."""
+    out = []
+    for r in sorted(rows, key=lambda r: (r.kind != "base", r.bpw)):
+        e = r.result
+        kld = "-" if r.kind == "base" else f"{e.kld_mean:.5f} ± {e.kld_err:.5f}"
+        out.append([r.label, f"{r.size_mib:.1f}", f"{r.bpw:.3f}", f"{e.ppl:.3f} ± {e.ppl_err:.3f}",
+                    f"{r.dppl:+.3f}", kld, "-" if r.kind == "base" else f"{e.kld_p99:.4f}",
+                    "-" if r.kind == "base" else f"{e.same_top_pct:.2f}%"])
+    return out
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def plot_compare(rows, png: Path, title: str) -> None:
+    """Mean KLD against BPW (log KLD axis): llama.cpp's mixes one line, layer-wise another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for kind, style, name in (("llama.cpp", "o-", "llama.cpp mixes"),
+                              ("lwq-gguf", "s-", "lwq-gguf layer-wise")):
+        pts = sorted((r.bpw, r.result.kld_mean, r.label) for r in rows if r.kind == kind)
+        pts = [p for p in pts if p[1] and p[1] > 0]
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=5)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (whole file)")
+    ax.set_ylabel("mean KL-divergence vs 16-bit (log)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.parent / f".{png.name}.partial.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)

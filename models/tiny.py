@@ -56,7 +56,7 @@ def make_tiny(out: Path, arch: str = "llama", layers: int = 2, *, dtype: str = "
         size = f"{total // shards // 1000 + 1}KB"
     model.save_pretrained(out, safe_serialization=True, max_shard_size=size or "50GB")
     for f in TOKENIZER_SOURCE.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"], cfg
