@@ -30,7 +30,6 @@ from tqdm import tqdm
 from lwq_gguf.errors import LwqError
 from lwq_gguf.llamacpp import LlamaCpp
 
-_ROWS = 64  # logit rows turned into float64 log-probabilities at a time
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def _open(lc: LlamaCpp, path: Path, cfg: EvalConfig, device: str):
             raise LwqError(f"{path}: not a GGUF file: pass a .gguf model")
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=cfg.ctx, n_batch=cfg.ctx,
-                               n_ubatch=cfg.ctx, logits_all=True, verbose=False, flash_attn=True,
+                               n_ubatch=cfg.ctx, verbose=False, flash_attn=True,
                                n_gpu_layers=-1 if device == "cuda" else 0,
                                n_threads=cfg.threads or os.cpu_count() or 1)
     except (ValueError, RuntimeError) as e:
@@ -90,17 +89,25 @@ def _open(lc: LlamaCpp, path: Path, cfg: EvalConfig, device: str):
 
 
 def _chunk_logits(llm, chunk: list[int]) -> np.ndarray:
-    """float32 logits of the scored positions of one chunk (ctx/2 .. ctx-2)."""
-    llm.reset()
-    llm.eval(chunk)
-    first = len(chunk) // 2
-    return llm.scores[first: len(chunk) - 1]
+    """float32 logits of the scored positions of one chunk (ctx/2 .. ctx-2), one decode call
+    with outputs requested for those positions only (as llama-perplexity does)."""
+    first, n = len(chunk) // 2, len(chunk)
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    batch = llm._batch.batch
+    batch.n_tokens = n
+    for i, tok in enumerate(chunk):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = first <= i < n - 1
+    llm._ctx.decode(llm._batch)
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n - 1 - first, llm.n_vocab()))
 
 
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    x = rows.astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+def _log_softmax(rows: np.ndarray):
+    """float32 log-probabilities (a torch tensor: vectorised and threaded; sums are float64)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).log_softmax(-1)
 
 
 def _mean_err(values: np.ndarray) -> tuple[float, float]:
@@ -205,6 +212,8 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
 
     Quants are opened in groups that fit in half the free memory (each group re-runs the base).
     """
+    import torch
+
     device = resolve_device(lc, cfg.device)
     raw = _read_text(text)
     if not quants:
@@ -232,22 +241,21 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
             chunk = list(tokens[c * cfg.ctx: (c + 1) * cfg.ctx])
             if add_bos:
                 chunk[0] = bos
-            targets = np.asarray(chunk[cfg.ctx // 2 + 1:])
-            base_lp = None
+            targets = torch.tensor(chunk[cfg.ctx // 2 + 1:])
+            rows = torch.arange(len(targets))
             if b is not None:
-                base_lp = _log_softmax(_chunk_logits(b, chunk))
-                nll_base = -base_lp[np.arange(len(targets)), targets]
+                lb = _log_softmax(_chunk_logits(b, chunk))
+                pb = lb.exp()
+                neg_entropy = (pb * lb).sum(-1)
+                top_b = lb.argmax(-1)
             for m, tally in zip(models, tallies):
-                lq = _chunk_logits(m, chunk) if m is not None else None
-                for r in range(0, len(targets), _ROWS):
-                    pq = _log_softmax(lq[r: r + _ROWS]) if m is not None else base_lp[r: r + _ROWS]
-                    t = targets[r: r + _ROWS]
-                    tally.nll.append(-pq[np.arange(len(t)), t])
-                    if base_lp is not None:
-                        pb = base_lp[r: r + _ROWS]
-                        tally.nll_base.append(nll_base[r: r + _ROWS])
-                        tally.kld.append((np.exp(pb) * (pb - pq)).sum(axis=1))
-                        tally.same.append(pb.argmax(axis=1) == pq.argmax(axis=1))
+                lq = _log_softmax(_chunk_logits(m, chunk)) if m is not None else lb
+                tally.nll.append(-lq[rows, targets].double().numpy())
+                if b is not None:
+                    tally.nll_base.append(-lb[rows, targets].double().numpy())
+                    kld = neg_entropy - (pb * lq).sum(-1)
+                    tally.kld.append(kld.double().numpy())
+                    tally.same.append((lq.argmax(-1) == top_b).numpy())
         for i, tally in zip(group, tallies):
             results[i] = tally.result(n_chunks, device)
         del models

@@ -1,0 +1,62 @@
+"""Multiple-choice knapsack: one option per item, least total damage within a byte budget.
+
+Exact dynamic programming over the budget cut into ``resolution`` units (option costs rounded
+up, so the result never exceeds the budget); items with one option are fixed costs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def min_damage(options: Sequence[Sequence[tuple[int, float]]], budget: int,
+               resolution: int = 1 << 16) -> list[int] | None:
+    """``options[i]`` = [(bytes, damage), ...]; returns the chosen index per item, or None when
+    even the cheapest choice of every item exceeds ``budget``."""
+    fixed = sum(min(c for c, _ in opts) for opts in options)
+    if fixed > budget:
+        return None
+    unit = max(1.0, (budget - fixed) / resolution)
+    # costs above each item's cheapest option, in units (rounded up)
+    extra = [[math.ceil((c - min(x for x, _ in opts)) / unit) for c, _ in opts] for opts in options]
+    cap = int((budget - fixed) // unit)
+    inf = np.inf
+    best = np.zeros(cap + 1)  # best[b]: least damage of the items so far using <= b extra units
+    choice = np.zeros((len(options), cap + 1), dtype=np.int16)
+    for i, opts in enumerate(options):
+        new = np.full(cap + 1, inf)
+        pick = np.zeros(cap + 1, dtype=np.int16)
+        for j, (_, dmg) in enumerate(opts):
+            e = extra[i][j]
+            if e > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[e:] = best[: cap + 1 - e] + dmg
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = j
+        best, choice[i] = new, pick
+    b = int(np.argmin(best))
+    out = [0] * len(options)
+    for i in range(len(options) - 1, -1, -1):
+        j = int(choice[i, b])
+        out[i] = j
+        b -= extra[i][j]
+    return _top_up(options, out, budget)
+
+
+def _top_up(options, out: list[int], budget: int) -> list[int]:
+    """Spend what the rounding left: best damage saved per byte first, while it fits exactly."""
+    used = sum(options[i][j][0] for i, j in enumerate(out))
+    while True:
+        moves = [((options[i][out[i]][1] - d) / (c - options[i][out[i]][0]), i, j)
+                 for i, opts in enumerate(options) for j, (c, d) in enumerate(opts)
+                 if d < options[i][out[i]][1] and 0 < c - options[i][out[i]][0] <= budget - used]
+        if not moves:
+            return out
+        _, i, j = max(moves)
+        used += options[i][j][0] - options[i][out[i]][0]
+        out[i] = j
