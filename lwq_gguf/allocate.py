@@ -12,40 +12,51 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def min_damage(options: Sequence[Sequence[tuple[int, float]]], budget: int,
+def min_damage(options: Sequence[Sequence[tuple[int, float]]], budget: int, floor: int = 0,
                resolution: int = 1 << 16) -> list[int] | None:
-    """``options[i]`` = [(bytes, damage), ...]; returns the chosen index per item, or None when
-    even the cheapest choice of every item exceeds ``budget``."""
-    fixed = sum(min(c for c, _ in opts) for opts in options)
+    """``options[i]`` = [(bytes, damage), ...]; the chosen index per item: least total damage
+    with total bytes in [floor, budget] (or, when no choice lands there, the least damage under
+    ``budget``); None when even the cheapest choices exceed ``budget``."""
+    least = [min(c for c, _ in opts) for opts in options]
+    fixed = sum(least)
     if fixed > budget:
         return None
     unit = max(1.0, (budget - fixed) / resolution)
-    # costs above each item's cheapest option, in units (rounded up)
-    extra = [[math.ceil((c - min(x for x, _ in opts)) / unit) for c, _ in opts] for opts in options]
+    # bytes above each item's cheapest option, in units (rounded up: never over budget)
+    extra = [[math.ceil((c - m) / unit) for c, _ in opts] for opts, m in zip(options, least)]
     cap = int((budget - fixed) // unit)
-    inf = np.inf
-    best = np.zeros(cap + 1)  # best[b]: least damage of the items so far using <= b extra units
+    best = np.full(cap + 1, np.inf)  # best[b]: least damage of the items so far using b units
+    best[0] = 0.0
     choice = np.zeros((len(options), cap + 1), dtype=np.int16)
     for i, opts in enumerate(options):
-        new = np.full(cap + 1, inf)
+        new = np.full(cap + 1, np.inf)
         pick = np.zeros(cap + 1, dtype=np.int16)
         for j, (_, dmg) in enumerate(opts):
             e = extra[i][j]
             if e > cap:
                 continue
-            cand = np.full(cap + 1, inf)
+            cand = np.full(cap + 1, np.inf)
             cand[e:] = best[: cap + 1 - e] + dmg
             better = cand < new
             new[better] = cand[better]
             pick[better] = j
         best, choice[i] = new, pick
-    b = int(np.argmin(best))
-    out = [0] * len(options)
-    for i in range(len(options) - 1, -1, -1):
-        j = int(choice[i, b])
-        out[i] = j
-        b -= extra[i][j]
-    return _top_up(options, out, budget)
+
+    def walk(b: int) -> list[int]:
+        out = [0] * len(options)
+        for i in range(len(options) - 1, -1, -1):
+            out[i] = int(choice[i, b])
+            b -= extra[i][out[i]]
+        return out
+
+    order = np.argsort(best, kind="stable")
+    for b in order[: 64]:
+        if not np.isfinite(best[b]):
+            break
+        out = _top_up(options, walk(int(b)), budget)
+        if sum(options[i][j][0] for i, j in enumerate(out)) >= floor:
+            return out
+    return _top_up(options, walk(int(order[0])), budget)
 
 
 def _top_up(options, out: list[int], budget: int) -> list[int]:

@@ -29,8 +29,12 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
     g.add_argument("--avg-bits", type=float, required=required, nargs="+" if several else None,
                    metavar="B", help="target BPW of the whole file (llama.cpp's BPW, embeddings "
                    "included)" + ("; several targets allowed" if several else ""))
-    g.add_argument("--strategy", default="lim", choices=STRATEGIES,
-                   help="layer ranking: lim (default), zd or random")
+    g.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="auto (default): least expected KLD for the size (measured sensitivity, "
+                   "knapsack); lim, zd, random: the paper's two-level layer ranking")
+    g.add_argument("--imatrix", default="auto", metavar="auto|none|FILE",
+                   help="importance matrix for planning and llama-quantize: auto (default: "
+                   "computed from the calibration text), none, or a llama-imatrix .gguf file")
     g.add_argument("--ladder", default=",".join(DEFAULT_LADDER),
                    help=f"types to choose from (default {','.join(DEFAULT_LADDER)})")
     g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
@@ -75,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path)
     c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write")
     c.add_argument("--plan", type=Path, help="use this plan JSON instead of planning")
-    c.add_argument("--imatrix", type=Path, help="importance matrix for llama-quantize")
     c.add_argument("--outtype", default="auto", choices=["auto", "f16", "bf16", "f32"],
                    help="type of the 16-bit intermediate (auto: bf16 for bf16 models, else f16)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
@@ -108,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "files and results in it are reused")
     m.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
                    help=f"llama-quantize mixes (default {','.join(DEFAULT_BASELINES)}; none)")
-    m.add_argument("--imatrix", type=Path, help="importance matrix for both sides")
     m.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512)")
     m.add_argument("--chunks", type=int, help="first N chunks (default: all)")
     m.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
@@ -126,30 +128,38 @@ def _score_config(a):
 
 
 def cmd_score(a) -> None:
+    from lwq_gguf.imatrix import imatrix_from_dict, write_imatrix
     from lwq_gguf.load import open_model
+    from lwq_gguf.pipeline import get_scores, model_tensors
     from lwq_gguf.report import table
-    from lwq_gguf.score import plot_scores, score_model
+    from lwq_gguf.score import plot_scores
     from lwq_gguf.write import atomic_write_text, check_output
 
     out = a.output or Path(f"{a.model.resolve().name}.scores.json")
     png = a.png or out.with_suffix(".png")
-    check_output(out, a.force)
-    check_output(png, a.force)
+    imatrix = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".imatrix.gguf")
+    for path in (out, png, imatrix):
+        check_output(path, a.force)
     model = open_model(a.model)
-    scores = score_model(model, _score_config(a), progress=not a.quiet)
+    scores = get_scores(model, None, _score_config(a), not a.quiet, model_tensors(model),
+                        DEFAULT_LADDER, "auto")
     atomic_write_text(out, scores.to_json())
+    write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
     plot_scores(scores, png, f"{a.model.name}: layer importance")
     order = sorted(range(scores.n_layers), key=lambda i: -scores.lim[i])
     rank = {layer: i + 1 for i, layer in enumerate(order)}
     print(table(("layer", "LIM", "LIM rank", "ZD"),
                 [(i, f"{scores.lim[i]:.4f}", rank[i], f"{scores.zd[i]:.4f}")
                  for i in range(scores.n_layers)]))
-    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
+    sens = scores.sensitivity
+    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; sensitivity of "
+          f"{len(sens['damage']['none'])} tensors x {len(sens['ladder'])} types in "
+          f"{sens['seconds']:.0f} s; wrote {out}, {png} and {imatrix} (llama-quantize --imatrix)")
 
 
 def cmd_plan(a) -> None:
     from lwq_gguf.load import open_model
-    from lwq_gguf.pipeline import get_scores, plan_model
+    from lwq_gguf.pipeline import get_scores, imatrix_choice, model_tensors, plan_tensors
     from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
     from lwq_gguf.write import atomic_write_text, check_output
 
@@ -158,8 +168,12 @@ def cmd_plan(a) -> None:
         if path:
             check_output(path, a.force)
     model = open_model(a.model)
-    scores = get_scores(model, a.scores, _score_config(a), not a.quiet)
-    plan = plan_model(model, cfg, scores)
+    key, given = imatrix_choice(a.imatrix)
+    tensors = model_tensors(model)
+    need = cfg.strategy == "auto" or key == "auto"
+    scores = get_scores(model, a.scores, _score_config(a), not a.quiet, tensors, cfg.ladder,
+                        key if need else None, given)
+    plan = plan_tensors(tensors, model, cfg, scores, key)
     print(plan_layers_table(plan, scores.lim))
     print(plan_types_table(plan))
     print(plan_summary(plan))
@@ -179,7 +193,7 @@ def cmd_convert(a) -> None:
     if a.plan is None and a.avg_bits is None:
         raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
     plan_cfg = _plan_config(a) if a.plan is None else None
-    wcfg = WriteConfig(a.output, a.imatrix, a.outtype, a.force, a.threads)
+    wcfg = WriteConfig(a.output, None, a.outtype, a.force, a.threads)
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
         from lwq_gguf.ollama import modelfile_text
@@ -187,7 +201,8 @@ def cmd_convert(a) -> None:
 
         check_output(modelfile, a.force)
     r = convert(a.model, wcfg, plan_cfg=plan_cfg, plan_file=a.plan, scores_file=a.scores,
-                score_cfg=_score_config(a), verify=not a.no_verify, progress=not a.quiet)
+                score_cfg=_score_config(a), imatrix=a.imatrix, verify=not a.no_verify,
+                progress=not a.quiet)
     print(plan_types_table(r.plan))
     print(plan_summary(r.plan))
     check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"

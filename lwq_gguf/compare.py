@@ -33,10 +33,11 @@ from lwq_gguf.evaluate import EvalConfig, EvalResult, check_text, evaluate_many,
 from lwq_gguf.hfconvert import converter_write
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.load import HFModel, open_model
-from lwq_gguf.pipeline import convert, load_scores, model_tensors
+from lwq_gguf.imatrix import imatrix_from_dict, write_imatrix
+from lwq_gguf.pipeline import convert, get_scores, imatrix_choice, load_scores, model_tensors
 from lwq_gguf.plan import PlanConfig, make_plan
 from lwq_gguf.quants import DEFAULT_BASELINES, mix_needs_imatrix
-from lwq_gguf.score import ScoreConfig, score_model
+from lwq_gguf.score import ScoreConfig
 from lwq_gguf.verify import read_back
 from lwq_gguf.write import WriteConfig, atomic_write_text, check_output
 
@@ -51,7 +52,7 @@ class CompareConfig:
     targets: tuple[float, ...]
     plan: PlanConfig  # avg_bits is replaced by each target
     baselines: tuple[str, ...] = DEFAULT_BASELINES
-    imatrix: Path | None = None
+    imatrix: str = "auto"  # auto | none | a file: the same for both sides
     score: ScoreConfig = field(default_factory=ScoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     threads: int = 0
@@ -205,8 +206,10 @@ def plan_entries(cfg: CompareConfig, model: HFModel, lc: LlamaCpp) -> tuple[list
     outtype = "bf16" if any(t.dtype == "BF16" for t in model.tensors) else "f16"
     fp = _fingerprint(model)
     gg = cfg.out_dir / "gguf"
-    imat = sha256_file(cfg.imatrix) if cfg.imatrix else None
-    sfx = "-imat" if cfg.imatrix else ""
+    imat = cfg.imatrix if cfg.imatrix in ("auto", "none") else sha256_file(Path(cfg.imatrix))
+    if imat == "auto":  # made from the calibration text with the scores
+        imat = "auto:" + _recipe(model=fp, score=cfg.score)
+    sfx = "" if cfg.imatrix == "none" else "-imat"
     base = Entry(outtype.upper(), "base", gg / f"{name}-{outtype.upper()}.gguf",
                  _recipe(kind="base", model=fp, outtype=outtype, llama_cpp=str(lc.root.name)))
     out = [base]
@@ -225,10 +228,9 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
     """Everything that can be refused is refused before the first slow step."""
     if not cfg.text.is_file():
         raise LwqError(f"{cfg.text}: no such text file: pass --text FILE (e.g. wiki.test.raw)")
-    if cfg.imatrix is not None and not cfg.imatrix.is_file():
-        raise LwqError(f"{cfg.imatrix}: imatrix file not found: make one with llama-imatrix")
+    imatrix_choice(cfg.imatrix)  # a named file must exist
     needy = [m for m in cfg.baselines if mix_needs_imatrix(m)]
-    if needy and cfg.imatrix is None:
+    if needy and cfg.imatrix == "none":
         raise LwqError(f"--baselines {','.join(needy)}: llama.cpp needs an importance matrix "
                        "for these: pass --imatrix FILE or drop them")
     if not cfg.targets and not cfg.baselines:
@@ -239,14 +241,20 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
 
 
 def _scores_file(cfg: CompareConfig, model: HFModel, files: _Files, progress: bool) -> Path:
-    """Score once for every target: OUT/scores.json, reused while model and settings match."""
+    """Score once for every target: OUT/scores.json (with the sensitivity and imatrix), reused
+    while model and settings match; OUT/imatrix.gguf is the imatrix both sides get with auto."""
     path = cfg.out_dir / "scores.json"
+    key, given = imatrix_choice(cfg.imatrix)
     e = Entry("scores", "scores", path, _recipe(kind="scores", model=_fingerprint(model),
-                                                score=cfg.score))
+                                                score=cfg.score, ladder=cfg.plan.ladder, key=key))
     if not files.fresh(e):
-        atomic_write_text(path, score_model(model, cfg.score, progress).to_json())
+        scores = get_scores(model, None, cfg.score, progress, model_tensors(model),
+                            cfg.plan.ladder, key, given)
+        atomic_write_text(path, scores.to_json())
         files.record(e)
-    load_scores(path, model)
+    scores = load_scores(path, model)
+    if key == "auto":
+        write_imatrix(imatrix_from_dict(scores.imatrix), cfg.out_dir / "imatrix.gguf")
     return path
 
 
@@ -265,16 +273,19 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
         files.record(entries[0])
     check_text(entries[0].path, cfg.text, lc, cfg.eval.ctx)  # refuse a short text before building
     scores = None
-    if any(e.kind == "lwq-gguf" for e in stale):
+    if any(e.kind == "lwq-gguf" for e in stale) or (
+            cfg.imatrix == "auto" and any(e.kind == "llama.cpp" for e in stale)):
         scores = _scores_file(cfg, model, files, progress)
+    imatrix = {"none": None, "auto": cfg.out_dir / "imatrix.gguf"}.get(cfg.imatrix,
+                                                                       Path(cfg.imatrix))
     for e in tqdm([e for e in stale if e.kind != "base"], desc="build", unit="file",
                   disable=not progress):
         if e.kind == "llama.cpp":
-            build_mix(lc, entries[0].path, e, e.label, cfg.imatrix, cfg.threads)
+            build_mix(lc, entries[0].path, e, e.label, imatrix, cfg.threads)
         else:
             pc = replace(cfg.plan, avg_bits=float(e.label.split()[1]))
-            convert(cfg.model, WriteConfig(e.path, cfg.imatrix, "auto", True, cfg.threads),
-                    plan_cfg=pc, scores_file=scores, score_cfg=cfg.score, progress=False)
+            convert(cfg.model, WriteConfig(e.path, None, "auto", True, cfg.threads), plan_cfg=pc,
+                    scores_file=scores, score_cfg=cfg.score, imatrix=cfg.imatrix, progress=False)
         files.record(e)
 
     text_sha = sha256_file(cfg.text)
@@ -305,11 +316,12 @@ def write_outputs(cfg: CompareConfig, res: CompareResult, command: str) -> tuple
     where = machine()
     setting = (f"{res.base.result.chunks} chunks x {cfg.eval.ctx} tokens of {cfg.text.name} "
                f"(sha256 {res.text_sha256[:12]}), llama.cpp on {res.device}")
-    imat = f"imatrix {cfg.imatrix.name} on both sides" if cfg.imatrix else "no imatrix"
+    imat = {"none": "no imatrix", "auto": "imatrix from the calibration text on both sides"}.get(
+        cfg.imatrix, f"imatrix {Path(cfg.imatrix).name} on both sides")
     doc = {"format": COMPARE_FORMAT, "version": COMPARE_VERSION, "lwq_version": __version__,
            "model": str(cfg.model), "text": str(cfg.text), "text_sha256": res.text_sha256,
            "ctx": cfg.eval.ctx, "chunks": res.base.result.chunks, "device": res.device,
-           "imatrix": str(cfg.imatrix) if cfg.imatrix else None, "strategy": cfg.plan.strategy,
+           "imatrix": str(cfg.imatrix), "strategy": cfg.plan.strategy,
            "machine": where, "command": command, "rows": [r.to_dict() for r in res.rows]}
     json_path, md_path, png_path = out / "compare.json", out / "compare.md", out / "compare.png"
     atomic_write_text(json_path, json.dumps(doc, indent=1))

@@ -177,7 +177,10 @@ def check_text(gguf: Path, text: Path, lc: LlamaCpp, ctx: int) -> int:
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lc.bin))
     import llama_cpp
 
-    vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # llama.cpp warns about n_ctx on vocab-only loads
+        vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     return _whole_chunks(vocab.tokenize(_read_text(text), add_bos=True, special=False), text, ctx)
 
 

@@ -75,3 +75,21 @@ def read_imatrix(path: Path) -> Imatrix:
 
     return Imatrix(sums, counts, path.name, int(field("imatrix.chunk_size", 0)),
                    int(field("imatrix.chunk_count", 0)))
+
+
+def imatrix_to_dict(im: Imatrix) -> dict:
+    """JSON-able form (float32 sums, base64) for caching with the scores."""
+    import base64
+
+    return {"dataset": im.dataset, "chunk_size": im.chunk_size, "chunks": im.chunks,
+            "entries": {k: [im.counts[k], base64.b64encode(v.astype("<f4").tobytes()).decode()]
+                        for k, v in sorted(im.sums.items())}}
+
+
+def imatrix_from_dict(d: dict) -> Imatrix:
+    import base64
+
+    sums = {k: np.frombuffer(base64.b64decode(v[1]), dtype="<f4").astype(np.float64)
+            for k, v in d["entries"].items()}
+    return Imatrix(sums, {k: int(v[0]) for k, v in d["entries"].items()}, d["dataset"],
+                   int(d["chunk_size"]), int(d["chunks"]))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, PlanError
+from lwq_gguf.imatrix import Imatrix, imatrix_from_dict, imatrix_to_dict, read_imatrix, write_imatrix
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, make_plan
+from lwq_gguf.quants import DEFAULT_LADDER
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
 from lwq_gguf.verify import CheckResult, check_file, read_back
 from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup, inventory,
-                            publish, write_gguf)
+                            publish, work_paths, write_gguf)
 
 
 def load_scores(path: Path, model: HFModel) -> Scores:
@@ -27,13 +30,44 @@ def load_scores(path: Path, model: HFModel) -> Scores:
     return scores
 
 
-def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
-               progress: bool) -> Scores:
-    """Scores from ``scores_file``, else measured. The weights are always checked for NaN/Inf."""
+def imatrix_choice(spec: str | Path | None) -> tuple[str, dict[str, Imatrix]]:
+    """--imatrix none|auto|FILE -> (damage key, {key: Imatrix} for a file)."""
+    spec = "none" if spec is None else str(spec)
+    if spec in ("none", "auto"):
+        return spec, {}
+    path = Path(spec)
+    if not path.is_file():
+        raise LwqError(f"{path}: imatrix file not found: make one with llama-imatrix, or use "
+                       "--imatrix auto (computed from the calibration text) or none")
+    key = "file:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return key, {key: read_imatrix(path)}
+
+
+def _has_sensitivity(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
+    sens = scores.sensitivity or {}
+    return (scores.damage(key) is not None and set(ladder) <= set(sens.get("ladder", ()))
+            and (key != "auto" or scores.imatrix is not None))
+
+
+def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig, progress: bool,
+               tensors: tuple[GGUFTensor, ...] | None = None, ladder: tuple[str, ...] = (),
+               imatrix_key: str | None = None, given: dict[str, Imatrix] | None = None) -> Scores:
+    """Scores from ``scores_file``, else measured. The weights are always checked for NaN/Inf.
+
+    With ``imatrix_key`` (strategy auto, or --imatrix auto) the sensitivity analysis and the
+    imatrix are added when the scores do not hold them for that key and ladder.
+    """
     if scores_file is None:
-        return score_model(model, score_cfg, progress)
-    scores = load_scores(scores_file, model)
-    zd_scores(model, progress)  # the NaN/Inf check still reads every weight
+        scores = score_model(model, score_cfg, progress)
+    else:
+        scores = load_scores(scores_file, model)
+        zd_scores(model, progress)  # the NaN/Inf check still reads every weight
+    if imatrix_key is not None and not _has_sensitivity(scores, imatrix_key, ladder):
+        from lwq_gguf.sensitivity import measure_sensitivity
+
+        sens, im = measure_sensitivity(model, tensors or model_tensors(model), ladder,
+                                       find_llama_cpp(), score_cfg, given, progress)
+        scores = replace(scores, sensitivity=sens, imatrix=imatrix_to_dict(im))
     return scores
 
 
@@ -44,13 +78,9 @@ def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
 
 
 def plan_tensors(tensors: tuple[GGUFTensor, ...], model: HFModel, cfg: PlanConfig,
-                 scores: Scores | None) -> Plan:
-    return make_plan(tensors, model.n_layers, cfg,
-                     scores.lim if scores else None, scores.zd if scores else None)
-
-
-def plan_model(model: HFModel, cfg: PlanConfig, scores: Scores | None) -> Plan:
-    return plan_tensors(model_tensors(model), model, cfg, scores)
+                 scores: Scores | None, imatrix_key: str = "none") -> Plan:
+    return make_plan(tensors, model.n_layers, cfg, scores.lim if scores else None,
+                     scores.zd if scores else None, scores.damage(imatrix_key) if scores else None)
 
 
 def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
@@ -73,29 +103,44 @@ class ConvertResult:
 
 def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | None = None,
             plan_file: Path | None = None, scores_file: Path | None = None,
-            score_cfg: ScoreConfig = ScoreConfig(), verify: bool = True,
-            progress: bool = True) -> ConvertResult:
-    """HF folder -> planned GGUF at ``write_cfg.output``; nothing is left there on failure."""
+            score_cfg: ScoreConfig = ScoreConfig(), imatrix: str | Path | None = "auto",
+            verify: bool = True, progress: bool = True) -> ConvertResult:
+    """HF folder -> planned GGUF at ``write_cfg.output``; nothing is left there on failure.
+
+    ``imatrix``: "auto" (computed from the calibration text, used for planning and quantizing),
+    "none", or an imatrix file (llama-imatrix's GGUF format).
+    """
     t0 = time.time()
     out = write_cfg.output
     check_output(out, write_cfg.force)
     lc = find_llama_cpp()
     cleanup(out)  # what a killed earlier run may have left beside the target
     model = open_model(model_dir)
+    key, given = imatrix_choice(imatrix)
     try:
         tensors = model_tensors(model)
         if plan_file is not None:
             plan = read_plan(plan_file, tensors)
         else:  # the budget and type names are checked before the (slow) scoring
             make_plan(tensors, model.n_layers, replace(plan_cfg, strategy="random"))
+        need = key == "auto" or (plan_file is None and plan_cfg.strategy == "auto")
         scores = None
-        if plan_file is None or scores_file is not None:
-            scores = get_scores(model, scores_file, score_cfg, progress)
+        if plan_file is None or scores_file is not None or need:
+            ladder = plan_cfg.ladder if plan_cfg else DEFAULT_LADDER
+            scores = get_scores(model, scores_file, score_cfg, progress, tensors, ladder,
+                                key if need else None, given)
         else:
             zd_scores(model, progress)  # the NaN/Inf check reads every weight
         if plan_file is None:
-            plan = plan_tensors(tensors, model, plan_cfg, scores)
-        partial = write_gguf(lc, model.path, plan, scores, write_cfg, progress)
+            plan = plan_tensors(tensors, model, plan_cfg, scores, key)
+        im_path = Path(imatrix) if given else None
+        if key == "auto":
+            work = work_paths(out)[0]
+            work.mkdir(exist_ok=True)
+            im_path = work / "imatrix.gguf"
+            write_imatrix(imatrix_from_dict(scores.imatrix), im_path)
+        partial = write_gguf(lc, model.path, plan, scores, replace(write_cfg, imatrix=im_path),
+                             progress)
         if verify:
             check = check_file(lc, partial, plan, score_cfg.calib_file, shown_as=out)
         else:

@@ -22,17 +22,18 @@ import json
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
-from lwq_gguf.quants import DEFAULT_LADDER, legal_type, parse_ladder, quant_type
+from lwq_gguf.allocate import min_damage
+from lwq_gguf.quants import DEFAULT_LADDER, QUANT_TYPES, legal_type, parse_ladder, quant_type
 
 TOLERANCE = 0.02
-STRATEGIES = ("lim", "zd", "random")
+STRATEGIES = ("auto", "lim", "zd", "random")
 PLAN_FORMAT, PLAN_VERSION = "lwq-gguf.plan", 1
 _KIND_PRIORITY = ("attn_v", "ffn_down", "attn_output", "attn_k", "attn_q", "ffn_gate", "ffn_up")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
@@ -77,7 +78,7 @@ def tensor_nbytes(type_name: str, shape: Sequence[int]) -> int:
 class PlanConfig:
     avg_bits: float
     ladder: tuple[str, ...] = DEFAULT_LADDER
-    strategy: str = "lim"
+    strategy: str = "auto"
     seed: int = 0
     token_embedding_type: str = "auto"  # "auto" = planned first, or a type name
     output_tensor_type: str = "auto"
@@ -246,8 +247,60 @@ def _two_level(units: list[int], levels: list[list[str]], shapes: list[tuple], b
     return chosen, j
 
 
+def _check_reach(cfg: PlanConfig, lo_bpw: float, hi_bpw: float) -> None:
+    if not lo_bpw - TOLERANCE <= cfg.avg_bits <= hi_bpw + TOLERANCE:
+        raise PlanError(
+            f"--avg-bits {cfg.avg_bits:g} is outside what ladder {','.join(cfg.ladder)} reaches on "
+            f"this model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick "
+            "a target in that range or widen the ladder")
+
+
+def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: PlanConfig,
+               damage: Mapping[str, Mapping[str, float]] | None) -> Plan:
+    """Least total expected KLD within the byte budget (multiple-choice knapsack, exact DP)."""
+    if damage is None:
+        raise PlanError("strategy auto needs the sensitivity analysis (made by `lwq-gguf score` "
+                        "or on the fly by plan/convert): re-score, or pass --strategy lim")
+    total = sum(t.numel for t in tensors)
+    fixed = [_fixed_type(t, cfg) for t in tensors]
+    fixed_bytes = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, fixed) if ty)
+    free = [i for i, ty in enumerate(fixed) if ty is None]
+    choices, options = [], []
+    for i in free:
+        t = tensors[i]
+        types = sorted({legal_type(q, t.shape[0]) for q in cfg.ladder},
+                       key=lambda ty: (tensor_nbytes(ty, t.shape), ty))
+        d = damage.get(t.name, {})
+        if any(ty not in d for ty in types):
+            raise PlanError(f"the sensitivity analysis has no damage for {t.name} as "
+                            f"{[ty for ty in types if ty not in d][0]}: re-score with this ladder")
+        choices.append(types)
+        options.append([(tensor_nbytes(ty, t.shape), d[ty]) for ty in types])
+    _check_reach(cfg, (fixed_bytes + sum(o[0][0] for o in options)) * 8 / total,
+                 (fixed_bytes + sum(o[-1][0] for o in options)) * 8 / total)
+    def size(bpw: float) -> int:
+        return int(bpw * total / 8) - fixed_bytes
+
+    # never above the target when the tensors allow it, else anywhere within the tolerance
+    pick = min_damage(options, size(cfg.avg_bits), size(cfg.avg_bits - TOLERANCE / 2))
+    if pick is None or sum(o[j][0] for o, j in zip(options, pick)) < size(cfg.avg_bits - TOLERANCE):
+        pick = min_damage(options, size(cfg.avg_bits + TOLERANCE),
+                          size(cfg.avg_bits - TOLERANCE)) or [0] * len(options)
+    types = list(fixed)
+    for k, i in enumerate(free):
+        types[i] = choices[k][pick[k]]
+    used = sorted({choices[k][pick[k]] for k in range(len(free))} or {"f16"},
+                  key=lambda ty: QUANT_TYPES[ty].bpw)
+    plan = Plan(cfg, tensors, tuple(types), order, (used[0], used[-1]))
+    if abs(plan.bpw() - cfg.avg_bits) > TOLERANCE:
+        raise PlanError(f"--avg-bits {cfg.avg_bits:g}: the closest this model's tensors allow is "
+                        f"{plan.bpw():.3f} BPW: choose a nearby target")
+    return plan
+
+
 def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
-              lim: Sequence[float] | None = None, zd: Sequence[float] | None = None) -> Plan:
+              lim: Sequence[float] | None = None, zd: Sequence[float] | None = None,
+              damage: Mapping[str, Mapping[str, float]] | None = None) -> Plan:
     """Plan every tensor; see the module docstring for the method.
 
     Embedding and output under the ``auto`` policy are placed first (each on its own): at the
@@ -255,6 +308,9 @@ def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
     layers reach the target (output.weight kept higher when only one can be).
     """
     tensors = tuple(tensors)
+    if cfg.strategy == "auto":
+        order = layer_order("lim", n_layers, lim, zd) if lim else tuple(range(n_layers))
+        return _plan_auto(tensors, order, cfg, damage)
     order = layer_order(cfg.strategy, n_layers, lim, zd, cfg.seed)
     rank = {layer: i for i, layer in enumerate(order)}
     total_elems = sum(t.numel for t in tensors)
@@ -270,12 +326,7 @@ def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
     all_bpw = [(fixed_bits + sum(tensor_nbytes(levels[i][j], shapes[i]) * 8 for i in free))
                / total_elems for j in range(n_levels)]  # every free tensor at level j
     target = cfg.avg_bits
-    lo_bpw, hi_bpw = all_bpw[0], all_bpw[-1]
-    if not lo_bpw - TOLERANCE <= target <= hi_bpw + TOLERANCE:
-        raise PlanError(
-            f"--avg-bits {target:g} is outside what ladder {','.join(cfg.ladder)} reaches on this "
-            f"model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick a "
-            "target in that range or widen the ladder")
+    _check_reach(cfg, all_bpw[0], all_bpw[-1])
     j = max([k for k in range(n_levels) if all_bpw[k] <= target] or [0])
     hi = min(j + 1, n_levels - 1)
     prefs = [hi] + list(range(j, -1, -1)) + list(range(hi + 1, n_levels))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class ScoreConfig:
         return self.calib or default_calibration()
 
 
-def _sig(x: float) -> float:
+def sig6(x: float) -> float:
     """6 significant digits: scores (and so plans and files) do not depend on float noise."""
     return float(f"{x:.6g}")
 
@@ -65,6 +65,12 @@ class Scores:
     calib_tokens: int
     device: str
     tool_version: str = __version__
+    # strategy auto: {"tokens", "seconds", "damage": {imatrix key: {tensor: {type: KLD}}}}
+    sensitivity: dict | None = field(default=None, compare=False)
+    imatrix: dict | None = field(default=None, compare=False)  # imatrix_to_dict form
+
+    def damage(self, key: str) -> dict | None:
+        return (self.sensitivity or {}).get("damage", {}).get(key)
 
     def to_json(self) -> str:
         d = {"format": SCORES_FORMAT, "version": SCORES_VERSION, **asdict(self)}
@@ -77,7 +83,8 @@ class Scores:
             d = json.loads(text)
             if d.get("format") != SCORES_FORMAT or d.get("version") != SCORES_VERSION:
                 raise ValueError("not an lwq-gguf scores file")
-            fields = {k: d[k] for k in cls.__dataclass_fields__}
+            fields = {k: d[k] if k not in ("sensitivity", "imatrix") else d.get(k)
+                      for k in cls.__dataclass_fields__}
             fields["lim"], fields["zd"] = tuple(fields["lim"]), tuple(fields["zd"])
             s = cls(**fields)
             if len(s.lim) != s.n_layers or len(s.zd) != s.n_layers:
@@ -108,7 +115,7 @@ def zd_scores(model: HFModel, progress: bool = True) -> tuple[float, ...]:
         if std > 0:
             hits[ref.layer] += np.count_nonzero(w > mean + std)
         total[ref.layer] += w.size
-    return tuple(_sig(h / t) if t else 0.0 for h, t in zip(hits, total))
+    return tuple(sig6(h / t) if t else 0.0 for h, t in zip(hits, total))
 
 
 def resolve_device(device: str) -> str:
@@ -178,7 +185,7 @@ def lim_scores(model: HFModel, cfg: ScoreConfig, ids: list[int], progress: bool 
     finally:
         for h in handles:
             h.remove()
-    lim = tuple(_sig(-(s / count[0])) for s in sums.tolist())
+    lim = tuple(sig6(-(s / count[0])) for s in sums.tolist())
     return lim, device
 
 

@@ -22,35 +22,20 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from lwq_gguf.errors import UnsupportedModelError
 from lwq_gguf.ggml import Ggml
 from lwq_gguf.imatrix import Imatrix
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.load import HFModel
 from lwq_gguf.plan import GGUFTensor
 from lwq_gguf.quants import legal_type
-from lwq_gguf.score import ScoreConfig, calibration_ids, resolve_device
+from lwq_gguf.score import ScoreConfig, calibration_ids, resolve_device, sig6
 
-
-@dataclass(frozen=True)
-class Sensitivity:
-    damage: dict[str, dict[str, float]]  # GGUF tensor -> type -> expected mean KLD
-    imatrix: str  # "none", or what the quantizer was given ("auto" or a file's sha256)
-    tokens: int
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return {"damage": self.damage, "imatrix": self.imatrix, "tokens": self.tokens,
-                "seconds": round(self.seconds, 1)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Sensitivity:
-        return cls({k: dict(v) for k, v in d["damage"].items()}, d["imatrix"], int(d["tokens"]),
-                   float(d["seconds"]))
+MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embedding has 49152)
 
 
 def gguf_names(lm, n_layers: int) -> dict[str, str]:
@@ -129,40 +114,48 @@ def fisher_and_imatrix(model: HFModel, cfg: ScoreConfig, progress: bool = True):
 
 def tensor_damage(ggml: Ggml, w: np.ndarray, fisher: np.ndarray, types: list[str],
                   imatrix: np.ndarray | None) -> dict[str, float]:
-    out = {}
-    for ty in types:
-        q = ggml.roundtrip(w, ty, imatrix)
-        out[ty] = float(0.5 * np.dot(fisher.reshape(-1).astype(np.float64),
-                                     ((w - q).reshape(-1).astype(np.float64)) ** 2))
-    return out
+    """1/2 sum F (w - Q(w))^2 for each type."""
+    f = fisher.reshape(-1).astype(np.float64)
+    return {ty: (0.5 * float(np.dot(f, (w - ggml.roundtrip(w, ty, imatrix)).reshape(-1)
+                                        .astype(np.float64) ** 2)))
+            for ty in types}
 
 
 def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder: tuple[str, ...],
-                        lc: LlamaCpp, cfg: ScoreConfig, imatrix_mode: str,
-                        given: Imatrix | None = None, progress: bool = True
-                        ) -> tuple[Sensitivity, Imatrix]:
-    """Damage of every ladder type for every quantizable tensor; and the computed imatrix.
+                        lc: LlamaCpp, cfg: ScoreConfig, given: dict[str, Imatrix] | None = None,
+                        progress: bool = True) -> tuple[dict, Imatrix]:
+    """(sensitivity, the imatrix computed from the calibration text).
 
-    ``imatrix_mode``: "none" (quantize without), "auto" (the imatrix computed here), or a label
-    for ``given`` (a user's file), which is then used for quantizing.
+    The sensitivity holds the damage of every ladder type for every quantizable tensor under each
+    quantizer setting: "none" (no imatrix), "auto" (the computed imatrix) and any ``given`` ones.
     """
     t0 = time.time()
     fis, im, weights, n_tok = fisher_and_imatrix(model, cfg, progress)
-    use = None if imatrix_mode == "none" else (given or im)
+    modes = {"none": None, "auto": im, **(given or {})}
     ggml = Ggml(lc)
-    todo = [t for t in tensors if t.quantizable and t.name in weights]
-    missing = [t.name for t in tensors if t.quantizable and t.name not in weights]
+    todo = [t for t in tensors if t.quantizable]
+    missing = [t.name for t in todo if t.name not in weights]
     if missing:
-        raise ValueError(f"no PyTorch weight for GGUF tensor {missing[0]}")
+        raise UnsupportedModelError(f"{model.path}: GGUF tensor {missing[0]} has no PyTorch weight "
+                                    "for the sensitivity analysis: use --strategy lim")
 
     def one(t: GGUFTensor):
         types = sorted({legal_type(q, t.shape[0]) for q in ladder})
-        imat = use.weights(t.name) if use is not None else None
-        return t.name, tensor_damage(ggml, weights[t.name], fis[t.name], types, imat)
+        w, f = weights[t.name], fis[t.name]
+        if w.shape[0] > MAX_ROWS:  # a fixed sample of rows, scaled up: rows quantize independently
+            rows = np.sort(np.random.default_rng(0).choice(w.shape[0], MAX_ROWS, replace=False))
+            w, f, scale = w[rows], f[rows], weights[t.name].shape[0] / MAX_ROWS
+        else:
+            scale = 1.0
+        return t.name, {key: {ty: sig6(d * scale) for ty, d in tensor_damage(
+            ggml, w, f, types, m.weights(t.name) if m is not None else None).items()}
+            for key, m in modes.items()}
 
-    damage = {}
+    damage: dict[str, dict] = {key: {} for key in modes}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for name, d in tqdm(pool.map(one, todo), total=len(todo), desc="damage per type",
-                            unit="tensor", disable=not progress, leave=False):
-            damage[name] = d
-    return Sensitivity(damage, imatrix_mode, n_tok, time.time() - t0), im
+        for name, per_mode in tqdm(pool.map(one, todo), total=len(todo), desc="damage per type",
+                                   unit="tensor", disable=not progress, leave=False):
+            for key, d in per_mode.items():
+                damage[key][name] = d
+    return {"tokens": n_tok, "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
+            "damage": damage}, im

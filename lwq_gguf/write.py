@@ -114,8 +114,10 @@ def _dominant_type(plan: Plan) -> str:
 def lwq_metadata(plan: Plan, scores: Scores | None) -> dict:
     kv = {"lwq.version": __version__, "lwq.avg_bits": float(plan.config.avg_bits),
           "lwq.plan": json.dumps(plan.to_dict(), separators=(",", ":"))}
-    if scores is not None:
-        kv["lwq.scores"] = json.dumps(json.loads(scores.to_json()), separators=(",", ":"))
+    if scores is not None:  # the layer scores; the sensitivity tables and imatrix stay out
+        d = {k: v for k, v in json.loads(scores.to_json()).items()
+             if k not in ("sensitivity", "imatrix")}
+        kv["lwq.scores"] = json.dumps(d, separators=(",", ":"))
     return kv
 
 

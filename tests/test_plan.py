@@ -7,7 +7,8 @@ import pytest
 
 from lwq_gguf.errors import PlanError
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, make_plan, parse_override, tensor_nbytes
-from lwq_gguf.quants import QUANT_TYPES
+from lwq_gguf.allocate import min_damage
+from lwq_gguf.quants import QUANT_TYPES, legal_type
 
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -41,7 +42,7 @@ def follows_ranking(plan: Plan, scores) -> None:
 
 @pytest.mark.parametrize("target", [3.0, 3.5, 4.25, 5.0, 6.0, 7.5])
 def test_k256_shapes_hit_every_target_and_follow_lim(target):
-    plan = make_plan(inventory(), 30, PlanConfig(target), lim=LIM, zd=ZD)
+    plan = make_plan(inventory(), 30, PlanConfig(target, strategy="lim"), lim=LIM, zd=ZD)
     assert abs(plan.bpw() - target) <= 0.02
     follows_ranking(plan, LIM)
     assert plan.layer_order[0] == max(range(30), key=lambda i: LIM[i])
@@ -58,7 +59,7 @@ def test_zd_and_random_strategies():
 
 
 def test_bpw_counts_real_bytes_of_every_tensor():
-    plan = make_plan(inventory(n_layers=4), 4, PlanConfig(4.5), lim=LIM[:4])
+    plan = make_plan(inventory(n_layers=4), 4, PlanConfig(4.5, strategy="lim"), lim=LIM[:4])
     bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(plan.tensors, plan.types))
     assert plan.bpw() == bits / sum(t.numel for t in plan.tensors)
     assert all(plan.type_of(t.name) == "f32" for t in plan.tensors if "norm" in t.name)
@@ -68,9 +69,9 @@ def test_bpw_counts_real_bytes_of_every_tensor():
 def test_unaligned_rows_get_types_they_can_take():
     inv = inventory(hidden=576, kv=192)
     with pytest.raises(PlanError, match=r"outside .* reaches on this model: 4\.\d+ to 8\.\d+ BPW"):
-        make_plan(inv, 30, PlanConfig(3.5), lim=LIM)
+        make_plan(inv, 30, PlanConfig(3.5, strategy="lim"), lim=LIM)
     for target in (4.5, 5.0, 6.0):
-        plan = make_plan(inv, 30, PlanConfig(target), lim=LIM)
+        plan = make_plan(inv, 30, PlanConfig(target, strategy="lim"), lim=LIM)
         assert abs(plan.bpw() - target) <= 0.02
         for t, ty in zip(plan.tensors, plan.types):
             assert QUANT_TYPES[ty].fits(t.shape[0]), (t.name, ty)
@@ -79,24 +80,25 @@ def test_unaligned_rows_get_types_they_can_take():
 
 def test_out_of_range_and_bad_names():
     with pytest.raises(PlanError, match=r"--avg-bits 2 is outside .* 2\.\d+ to 8\.\d+ BPW"):
-        make_plan(inventory(), 30, PlanConfig(2.0), lim=LIM)
+        make_plan(inventory(), 30, PlanConfig(2.0, strategy="lim"), lim=LIM)
     with pytest.raises(PlanError, match="--avg-bits 9 is outside"):
-        make_plan(inventory(), 30, PlanConfig(9.0), lim=LIM)
+        make_plan(inventory(), 30, PlanConfig(9.0, strategy="lim"), lim=LIM)
     with pytest.raises(PlanError, match="unknown quantization type 'q9_k'"):
         PlanConfig(4.0, ladder=("q2_k", "q9_k"))
     with pytest.raises(PlanError, match="unknown strategy"):
         PlanConfig(4.0, strategy="magic")
     with pytest.raises(PlanError, match="needs LIM scores"):
-        make_plan(inventory(), 30, PlanConfig(4.0))
+        make_plan(inventory(), 30, PlanConfig(4.0, strategy="lim"))
 
 
 def test_embedding_policy_and_overrides_are_respected_within_budget():
-    cfg = PlanConfig(4.0, token_embedding_type="q6_k", overrides=(parse_override("attn_v=q8_0"),))
+    cfg = PlanConfig(4.0, token_embedding_type="q6_k", overrides=(parse_override("attn_v=q8_0"),),
+                     strategy="lim")
     plan = make_plan(inventory(), 30, cfg, lim=LIM)
     assert plan.type_of("token_embd.weight") == "q6_k"
     assert all(plan.type_of(f"blk.{i}.attn_v.weight") == "q8_0" for i in range(30))
     assert abs(plan.bpw() - 4.0) <= 0.02
-    auto = make_plan(inventory(tied=False), 30, PlanConfig(5.0), lim=LIM)
+    auto = make_plan(inventory(tied=False), 30, PlanConfig(5.0, strategy="lim"), lim=LIM)
     assert auto.type_of("output.weight") in ("q5_k", "q6_k")  # planned first: the upper level
     with pytest.raises(PlanError, match="REGEX=TYPE"):
         parse_override("attn_v")
@@ -118,3 +120,70 @@ def test_plan_json_round_trip_and_tensor_type_file():
         Plan.from_json('{"format": "lwq-gguf.plan", "version": 1}')
     with pytest.raises(PlanError, match="not a version-1"):
         Plan.from_json('{"format": "x"}')
+
+
+def synthetic_damage(tensors, seed=0):
+    """damage = sensitivity * elements * 4^-bpw: halving the step size quarters the error."""
+    rnd = random.Random(seed)
+    out = {}
+    for t in tensors:
+        if t.quantizable:
+            w = rnd.uniform(0.1, 10) * (5 if t.layer is None else 1)
+            out[t.name] = {legal_type(q, t.shape[0]): w * t.numel * 4 ** -QUANT_TYPES[legal_type(
+                q, t.shape[0])].bpw for q in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")}
+    return out
+
+
+def total_damage(plan, damage):
+    return sum(damage[t.name][ty] for t, ty in zip(plan.tensors, plan.types) if t.quantizable)
+
+
+@pytest.mark.parametrize("target", [3.0, 3.7, 4.4, 5.5])
+def test_auto_strategy_beats_two_level_plans_within_budget(target):
+    inv = inventory(tied=False)
+    damage = synthetic_damage(inv)
+    auto = make_plan(inv, 30, PlanConfig(target), lim=LIM, damage=damage)
+    assert auto.config.strategy == "auto"
+    assert target - 0.02 <= auto.bpw() <= target + 1e-9  # never above the target here
+    for strategy in ("lim", "zd", "random"):
+        other = make_plan(inv, 30, PlanConfig(target, strategy=strategy), lim=LIM, zd=ZD)
+        assert total_damage(auto, damage) <= total_damage(other, damage) * (1 + 1e-9)
+        if other.bpw() <= auto.bpw():
+            assert total_damage(auto, damage) < total_damage(other, damage)
+    # the embedding and output are in the same budget: a fixed type is respected
+    if target > 4:
+        fixed = make_plan(inv, 30, PlanConfig(target, output_tensor_type="q8_0"), damage=damage)
+        assert fixed.type_of("output.weight") == "q8_0" and abs(fixed.bpw() - target) <= 0.02
+
+
+def test_auto_strategy_needs_sensitivity_for_every_type():
+    inv = inventory()
+    with pytest.raises(PlanError, match="sensitivity analysis"):
+        make_plan(inv, 30, PlanConfig(4.0), lim=LIM)
+    damage = synthetic_damage(inv)
+    del damage["blk.3.attn_v.weight"]["q6_k"]
+    with pytest.raises(PlanError, match="blk.3.attn_v.weight"):
+        make_plan(inv, 30, PlanConfig(4.0), lim=LIM, damage=damage)
+
+
+def test_knapsack_is_exact_on_small_problems():
+    import itertools
+
+    rnd = random.Random(7)
+    for _ in range(300):
+        opts = [[(rnd.randint(1, 50), rnd.random()) for _ in range(rnd.randint(1, 3))]
+                for _ in range(rnd.randint(1, 5))]
+        budget = rnd.randint(5, 150)
+        floor = rnd.randint(0, budget)
+        got = min_damage(opts, budget, floor, resolution=1 << 12)
+        combos = [(sum(opts[i][j][1] for i, j in enumerate(c)), sum(opts[i][j][0] for i, j in
+                   enumerate(c))) for c in itertools.product(*[range(len(o)) for o in opts])]
+        if not any(b <= budget for _, b in combos):
+            assert got is None
+            continue
+        cost = sum(opts[i][j][0] for i, j in enumerate(got))
+        dmg = sum(opts[i][j][1] for i, j in enumerate(got))
+        assert cost <= budget
+        inside = [d for d, b in combos if floor <= b <= budget]
+        if inside:
+            assert cost >= floor and dmg <= min(inside) + 1e-9
