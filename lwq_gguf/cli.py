@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", type=Path, help="scores JSON (default MODELNAME.scores.json)")
     s.add_argument("--png", type=Path, help="chart (default: the JSON path with .png)")
     s.add_argument("--force", action="store_true", help="replace existing outputs")
+    s.add_argument("--no-sensitivity", action="store_true", help="LIM and ZD only (the paper's "
+                   "strategies); skip the sensitivity analysis and imatrix of --strategy auto")
     _score_args(s)
 
     p = sub.add_parser("plan", help="choose a type for every tensor", epilog=EPILOG)
@@ -138,13 +140,15 @@ def cmd_score(a) -> None:
     out = a.output or Path(f"{a.model.resolve().name}.scores.json")
     png = a.png or out.with_suffix(".png")
     imatrix = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".imatrix.gguf")
-    for path in (out, png, imatrix):
+    for path in (out, png) + (() if a.no_sensitivity else (imatrix,)):
         check_output(path, a.force)
     model = open_model(a.model)
+    keys = () if a.no_sensitivity else ("auto", "none")
     scores = get_scores(model, None, _score_config(a), not a.quiet, model_tensors(model),
-                        DEFAULT_LADDER, "auto")
+                        DEFAULT_LADDER, keys)
     atomic_write_text(out, scores.to_json())
-    write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
+    if scores.imatrix:
+        write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
     plot_scores(scores, png, f"{a.model.name}: layer importance")
     order = sorted(range(scores.n_layers), key=lambda i: -scores.lim[i])
     rank = {layer: i + 1 for i, layer in enumerate(order)}
@@ -152,9 +156,11 @@ def cmd_score(a) -> None:
                 [(i, f"{scores.lim[i]:.4f}", rank[i], f"{scores.zd[i]:.4f}")
                  for i in range(scores.n_layers)]))
     sens = scores.sensitivity
-    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; sensitivity of "
-          f"{len(sens['damage']['none'])} tensors x {len(sens['ladder'])} types in "
-          f"{sens['seconds']:.0f} s; wrote {out}, {png} and {imatrix} (llama-quantize --imatrix)")
+    if sens:
+        print(f"sensitivity of {len(sens['damage']['none'])} tensors x {len(sens['ladder'])} types "
+              f"(imatrix none and auto) in {sens['seconds']:.0f} s; imatrix written to {imatrix} "
+              "(llama-quantize --imatrix)")
+    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
 
 
 def cmd_plan(a) -> None:

@@ -35,7 +35,7 @@ from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.imatrix import imatrix_from_dict, write_imatrix
 from lwq_gguf.pipeline import convert, get_scores, imatrix_choice, load_scores, model_tensors
-from lwq_gguf.plan import PlanConfig, make_plan
+from lwq_gguf.plan import PlanConfig, check_reach
 from lwq_gguf.quants import DEFAULT_BASELINES, mix_needs_imatrix
 from lwq_gguf.score import ScoreConfig
 from lwq_gguf.verify import read_back
@@ -237,7 +237,7 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
         raise LwqError("nothing to compare: give --avg-bits and/or --baselines")
     tensors = model_tensors(model)
     for bits in cfg.targets:  # budgets and ladders are checked before any scoring
-        make_plan(tensors, model.n_layers, replace(cfg.plan, avg_bits=bits, strategy="random"))
+        check_reach(tensors, replace(cfg.plan, avg_bits=bits))
 
 
 def _scores_file(cfg: CompareConfig, model: HFModel, files: _Files, progress: bool) -> Path:

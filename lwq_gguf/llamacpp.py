@@ -58,7 +58,7 @@ def find_llama_cpp() -> LlamaCpp:
 
 
 def run_tool(cmd: list[str], *, what: str, on_line: Callable[[str], None] | None = None,
-             env: dict[str, str] | None = None) -> str:
+             env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """Run a llama.cpp tool (or the converter), stream its output lines to ``on_line``.
 
     Returns the whole output. A non-zero exit raises ToolError with the last meaningful line, or
@@ -72,7 +72,7 @@ def run_tool(cmd: list[str], *, what: str, on_line: Callable[[str], None] | None
     lines: list[str] = []
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", env=full_env)
+                                errors="replace", env=full_env, cwd=cwd)
     except OSError as e:
         raise ToolError(f"{cmd[0]}: cannot start ({e.strerror}): {_HOW}")
     try:

@@ -12,7 +12,7 @@ from lwq_gguf.errors import LwqError, PlanError
 from lwq_gguf.imatrix import Imatrix, imatrix_from_dict, imatrix_to_dict, read_imatrix, write_imatrix
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.llamacpp import find_llama_cpp
-from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, make_plan
+from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.quants import DEFAULT_LADDER
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
 from lwq_gguf.verify import CheckResult, check_file, read_back
@@ -51,22 +51,28 @@ def _has_sensitivity(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
 
 def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig, progress: bool,
                tensors: tuple[GGUFTensor, ...] | None = None, ladder: tuple[str, ...] = (),
-               imatrix_key: str | None = None, given: dict[str, Imatrix] | None = None) -> Scores:
+               imatrix_key: str | tuple[str, ...] | None = None,
+               given: dict[str, Imatrix] | None = None) -> Scores:
     """Scores from ``scores_file``, else measured. The weights are always checked for NaN/Inf.
 
-    With ``imatrix_key`` (strategy auto, or --imatrix auto) the sensitivity analysis and the
-    imatrix are added when the scores do not hold them for that key and ladder.
+    With ``imatrix_key`` (one or several: strategy auto, or --imatrix auto) the sensitivity
+    analysis and the imatrix are added when the scores do not hold them for that key and ladder.
     """
     if scores_file is None:
         scores = score_model(model, score_cfg, progress)
     else:
         scores = load_scores(scores_file, model)
         zd_scores(model, progress)  # the NaN/Inf check still reads every weight
-    if imatrix_key is not None and not _has_sensitivity(scores, imatrix_key, ladder):
+    keys = (imatrix_key,) if isinstance(imatrix_key, str) else tuple(imatrix_key or ())
+    missing = tuple(k for k in keys if not _has_sensitivity(scores, k, ladder))
+    if missing:
         from lwq_gguf.sensitivity import measure_sensitivity
 
         sens, im = measure_sensitivity(model, tensors or model_tensors(model), ladder,
-                                       find_llama_cpp(), score_cfg, given, progress)
+                                       find_llama_cpp(), score_cfg, missing, given, progress)
+        old = scores.sensitivity or {}
+        if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
+            sens["damage"] = {**old["damage"], **sens["damage"]}
         scores = replace(scores, sensitivity=sens, imatrix=imatrix_to_dict(im))
     return scores
 
@@ -122,7 +128,7 @@ def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | N
         if plan_file is not None:
             plan = read_plan(plan_file, tensors)
         else:  # the budget and type names are checked before the (slow) scoring
-            make_plan(tensors, model.n_layers, replace(plan_cfg, strategy="random"))
+            check_reach(tensors, plan_cfg)
         need = key == "auto" or (plan_file is None and plan_cfg.strategy == "auto")
         scores = None
         if plan_file is None or scores_file is not None or need:

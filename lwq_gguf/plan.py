@@ -255,6 +255,18 @@ def _check_reach(cfg: PlanConfig, lo_bpw: float, hi_bpw: float) -> None:
             "a target in that range or widen the ladder")
 
 
+def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig) -> None:
+    """Refuse a target the ladder cannot reach on these tensors (before any slow work)."""
+    total = sum(t.numel for t in tensors)
+    lo = hi = 0
+    for t in tensors:
+        fixed = _fixed_type(t, cfg)
+        sizes = [tensor_nbytes(fixed or legal_type(q, t.shape[0]), t.shape)
+                 for q in (cfg.ladder if fixed is None else (fixed,))]
+        lo, hi = lo + min(sizes), hi + max(sizes)
+    _check_reach(cfg, lo * 8 / total, hi * 8 / total)
+
+
 def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: PlanConfig,
                damage: Mapping[str, Mapping[str, float]] | None) -> Plan:
     """Least total expected KLD within the byte budget (multiple-choice knapsack, exact DP)."""

@@ -122,16 +122,19 @@ def tensor_damage(ggml: Ggml, w: np.ndarray, fisher: np.ndarray, types: list[str
 
 
 def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder: tuple[str, ...],
-                        lc: LlamaCpp, cfg: ScoreConfig, given: dict[str, Imatrix] | None = None,
-                        progress: bool = True) -> tuple[dict, Imatrix]:
+                        lc: LlamaCpp, cfg: ScoreConfig, keys: tuple[str, ...] = ("auto",),
+                        given: dict[str, Imatrix] | None = None, progress: bool = True
+                        ) -> tuple[dict, Imatrix]:
     """(sensitivity, the imatrix computed from the calibration text).
 
     The sensitivity holds the damage of every ladder type for every quantizable tensor under each
-    quantizer setting: "none" (no imatrix), "auto" (the computed imatrix) and any ``given`` ones.
+    quantizer setting in ``keys``: "none" (no imatrix), "auto" (the computed imatrix) or the key
+    of a ``given`` imatrix.
     """
     t0 = time.time()
     fis, im, weights, n_tok = fisher_and_imatrix(model, cfg, progress)
-    modes = {"none": None, "auto": im, **(given or {})}
+    known = {"none": None, "auto": im, **(given or {})}
+    modes = {k: known[k] for k in keys}
     ggml = Ggml(lc)
     todo = [t for t in tensors if t.quantizable]
     missing = [t.name for t in todo if t.name not in weights]

@@ -43,7 +43,7 @@ def read_back(path: Path) -> FileInfo:
         nel += int(t.n_elements)
     meta = {}
     for key, f in r.fields.items():
-        if key.startswith("lwq.") or key.startswith("general."):
+        if key.startswith(("lwq.", "general.", "quantize.")):
             if f.types and f.types[0] == GGUFValueType.STRING:
                 meta[key] = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
             elif f.types and f.types[0] != GGUFValueType.ARRAY:

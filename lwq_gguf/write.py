@@ -142,14 +142,16 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None,
             converter_write(lc, model_dir, base, cfg.outtype, work / "kv.json",
                             on_line=lambda ln: bar.update(1) if " --> " in ln else None)
         cmd = [str(lc.tool("llama-quantize"))]
-        if cfg.imatrix:
-            cmd += ["--imatrix", str(cfg.imatrix)]
+        if cfg.imatrix:  # llama-quantize records the path: one made here is named relatively,
+            # so the file does not depend on the output's name
+            im = cfg.imatrix.name if cfg.imatrix.parent == work else str(cfg.imatrix.resolve())
+            cmd += ["--imatrix", im]
         ftype = file_type_for(_dominant_type(plan))
-        cmd += ["--tensor-type-file", str(work / "types.txt"), str(base), str(partial),
+        cmd += ["--tensor-type-file", "types.txt", str(base.resolve()), str(partial.resolve()),
                 str(int(ftype)), str(cfg.threads or os.cpu_count() or 1)]
         step = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
         with tqdm(total=n, desc="quantize", unit="tensor", disable=not progress, leave=False) as bar:
-            run_tool(cmd, what="llama-quantize",
+            run_tool(cmd, what="llama-quantize", cwd=work,
                      on_line=lambda ln: bar.update(1) if step.match(ln) else None)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):

@@ -7,7 +7,8 @@ from lwq_gguf.score import default_calibration
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TEXT = WIKI if WIKI.is_file() else default_calibration()
-ARGS = ("--baselines", "Q4_K_M,Q8_0", "--chunks", "2", "--ctx", "128", "--text", TEXT)
+ARGS = ("--baselines", "Q4_K_M,Q8_0", "--chunks", "2", "--ctx", "128", "--text", TEXT,
+        "--calib-tokens", "512")
 
 
 def test_compare_outputs_and_cache(tiny, tmp_path):
@@ -45,7 +46,8 @@ def test_compare_bad_input(tiny, tmp_path):
     assert "does not exist" in line
     line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "Q3_K_X"))
     assert "Q3_K_X" in line
-    line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "IQ2_XS"))
+    line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "IQ2_XS",
+                              "--imatrix", "none"))
     assert "--imatrix" in line
     short = tmp_path / "short.txt"
     short.write_text("A few words only.")

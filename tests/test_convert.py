@@ -67,16 +67,18 @@ def test_console_script_and_module_entry_points():
 def test_architectures_convert_and_load_in_llama_cpp(tiny, tmp_path, arch, layers, kw):
     model = tiny(arch, layers, **kw)
     out = tmp_path / f"{arch}.gguf"
-    p = run_cli("-q", "convert", model, "--avg-bits", "4.0", "-o", out, check=True)
+    p = run_cli("-q", "convert", model, "--avg-bits", "4.0", "-o", out, "--calib-tokens", "512",
+                check=True)
     info, plan = check_output_file(out, 4.0)
     m = re.search(r"llama.cpp check PPL ([0-9.]+)", p.stdout)
     assert m and math.isfinite(float(m.group(1))), p.stdout
     scores = json.loads(info.metadata["lwq.scores"])
-    assert len(scores["lim"]) == layers and scores["calib_tokens"] == 4096
+    assert len(scores["lim"]) == layers and scores["calib_tokens"] == 512
+    assert plan.config.strategy == "auto" and info.metadata["quantize.imatrix.file"] == "imatrix.gguf"
     assert "BPW" in p.stdout and "type" in p.stdout  # the summary table
 
 
-@pytest.mark.parametrize("target", [3.0, 5.5])
+@pytest.mark.parametrize("target", [3.5, 5.5])
 def test_more_targets_with_reused_scores(llama2, llama2_scores, tmp_path, target):
     out = tmp_path / "t.gguf"
     run_cli("-q", "convert", llama2, "--avg-bits", target, "--scores", llama2_scores, "-o", out,
@@ -86,13 +88,14 @@ def test_more_targets_with_reused_scores(llama2, llama2_scores, tmp_path, target
 
 def test_two_runs_are_byte_identical_and_plan_file_reproduces(llama2, tmp_path):
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
-    run_cli("-q", "convert", llama2, "--avg-bits", "3.8", "-o", a, "--no-verify", check=True)
-    run_cli("-q", "convert", llama2, "--avg-bits", "3.8", "-o", b, "--no-verify", check=True)
+    run_cli("-q", "convert", llama2, "--avg-bits", "3.6", "-o", a, "--no-verify", "--calib-tokens", "1024", check=True)
+    run_cli("-q", "convert", llama2, "--avg-bits", "3.6", "-o", b, "--no-verify", "--calib-tokens", "1024", check=True)
     assert sha(a) == sha(b)
     # the same plan, saved and re-used, gives the same tensors
     plan = tmp_path / "p.json"
-    run_cli("-q", "plan", llama2, "--avg-bits", "3.8", "-o", plan, check=True)
-    run_cli("-q", "convert", llama2, "--plan", plan, "-o", c, "--no-verify", check=True)
+    run_cli("-q", "plan", llama2, "--avg-bits", "3.6", "-o", plan, "--calib-tokens", "1024",
+            check=True)
+    run_cli("-q", "convert", llama2, "--plan", plan, "-o", c, "--no-verify", "--calib-tokens", "1024", check=True)
     assert tensor_bytes(c) == tensor_bytes(a)
 
 
@@ -100,10 +103,10 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
         llama2, llama2_scores, tmp_path):
     lc = find_llama_cpp()
     ours, types = tmp_path / "ours.gguf", tmp_path / "types.txt"
-    run_cli("-q", "plan", llama2, "--avg-bits", "4.2", "--scores", llama2_scores,
-            "--tensor-type-file", types, check=True)
-    run_cli("-q", "convert", llama2, "--avg-bits", "4.2", "--scores", llama2_scores, "-o", ours,
-            "--no-verify", check=True)
+    run_cli("-q", "plan", llama2, "--avg-bits", "4.1", "--scores", llama2_scores,
+            "--imatrix", "none", "--tensor-type-file", types, check=True)
+    run_cli("-q", "convert", llama2, "--avg-bits", "4.1", "--scores", llama2_scores, "-o", ours,
+            "--imatrix", "none", "--no-verify", check=True)
     (tmp_path / "kv.json").write_text("{}")
     base, plain = tmp_path / "base.gguf", tmp_path / "plain.gguf"
     converter_write(lc, llama2, base, "auto", tmp_path / "kv.json")
@@ -117,7 +120,7 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
     run_tool([str(lc.tool("llama-imatrix")), "-m", str(base), "-f", str(calib), "-c", "128",
               "--chunks", "4", "-o", str(imat)], what="llama-imatrix")
     with_im = tmp_path / "im.gguf"
-    run_cli("-q", "convert", llama2, "--avg-bits", "4.2", "--scores", llama2_scores, "-o", with_im,
+    run_cli("-q", "convert", llama2, "--avg-bits", "4.1", "--scores", llama2_scores, "-o", with_im,
             "--imatrix", imat, check=True)
     a, b = tensor_bytes(with_im), tensor_bytes(ours)
     assert a.keys() == b.keys()
@@ -130,7 +133,7 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for marker in (work / "base.gguf", tmp_path / ".k.gguf.partial"):
         proc = subprocess.Popen([sys.executable, "-m", "lwq_gguf", "-q", "convert", str(llama2),
-                                 "--avg-bits", "4", "-o", str(out)], env=env,
+                                 "--avg-bits", "4", "-o", str(out), "--calib-tokens", "512"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 120

@@ -83,6 +83,8 @@ def run_go_template(tpl: str, messages: list[dict]) -> str:
     return "".join(out)
 
 
+LIM = ("--strategy", "lim", "--imatrix", "none")  # the paper's planner: fast, not under test here
+
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],
     [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hi"}],
@@ -96,7 +98,7 @@ def test_convert_ollama_modelfile(tiny, tmp_path):
 
     model = tiny("llama", 2)
     out = tmp_path / "m.gguf"
-    p = run_cli("-q", "convert", model, "--avg-bits", "5", "-o", out, "--ollama", "--no-verify",
+    p = run_cli("-q", "convert", model, "--avg-bits", "5", "-o", out, "--ollama", "--no-verify", *LIM,
                 check=True)
     assert "wrote" in p.stdout and (tmp_path / "Modelfile").is_file()
     mf = parse_modelfile((tmp_path / "Modelfile").read_text())
@@ -114,7 +116,7 @@ def test_convert_ollama_modelfile(tiny, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(model, bare)
     (bare / "chat_template.jinja").unlink()
-    p = run_cli("-q", "convert", bare, "--avg-bits", "5", "-o", tmp_path / "bare.gguf", "--ollama",
+    p = run_cli("-q", "convert", bare, "--avg-bits", "5", "-o", tmp_path / "bare.gguf", "--ollama", *LIM,
                 "--modelfile", tmp_path / "bare.Modelfile", "--no-verify", check=True)
     assert "no chat template" in p.stdout
     mf = parse_modelfile((tmp_path / "bare.Modelfile").read_text())

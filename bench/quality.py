@@ -1,0 +1,105 @@
+"""The quality frontier: lwq-gguf against llama.cpp's mixes at each mix's own size.
+
+    .venv/bin/python bench/quality.py [--text FILE] [--chunks 40] [--strategies auto,lim,zd,random]
+
+A preset of `lwq-gguf compare` on models/smollm2-135m-k256: for each llama.cpp mix Q2_K, Q3_K_S,
+Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, the mix is built and measured, then lwq-gguf converts with
+--avg-bits set to that mix's measured BPW (rounded down: never larger), without and with an
+imatrix on both sides (--imatrix none / auto: computed from the calibration text, never from the
+evaluation text). Every file is evaluated against the 16-bit base on the same chunks (llama.cpp,
+CPU). Writes bench/results/quality.json and quality.md: per point the KLD ratio (ours / llama.cpp),
+same-top %, PPL and size. Files and results are cached in out/quality/ (rerunning is cheap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lwq_gguf.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
+from lwq_gguf.evaluate import EvalConfig  # noqa: E402
+from lwq_gguf.plan import PlanConfig  # noqa: E402
+from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
+from lwq_gguf.score import ScoreConfig  # noqa: E402
+
+MODEL = ROOT / "models" / "smollm2-135m-k256"
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+
+
+def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix: str) -> list[dict]:
+    out = out_root / f"imatrix-{imatrix}"
+    out_root.mkdir(parents=True, exist_ok=True)
+    cfg = CompareConfig(MODEL, out, text, (), PlanConfig(4.0), MIXES, imatrix,
+                        ScoreConfig(device="cpu"), EvalConfig(512, chunks, "cpu"))
+    mixes = {r.label: r for r in run_compare(cfg).rows if r.kind == "llama.cpp"}
+    targets = tuple(math.floor(mixes[m].bpw * 1000) / 1000 for m in MIXES)
+    rows = []
+    for strategy in strategies:
+        c = replace(cfg, targets=targets, plan=PlanConfig(targets[0], strategy=strategy))
+        res = run_compare(c)
+        write_outputs(c, res, f"bench/quality.py (imatrix {imatrix}, strategy {strategy})")
+        ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
+        for m, bits in zip(MIXES, targets):
+            a, b = ours[f"lwq {bits:g}"], mixes[m]
+            rows.append({"imatrix": imatrix, "strategy": strategy, "mix": m,
+                         "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_mib": b.size_mib,
+                         "ours_mib": a.size_mib, "mix_kld": b.result.kld_mean,
+                         "ours_kld": a.result.kld_mean, "kld_ratio": a.result.kld_mean /
+                         b.result.kld_mean, "mix_same_top": b.result.same_top_pct,
+                         "ours_same_top": a.result.same_top_pct, "mix_ppl": b.result.ppl,
+                         "ours_ppl": a.result.ppl, "base_ppl": res.base.result.ppl,
+                         "chunks": a.result.chunks})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--strategies", default="auto")
+    ap.add_argument("--imatrix", default="none,auto")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    a = ap.parse_args()
+    if a.text is None:
+        ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
+    t0 = time.time()
+    rows = []
+    for imatrix in a.imatrix.split(","):
+        rows += run(a.text, a.chunks, a.strategies.split(","), a.out / a.text.stem, imatrix)
+    head = ("imatrix", "strategy", "mix", "BPW mix/ours", "MiB mix/ours", "KLD mix", "KLD ours",
+            "ratio", "same top mix/ours", "PPL mix/ours")
+    cells = [(r["imatrix"], r["strategy"], r["mix"], f"{r['mix_bpw']:.3f} / {r['ours_bpw']:.3f}",
+              f"{r['mix_mib']:.1f} / {r['ours_mib']:.1f}", f"{r['mix_kld']:.4f}",
+              f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
+              f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
+              f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
+    auto = [r for r in rows if r["strategy"] == "auto"]
+    verdict = (f"auto: max KLD ratio {max(r['kld_ratio'] for r in auto):.3f} over {len(auto)} "
+               f"points (target <= 0.8); every file no larger than its mix: "
+               f"{all(r['ours_bpw'] <= r['mix_bpw'] for r in auto)}") if auto else ""
+    print(table(head, cells))
+    print(verdict)
+    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
+           "machine": machine(), "seconds": round(time.time() - t0), "verdict": verdict,
+           "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows}
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    a.results.write_text(json.dumps(doc, indent=1))
+    a.results.with_suffix(".md").write_text(
+        f"# Quality: lwq-gguf vs llama.cpp mixes at equal size\n\nCommand: `{doc['command']}`\n\n"
+        f"Machine: {doc['machine']}; text {a.text.name}, {a.chunks} chunks x 512; "
+        f"{doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n{verdict}\n")
+    print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
