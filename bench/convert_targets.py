@@ -1,12 +1,13 @@
 """Convert the aligned demo model at several --avg-bits and measure each file in llama.cpp.
 
-    .venv/bin/python bench/convert_targets.py [--chunks 20]
+    .venv/bin/python bench/convert_targets.py [--chunks 20] [--strategy lim|auto]
 
 For each target: wall time of `lwq-gguf convert` (scores computed once and reused), BPW read
 back from the file, and WikiText-2 test perplexity from the pinned `llama-perplexity` (CPU,
 n_ctx 512, first --chunks chunks), next to the 16-bit base and llama.cpp's own Q2_K, Q3_K_S,
 Q3_K_M and Q4_K_M of the same model. Writes bench/results/convert_targets.json and prints a table.
-(The full KLD comparison is `lwq-gguf compare`, a later issue.)
+Default: the paper's LIM strategy without imatrix (the recorded results); the KLD comparison of
+the default planner is `lwq-gguf compare` / `make demo` / bench/quality.py.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--text", type=Path, default=TEXT)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench")
+    ap.add_argument("--strategy", default="lim", help="lim (default here: the paper's method, as "
+                    "recorded in bench/results/convert_targets.json) or auto")
+    ap.add_argument("--imatrix", default="none")
     a = ap.parse_args()
     if not a.text.is_file():
         sys.exit(f"convert_targets: {a.text} missing: pass --text FILE (WikiText-2 test)")
@@ -53,7 +57,8 @@ def main() -> None:
     lwq = [sys.executable, "-m", "lwq_gguf", "-q"]
     scores = a.work / "k256.scores.json"
     t0 = time.time()
-    subprocess.run(lwq + ["score", str(MODEL), "-o", str(scores), "--force"], check=True,
+    subprocess.run(lwq + ["score", str(MODEL), "-o", str(scores), "--force"]
+                   + (["--no-sensitivity"] if a.strategy != "auto" else []), check=True,
                    stdout=subprocess.DEVNULL)
     score_s = time.time() - t0
     rows, files = [], []
@@ -69,7 +74,8 @@ def main() -> None:
         f = a.work / f"k256-lwq-{target}.gguf"
         t0 = time.time()
         subprocess.run(lwq + ["convert", str(MODEL), "--avg-bits", str(target), "--scores",
-                              str(scores), "-o", str(f), "--force"], check=True,
+                              str(scores), "-o", str(f), "--force", "--strategy", a.strategy,
+                              "--imatrix", a.imatrix], check=True,
                        stdout=subprocess.DEVNULL)
         files.append((f"lwq-gguf --avg-bits {target}", f, time.time() - t0))
     results = []

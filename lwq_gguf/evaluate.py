@@ -9,7 +9,11 @@ With a base model (the 16-bit GGUF), base and quant run side by side, chunk by c
 logits file is written and memory stays bounded by one chunk's logits whatever the text length:
 per scored token KL(p_base || p_quant) over the whole vocabulary, its mean ± sd/sqrt(n-1), its
 99th percentile (linear interpolation, as llama-perplexity), the share of tokens whose top-1
-token agrees, and PPL(quant)/PPL(base).
+token agrees, and PPL(quant)/PPL(base). Log-probabilities are float32 (torch, threaded), the
+per-token values are accumulated in float64. Logits are requested for the scored positions only.
+
+``evaluate_many`` runs several files of one model against one base: the base runs once per chunk
+and the files run beside it, as many at a time as fit in half the free memory (``compare``).
 
 Settings are llama-perplexity's defaults (flash attention on, weight repacking on) with one chunk
 per batch: the numbers equal ``llama-perplexity -c 512 -b 512`` (tests/test_eval.py). Its default

@@ -107,6 +107,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def plot_compare(rows, png: Path, title: str) -> None:
     """Mean KLD against BPW (log KLD axis): llama.cpp's mixes one line, layer-wise another."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,12 +122,13 @@ def plot_compare(rows, png: Path, title: str) -> None:
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=5)
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for k, (x, y, label) in enumerate(pts):  # alternate sides so neighbours stay legible
+            ax.annotate(label, (x, y), textcoords="offset points", fontsize=7,
+                        xytext=(4, 5) if k % 2 == 0 else (4, -11))
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (whole file)")
     ax.set_ylabel("mean KL-divergence vs 16-bit (log)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
