@@ -22,6 +22,8 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="PyTorch device for LIM scoring (auto: cuda when available)")
     g.add_argument("--scores", type=Path, help="reuse a scores JSON from `lwq-gguf score`")
+    g.add_argument("--rescore", action="store_true", help="measure the scores again instead of "
+                   "reusing the score cache (~/.cache/lwq-gguf/scores, $LWQ_SCORES_CACHE)")
 
 
 def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False) -> None:
@@ -126,7 +128,7 @@ def _score_config(a):
 
     if a.calib_tokens < 16:
         raise LwqError(f"--calib-tokens {a.calib_tokens}: use at least 16")
-    return ScoreConfig(a.calib, a.calib_tokens, 512, a.device)
+    return ScoreConfig(a.calib, a.calib_tokens, 512, a.device, a.rescore)
 
 
 def cmd_score(a) -> None:

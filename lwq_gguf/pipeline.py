@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.quants import DEFAULT_LADDER
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
+from lwq_gguf.scorecache import ScoreCache
 from lwq_gguf.verify import CheckResult, check_file, read_back
 from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup, inventory,
                             publish, work_paths, write_gguf)
@@ -53,13 +55,22 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
                tensors: tuple[GGUFTensor, ...] | None = None, ladder: tuple[str, ...] = (),
                imatrix_key: str | tuple[str, ...] | None = None,
                given: dict[str, Imatrix] | None = None) -> Scores:
-    """Scores from ``scores_file``, else measured. The weights are always checked for NaN/Inf.
+    """Scores from ``scores_file``, else from the score cache, else measured (and cached).
 
-    With ``imatrix_key`` (one or several: strategy auto, or --imatrix auto) the sensitivity
-    analysis and the imatrix are added when the scores do not hold them for that key and ladder.
+    The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means
+    the bytes are those already checked). With ``imatrix_key`` (one or several: strategy auto,
+    or --imatrix auto) the sensitivity analysis and the imatrix are added when the scores do not
+    hold them for that key and ladder.
     """
+    cache = None
     if scores_file is None:
-        scores = score_model(model, score_cfg, progress)
+        cache = ScoreCache(model, score_cfg)
+        scores = None if score_cfg.rescore else cache.load()
+        if scores is None:
+            scores = score_model(model, score_cfg, progress)
+            cache.store(scores)
+        elif progress:
+            print(f"scores: reusing {cache.path} (--rescore to measure again)", file=sys.stderr)
     else:
         scores = load_scores(scores_file, model)
         zd_scores(model, progress)  # the NaN/Inf check still reads every weight
@@ -74,6 +85,8 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}
         scores = replace(scores, sensitivity=sens, imatrix=imatrix_to_dict(im))
+        if cache is not None:
+            cache.store(scores)
     return scores
 
 

@@ -3,8 +3,9 @@
 LIM (layer input modification), per decoder layer i: the cosine similarity between the hidden
 state entering the layer and the one leaving it, per token, averaged over every calibration token,
 negated: ``LIM_i = -mean_t cos(h_in[t], h_out[t])``. Values lie in [-1, 1]; higher means the layer
-changes its input more, i.e. matters more. Measured in PyTorch (transformers) with forward hooks on
-the decoder layers, so the final norm never enters the last layer's output.
+changes its input more, i.e. matters more. Measured in PyTorch with the model's own modules, one
+decoder layer at a time (lwq_gguf/stream.py), so the final norm never enters the last layer's
+output and memory stays at one layer plus the activations.
 
 ZD (z-score distribution), per layer: each 2-D weight matrix of the layer is standardised by its
 own mean and standard deviation, ``z = (w - mean) / std``; ZD is the share of the layer's matrix
@@ -43,6 +44,8 @@ class ScoreConfig:
     calib_tokens: int = 4096
     seq_len: int = 512
     device: str = "auto"  # auto | cpu | cuda
+    # --rescore: measure again instead of reusing the score cache (lwq_gguf/scorecache.py)
+    rescore: bool = field(default=False, compare=False, repr=False)
 
     @property
     def calib_file(self) -> Path:
@@ -152,40 +155,32 @@ def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
 
 def lim_scores(model: HFModel, cfg: ScoreConfig, ids: list[int], progress: bool = True
                ) -> tuple[tuple[float, ...], str]:
-    """LIM per layer over ``ids`` (windows of cfg.seq_len); returns (scores, device used)."""
+    """LIM per layer over ``ids`` (windows of cfg.seq_len); returns (scores, device used).
+
+    Streamed (lwq_gguf/stream.py): one decoder layer's weights in memory at a time, every
+    window's hidden state pushed through it, so memory is one layer + the activations."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from lwq_gguf.stream import LayerStream
 
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
-    lm.to(device).eval()
-    layers = lm.model.layers
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = [0]
-
-    def make_hook(i):
-        def hook(_mod, args, kwargs, output):
-            h_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            h_out = output[0] if isinstance(output, (tuple, list)) else output
-            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
-            sums[i] += cos.double().sum().cpu()
-            if i == 0:
-                count[0] += cos.numel()
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
+    stream = LayerStream(model, device, cfg.seq_len)
     windows = [ids[s: s + cfg.seq_len] for s in range(0, len(ids), cfg.seq_len)]
-    try:
-        with torch.no_grad():
-            for w in tqdm(windows, desc=f"LIM ({device})", unit="window", disable=not progress,
-                          leave=False):
-                lm.model(input_ids=torch.tensor([w], device=device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    lim = tuple(sig6(-(s / count[0])) for s in sums.tolist())
+    sums = [0.0] * model.n_layers
+    count = sum(len(w) for w in windows)
+    with torch.no_grad():
+        hs = stream.embed(windows)
+        for i, layer in enumerate(tqdm(stream.layers, desc=f"LIM ({device})", unit="layer",
+                                       disable=not progress, leave=False)):
+            stream.load(layer, f"model.layers.{i}")
+            for j, h in enumerate(hs):
+                out = stream.run_layer(layer, h)
+                cos = torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1)
+                sums[i] += float(cos.double().sum())
+                hs[j] = out
+            stream.unload(layer)
+    lim = tuple(sig6(-(s / count)) for s in sums)
     return lim, device
 
 

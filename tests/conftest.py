@@ -19,7 +19,7 @@ from tiny import make_tiny  # noqa: E402
 
 def run_cli(*args, check: bool = False, **kw) -> subprocess.CompletedProcess:
     """``python -m lwq_gguf ARGS`` in a child process, as a user runs it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(kw.pop("env", os.environ), PYTHONUNBUFFERED="1")
     p = subprocess.run([sys.executable, "-m", "lwq_gguf", *map(str, args)], capture_output=True,
                        text=True, env=env, **kw)
     if check and p.returncode != 0:
@@ -34,6 +34,14 @@ def error_line(p: subprocess.CompletedProcess) -> str:
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("lwq-gguf: error:")]
     assert len(errors) == 1, p.stderr
     return errors[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def score_cache(tmp_path_factory):
+    """The tests' own score cache (never the user's ~/.cache/lwq-gguf/scores)."""
+    path = tmp_path_factory.mktemp("score-cache")
+    os.environ["LWQ_SCORES_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,72 @@
+"""The score cache: keyed by model content, calibration text and settings; --rescore; atomic."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from lwq_gguf.load import open_model
+from lwq_gguf.score import ScoreConfig
+from lwq_gguf.scorecache import ScoreCache
+
+REUSE = "scores: reusing"
+
+
+@pytest.fixture()
+def model(tiny, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny("llama", 2), d)
+    return d
+
+
+def plan(model, cache, *extra):
+    env = dict(os.environ, LWQ_SCORES_CACHE=str(cache))
+    return run_cli("plan", model, "--avg-bits", "4", "--strategy", "lim", "--imatrix", "none",
+                   "--calib-tokens", "256", *extra, env=env, check=True)
+
+
+def test_plan_reuses_scores_until_model_or_settings_change(model, tmp_path):
+    cache = tmp_path / "cache"
+    first = plan(model, cache)
+    assert REUSE not in first.stderr
+    entries = sorted(cache.glob("*.json"))
+    assert len(entries) == 1
+    lim = json.loads(entries[0].read_text())["lim"]
+    again = plan(model, cache)  # same model, text, settings: from the cache, same plan
+    assert REUSE in again.stderr and again.stdout == first.stdout
+    assert REUSE not in plan(model, cache, "--rescore").stderr
+    assert REUSE not in plan(model, cache, "--calib-tokens", "128").stderr  # other settings
+    assert len(list(cache.glob("*.json"))) == 2
+
+    shard = model / "model.safetensors"  # one weight byte changed, same size: a new model
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert REUSE not in plan(model, cache).stderr
+    assert len(list(cache.glob("*.json"))) == 3
+    assert json.loads(entries[0].read_text())["lim"] == lim  # the old entry is untouched
+
+
+def test_a_corrupt_or_torn_entry_is_measured_again(model, tmp_path):
+    cache = tmp_path / "cache"
+    plan(model, cache)
+    (entry,) = cache.glob("*.json")
+    good = entry.read_text()
+    entry.write_text(good[: len(good) // 2])  # as a torn write would leave it (never by us)
+    p = plan(model, cache)
+    assert REUSE not in p.stderr and "Traceback" not in p.stderr
+    assert entry.read_text() == good  # replaced by a complete entry
+    assert not list(cache.glob(".*.tmp"))
+
+
+def test_key_covers_calibration_text(model, tmp_path):
+    m = open_model(model)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    a = ScoreCache(m, ScoreConfig(calib=text), tmp_path / "c").path
+    text.write_text("A different calibration text entirely, with other words. " * 40)
+    b = ScoreCache(m, ScoreConfig(calib=text), tmp_path / "c").path
+    assert a != b
+    assert ScoreCache(m, ScoreConfig(calib=text, device="cpu"), tmp_path / "c").path == b
