@@ -40,3 +40,51 @@ def test_streamed_lim_equals_whole_model(tiny, arch, tied):
     assert device == "cpu" and len(streamed) == 3
     reference = whole_model_lim(path, ids, cfg.seq_len)
     assert max(abs(a - b) for a, b in zip(streamed, reference)) < 1e-4, (streamed, reference)
+
+
+def whole_model_fisher(path, model, cfg):
+    """The reference: Fisher diagonal + imatrix sums from one whole-model forward/backward."""
+    from lwq_gguf.fisher import gguf_names
+
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    names = gguf_names(lm, model.n_layers)
+    params = dict(lm.named_parameters())
+    with torch.no_grad():
+        for hf in names:
+            params[hf].copy_(params[hf].to(torch.float16).float())
+    ids = calibration_ids(model, cfg)
+    windows = [ids[s: s + cfg.seq_len] for s in range(0, len(ids), cfg.seq_len)]
+    fisher = {hf: torch.zeros_like(params[hf]) for hf in names}
+    gen = torch.Generator().manual_seed(0)
+    for w in windows:
+        lm.zero_grad(set_to_none=True)
+        logits = lm(input_ids=torch.tensor([w]), use_cache=False).logits[0]
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        with torch.no_grad():
+            for hf in names:
+                fisher[hf] += params[hf].grad ** 2
+    n = sum(len(w) for w in windows)
+    return {names[hf]: (f / n).numpy() for hf, f in fisher.items()}
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True)])
+def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
+    import numpy as np
+
+    from lwq_gguf.fisher import streamed_fisher
+
+    path = tiny(arch, 2, tied=tied)
+    model = open_model(path)
+    cfg = ScoreConfig(calib_tokens=700, device="cpu")
+    run = streamed_fisher(model, cfg, progress=False)
+    got = {name: f for name, _w, f in run.tensors}
+    ref = whole_model_fisher(path, model, cfg)
+    assert got.keys() == ref.keys() and ("output.weight" in got) != tied
+    for name, f in ref.items():
+        err = np.abs(got[name] - f).sum() / np.abs(f).sum()
+        assert err < 1e-3, (name, err)
+    assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_q.weight",
+                                                           "token_embd.weight" if tied else
+                                                           "output.weight"}

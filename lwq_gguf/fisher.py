@@ -1,0 +1,198 @@
+"""The Fisher diagonal and the importance matrix, streamed one decoder layer at a time.
+
+What it computes (per calibration window of ``seq_len`` tokens, labels ``y`` sampled from the
+model itself): the gradient ``g`` of ``sum_t -log p(y_t)`` with respect to every matmul weight,
+accumulated as ``F = sum_windows g^2 / tokens`` (the diagonal Fisher information per token); and,
+as llama-imatrix does, the per-column sum of squared inputs of every matmul (the imatrix).
+
+How (bounded memory, :class:`lwq_gguf.stream.LayerStream`): a forward pass layer by layer keeps
+each layer's input activations (tokens x hidden per layer, on the host) and collects the imatrix;
+the head (final norm + output) samples the labels and starts the backward; then the layers are
+reloaded from last to first, each recomputes its forward from its saved input and back-propagates
+the gradient it receives, window by window. So one layer's weights, gradients and Fisher are in
+memory at a time, plus the activations, whatever the model's size. The weights are rounded
+through the 16-bit type the base GGUF holds, so the Fisher is taken where the quantizer starts.
+
+A tied embedding gets both gradients per window (as input lookup and as output projection)
+before squaring: the output part is kept for the window's own token rows only, so no
+vocabulary-sized per-window tensor is ever stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from lwq_gguf.imatrix import Imatrix
+from lwq_gguf.load import HFModel
+from lwq_gguf.score import ScoreConfig, calibration_ids, resolve_device
+
+
+def gguf_names(lm, n_layers: int) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, for the 2-D weights the converter writes."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    out = {}
+    for name, p in lm.named_parameters(remove_duplicate=True):
+        if p.dim() == 2:
+            g = tmap.get_name(name, try_suffixes=(".weight",))
+            if g:
+                out[name] = g
+    return out
+
+
+@dataclass
+class FisherRun:
+    """What the forward pass left: the imatrix (complete) and the per-tensor stream to come."""
+
+    imatrix: Imatrix
+    tokens: int
+    tensors: Iterator[tuple[str, np.ndarray, np.ndarray]]  # (GGUF name, 16-bit weight, Fisher)
+
+
+def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True) -> FisherRun:
+    """Run the forward pass now; the returned iterator runs the backward, layer by layer."""
+    import torch
+
+    from lwq_gguf.stream import LayerStream
+
+    device = resolve_device(cfg.device)
+    ids = calibration_ids(model, cfg)
+    s = LayerStream(model, device, cfg.seq_len)
+    lm = s.lm
+    names = gguf_names(lm, model.n_layers)
+    half = torch.bfloat16 if any(t.dtype == "BF16" for t in model.tensors) else torch.float16
+    windows = [w for w in (ids[i: i + cfg.seq_len] for i in range(0, len(ids), cfg.seq_len))
+               if len(w) > 1]
+    n_tok = sum(len(w) for w in windows)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(gname):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[gname] = sums.get(gname, 0) + (x * x).sum(0)
+            counts[gname] = counts.get(gname, 0) + x.shape[0]
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(names[n + ".weight"]))
+               for n, mod in lm.named_modules()
+               if isinstance(mod, torch.nn.Linear) and n + ".weight" in names]
+    head_name = names.get("lm_head.weight", "token_embd.weight")  # tied: llama.cpp's token_embd
+    if "lm_head.weight" not in names:  # tied: the output's inputs count for token_embd
+        handles.append(lm.lm_head.register_forward_pre_hook(hook_for(head_name)))
+    bar = tqdm(total=2 * model.n_layers + 3, desc=f"Fisher + imatrix ({device})", unit="step",
+               disable=not progress, leave=False)
+    inputs: list[list[torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            hs = s.embed(windows, half)
+            bar.update()
+            for i, layer in enumerate(s.layers):
+                s.load(layer, f"model.layers.{i}", half)
+                inputs.append([h.cpu() for h in hs])
+                hs = [s.run_layer(layer, h) for h in hs]
+                s.unload(layer)
+                bar.update()
+        head = _head_backward(s, hs, windows, half, names, head_name)
+        bar.update()
+    finally:
+        for h in handles:
+            h.remove()
+    im = Imatrix({k: v.cpu().numpy() for k, v in sums.items()}, dict(counts),
+                 cfg.calib_file.name, cfg.seq_len, len(windows))
+    return FisherRun(im, n_tok, _backward(s, inputs, head, windows, half, names, n_tok, bar))
+
+
+@dataclass
+class _Head:
+    grads: list  # d loss / d h (last layer's output), per window, on the host
+    fisher: object  # output weight's sum of g^2 (None when tied and kept for the embedding)
+    weight: object
+    rows: list  # tied: per window (token rows, the output gradient on those rows)
+
+
+def _head_backward(s, hs, windows, half, names, head_name) -> _Head:
+    """Final norm + output: sample labels, start the backward; the output weight's Fisher."""
+    torch = s.torch
+    norm = s.load(s.lm.model.norm, "model.norm")
+    head = s.load(s.lm.lm_head, "lm_head", half)
+    w = head.weight
+    fisher = torch.zeros_like(w)
+    gen = torch.Generator(device=s.device).manual_seed(0)
+    grads, rows = [], []
+    for h, win in zip(hs, windows):
+        h = h.detach().requires_grad_(True)
+        logits = head(norm(h))[0]
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        fisher.addcmul_(w.grad, w.grad)
+        if s.tied:
+            tok = torch.tensor(sorted(set(win)), device=s.device)
+            rows.append((tok, w.grad[tok].clone()))
+        w.grad = None
+        norm.weight.grad = None
+        grads.append(h.grad.cpu())
+    weight = w.detach().clone()
+    s.unload(norm)
+    s.unload(head)
+    return _Head(grads, fisher, weight, rows)
+
+
+def _backward(s, inputs, head: _Head, windows, half, names, n_tok, bar
+              ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    torch = s.torch
+
+    def out(gname, w, f):
+        return gname, w.detach().cpu().numpy(), (f / n_tok).cpu().numpy()
+
+    if not s.tied:
+        yield out(names["lm_head.weight"], head.weight, head.fisher)
+        head.fisher = head.weight = None
+    grads = head.grads
+    for i in reversed(range(len(inputs))):
+        layer = s.load(s.layers[i], f"model.layers.{i}", half)
+        params = {f"model.layers.{i}.{n}": p for n, p in layer.named_parameters()}
+        fisher = {n: torch.zeros_like(p) for n, p in params.items() if n in names}
+        for j, g in enumerate(grads):
+            x = inputs[i][j].to(s.device).requires_grad_(True)
+            s.run_layer(layer, x).backward(g.to(s.device))
+            for n, f in fisher.items():
+                f.addcmul_(params[n].grad, params[n].grad)
+            layer.zero_grad(set_to_none=True)
+            grads[j] = x.grad.cpu()
+        inputs[i] = None
+        for n, f in fisher.items():
+            yield out(names[n], params[n], f)
+        del fisher, params
+        s.unload(layer)
+        bar.update()
+    yield _embedding(s, head, grads, windows, half, names, out)
+    bar.update()
+    bar.close()
+
+
+def _embedding(s, head: _Head, grads, windows, half, names, out):
+    """Fisher of the token embedding: sum over windows of its gradient squared (+ output's)."""
+    torch = s.torch
+    emb = s.load(s.lm.model.embed_tokens, "model.embed_tokens", half)
+    w = emb.weight
+    fisher = head.fisher if s.tied else torch.zeros_like(w)
+    for j, (g, win) in enumerate(zip(grads, windows)):
+        tok = torch.tensor(win, device=s.device)
+        rows = torch.unique(tok)  # sorted, as the tied output rows were kept
+        ge = torch.zeros(len(rows), w.shape[1], device=s.device)
+        ge.index_add_(0, torch.searchsorted(rows, tok), g[0].to(s.device))
+        if s.tied:  # (g_out + g_in)^2 = g_out^2 (already in) + 2 g_out g_in + g_in^2
+            ge_out = head.rows[j][1]
+            fisher[rows] += 2 * ge_out * ge + ge * ge
+        else:
+            fisher[rows] += ge * ge
+    result = out(names["model.embed_tokens.weight"], w, fisher)
+    s.unload(emb)
+    return result
