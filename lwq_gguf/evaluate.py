@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,6 +75,32 @@ def resolve_device(lc: LlamaCpp, device: str) -> str:
     return device
 
 
+_PROBE = ("import sys, llama_cpp\n"
+          "llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_batch=32, verbose=True, "
+          "n_gpu_layers=0)")
+
+
+def probe(lc: LlamaCpp, path: Path) -> None:
+    """Load ``path`` once in a child process (mmap, CPU): a malformed GGUF that makes llama.cpp
+    abort (a GGML_ASSERT, e.g. a vocabulary with duplicate tokens) ends in an error line here
+    instead of killing this process."""
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lc.bin))
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
+                           text=True, env=env, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise LwqError(f"{path}: llama.cpp did not finish loading it in 15 min: the file is "
+                       "corrupt; re-create it") from None
+    if p.returncode != 0:
+        err = [ln.strip() for ln in p.stderr.splitlines()]
+        asserts = [ln.rsplit("/", 1)[-1] for ln in err if "GGML_ASSERT" in ln]
+        fails = [ln for ln in err if ("fail" in ln.lower() or "error" in ln.lower())
+                 and ":" in ln.split(" ", 1)[0] and not ln.startswith(("ValueError", "File"))]
+        why = (asserts or fails or [f"exit status {p.returncode}"])[0][:200]
+        raise LwqError(f"{path}: llama.cpp cannot load it ({why}): the file is truncated or "
+                       "corrupt; re-create it")
+
+
 def _open(lc: LlamaCpp, path: Path, cfg: EvalConfig, device: str):
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lc.bin))
     import llama_cpp
@@ -82,6 +110,7 @@ def _open(lc: LlamaCpp, path: Path, cfg: EvalConfig, device: str):
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise LwqError(f"{path}: not a GGUF file: pass a .gguf model")
+    probe(lc, path)
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=cfg.ctx, n_batch=cfg.ctx,
                                n_ubatch=cfg.ctx, verbose=False, flash_attn=True,

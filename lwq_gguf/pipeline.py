@@ -62,13 +62,13 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
     or --imatrix auto) the sensitivity analysis and the imatrix are added when the scores do not
     hold them for that key and ladder.
     """
-    cache = None
+    cache, fresh = None, False
     if scores_file is None:
         cache = ScoreCache(model, score_cfg)
         scores = None if score_cfg.rescore else cache.load()
         if scores is None:
             scores = score_model(model, score_cfg, progress)
-            cache.store(scores)
+            fresh = True
         elif progress:
             print(f"scores: reusing {cache.path} (--rescore to measure again)", file=sys.stderr)
     else:
@@ -85,8 +85,9 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}
         scores = replace(scores, sensitivity=sens, imatrix=imatrix_to_dict(im))
-        if cache is not None:
-            cache.store(scores)
+        fresh = True
+    if cache is not None and fresh:  # once, complete: a run killed before leaves the old entry
+        cache.store(scores)
     return scores
 
 

@@ -70,3 +70,39 @@ def test_key_covers_calibration_text(model, tmp_path):
     b = ScoreCache(m, ScoreConfig(calib=text), tmp_path / "c").path
     assert a != b
     assert ScoreCache(m, ScoreConfig(calib=text, device="cpu"), tmp_path / "c").path == b
+
+
+def test_sigkill_during_scoring_leaves_no_file_and_an_intact_cache(model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, LWQ_SCORES_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    out = tmp_path / "k.gguf"
+    args = [sys.executable, "-m", "lwq_gguf", "convert", str(model), "--avg-bits", "4",
+            "--calib-tokens", "512", "--no-verify", "-o", str(out)]
+    run_cli(*args[3:], env=env, check=True)
+    (entry,) = cache.glob("*.json")
+    good = entry.read_bytes()
+    out.unlink()
+    for phase in ("LIM (", "Fisher + imatrix ("):  # kill inside each scoring stage
+        proc = subprocess.Popen([*args, "--rescore"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        seen = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(1)
+                                                                   .decode("latin-1"), "")))
+        reader.start()
+        deadline = time.time() + 120
+        while phase not in "".join(seen) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"convert ended before {phase!r}: {''.join(seen)[-500:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join()
+        assert not out.exists()
+        assert entry.read_bytes() == good and not list(cache.glob(".*.tmp"))
+    again = run_cli(*args[3:6], "4.5", *args[7:], env=env, check=True)
+    assert REUSE in again.stderr and out.exists()
