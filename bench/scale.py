@@ -1,0 +1,178 @@
+"""Scale: peak memory and wall time of `lwq-gguf` against the plain llama.cpp pipeline.
+
+    .venv/bin/python bench/scale.py --shape smollm     # the real 135M demo model (minutes)
+    .venv/bin/python bench/scale.py --shape 8b         # random Llama, 8B shapes, bf16 ~16 GB
+
+Steps, each a child process under /usr/bin/time -v (peak RSS) with its wall time:
+  score    `lwq-gguf score --rescore --calib-tokens N` (LIM, ZD, Fisher sensitivity, imatrix)
+  plan     `lwq-gguf plan --avg-bits 4.0 --scores ... --tensor-type-file types.txt`
+  ours     `lwq-gguf convert --plan plan.json --imatrix none` (convert without scoring)
+  plain    `convert_hf_to_gguf.py --outtype <same>` + `llama-quantize --tensor-type-file
+           types.txt` with the same per-tensor types (the pipeline lwq-gguf replaces)
+and a plain PyTorch forward of one decoder layer over the same tokens (scaled by the layer
+count) as the reference for scoring throughput. The 8B-shaped model is generated once into
+$LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer). Writes
+bench/results/scale-SHAPE.json and prints a table. Targets (issue 5): peak RSS <= 8 GB and
+ours / plain <= 1.1 for the 8B shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
+from lwq_gguf.report import machine, table  # noqa: E402
+
+SHAPES = {"8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                     vocab_size=128256, num_attention_heads=32, num_key_value_heads=8),
+          "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                     vocab_size=128256, num_attention_heads=32, num_key_value_heads=8)}
+CACHE = Path(os.environ.get("LWQ_CACHE", Path.home() / ".cache" / "lwq-gguf")) / "bench"
+
+
+def generate(shape: str) -> Path:
+    """A random bf16 Llama with these shapes, written shard by shard (~2 GB each), once."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    out = CACHE / f"llama-{shape}-shape"
+    if (out / ".done").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    conf = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
+                       bos_token_id=1, eos_token_id=2)
+    conf.architectures = ["LlamaForCausalLM"]
+    conf.save_pretrained(out)
+    h, f, v = conf.hidden_size, conf.intermediate_size, conf.vocab_size
+    kv = h // conf.num_attention_heads * conf.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(conf.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    gen = torch.Generator().manual_seed(0)
+    shards, cur, size = [], {}, 0
+    for name, s in shapes.items():
+        cur[name] = s
+        size += 2 * int(torch.tensor(s).prod())
+        if size > 2 << 30:
+            shards.append(cur)
+            cur, size = {}, 0
+    shards.append(cur) if cur else None
+    weight_map = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02)
+                   .to(torch.bfloat16) for n, s in names.items()}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for t in (ROOT / "models" / "smollm2-135m").iterdir():
+        if t.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(t, out / t.name)
+    (out / ".done").write_text("")
+    return out
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run under /usr/bin/time -v: wall seconds and peak RSS (GB)."""
+    t0 = time.time()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    wall = time.time() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"scale: {' '.join(cmd[:4])} ... failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    return {"seconds": round(wall, 1), "peak_rss_gb": round(rss / 2**20, 2)}
+
+
+def layer_forward_seconds(model_dir: Path, tokens: int) -> float:
+    """A plain PyTorch forward of one decoder layer over ``tokens`` (windows of 512), fp32."""
+    import torch
+
+    from lwq_gguf.load import open_model
+    from lwq_gguf.stream import LayerStream
+
+    s = LayerStream(open_model(model_dir), "cpu", 512)
+    layer = s.load(s.layers[0], "model.layers.0")
+    h = torch.randn(1, 512, s.lm.config.hidden_size) * 0.02
+    with torch.no_grad():
+        s.run_layer(layer, h)  # warm-up
+        t0 = time.time()
+        for _ in range(max(1, tokens // 512)):
+            s.run_layer(layer, h)
+    return time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=["smollm", *SHAPES], default="smollm")
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--avg-bits", type=float, default=4.0)
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "scale")
+    a = ap.parse_args()
+    model = ROOT / "models" / "smollm2-135m-k256" if a.shape == "smollm" else generate(a.shape)
+    work = a.work / a.shape
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    lc = find_llama_cpp()
+    cli = [sys.executable, "-m", "lwq_gguf", "-q"]
+    env = {"LWQ_SCORES_CACHE": str(work / "score-cache")}
+    bf16 = '"torch_dtype": "bfloat16"' in (model / "config.json").read_text()
+    outtype = "bf16" if bf16 else "f16"
+    r = {"score": timed([*cli, "score", str(model), "-o", str(work / "scores.json"), "--rescore",
+                         "--calib-tokens", str(a.calib_tokens), "--device", "cpu"], env)}
+    r["plan"] = timed([*cli, "plan", str(model), "--avg-bits", str(a.avg_bits), "--imatrix",
+                       "none", "--scores", str(work / "scores.json"), "-o", str(work / "plan.json"),
+                       "--tensor-type-file", str(work / "types.txt")], env)
+    r["plain_convert"] = timed([sys.executable, str(lc.src / "convert_hf_to_gguf.py"), str(model),
+                                "--outtype", outtype, "--outfile", str(work / "base.gguf")])
+    r["plain_quantize"] = timed([str(lc.tool("llama-quantize")), "--tensor-type-file",
+                                 str(work / "types.txt"), str(work / "base.gguf"),
+                                 str(work / "plain.gguf"), "Q8_0"],
+                                {"LD_LIBRARY_PATH": str(lc.bin)})
+    (work / "base.gguf").unlink()
+    r["ours"] = timed([*cli, "convert", str(model), "--plan", str(work / "plan.json"),
+                       "--imatrix", "none", "-o", str(work / "ours.gguf")], env)
+    sens = json.loads((work / "scores.json").read_text())["sensitivity"]
+    n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    fwd = layer_forward_seconds(model, a.calib_tokens) * n_layers
+    plain = r["plain_convert"]["seconds"] + r["plain_quantize"]["seconds"]
+    doc = {"shape": a.shape, "model": str(model), "machine": machine(), "calib_tokens":
+           a.calib_tokens, "avg_bits": a.avg_bits, "outtype": outtype, "steps": r,
+           "convert_ratio": round(r["ours"]["seconds"] / plain, 3),
+           "peak_rss_gb": max(s["peak_rss_gb"] for k, s in r.items() if not k.startswith("plain")),
+           "sensitivity_seconds": sens["seconds"],
+           "scoring_tokens_per_s": round(a.calib_tokens / r["score"]["seconds"], 1),
+           "plain_forward_tokens_per_s": round(a.calib_tokens / fwd, 1)}
+    rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}") for k, s in r.items()]
+    print(table(("step", "seconds", "peak RSS GB"), rows))
+    print(f"convert without scoring / plain convert+quantize = {doc['convert_ratio']:.3f} "
+          f"(target <= 1.1); peak RSS of lwq-gguf steps {doc['peak_rss_gb']:.2f} GB (target <= 8); "
+          f"scoring {doc['scoring_tokens_per_s']} tokens/s vs plain forward "
+          f"{doc['plain_forward_tokens_per_s']} tokens/s")
+    res = ROOT / "bench" / "results" / f"scale-{a.shape}.json"
+    res.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {res}")
+
+
+if __name__ == "__main__":
+    main()
