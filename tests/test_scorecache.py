@@ -37,15 +37,14 @@ def test_plan_reuses_scores_until_model_or_settings_change(model, tmp_path):
     again = plan(model, cache)  # same model, text, settings: from the cache, same plan
     assert REUSE in again.stderr and again.stdout == first.stdout
     assert REUSE not in plan(model, cache, "--rescore").stderr
-    assert REUSE not in plan(model, cache, "--calib-tokens", "128").stderr  # other settings
-    assert len(list(cache.glob("*.json"))) == 2
+    assert len(list(cache.glob("*.json"))) == 1  # measured again, stored in the same entry
 
     shard = model / "model.safetensors"  # one weight byte changed, same size: a new model
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x01
     shard.write_bytes(bytes(data))
     assert REUSE not in plan(model, cache).stderr
-    assert len(list(cache.glob("*.json"))) == 3
+    assert len(list(cache.glob("*.json"))) == 2
     assert json.loads(entries[0].read_text())["lim"] == lim  # the old entry is untouched
 
 
@@ -70,6 +69,7 @@ def test_key_covers_calibration_text(model, tmp_path):
     b = ScoreCache(m, ScoreConfig(calib=text), tmp_path / "c").path
     assert a != b
     assert ScoreCache(m, ScoreConfig(calib=text, device="cpu"), tmp_path / "c").path == b
+    assert ScoreCache(m, ScoreConfig(calib=text, calib_tokens=128), tmp_path / "c").path != b
 
 
 def test_sigkill_during_scoring_leaves_no_file_and_an_intact_cache(model, tmp_path):
