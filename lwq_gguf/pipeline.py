@@ -16,9 +16,10 @@ from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.quants import DEFAULT_LADDER
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
-from lwq_gguf.scorecache import ScoreCache
+from lwq_gguf.hfconvert import converter_inventory
+from lwq_gguf.scorecache import ScoreCache, cached_inventory
 from lwq_gguf.verify import CheckResult, check_file, read_back
-from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup, inventory,
+from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup,
                             publish, work_paths, write_gguf)
 
 
@@ -92,9 +93,15 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
 
 
 def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
-    """The GGUF tensor list, from the pinned converter itself."""
-    with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
-        return inventory(find_llama_cpp(), model.path, Path(tmp))
+    """The GGUF tensor list, from the pinned converter itself (cached by model content)."""
+    lc = find_llama_cpp()
+
+    def run() -> list[dict]:
+        with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
+            return converter_inventory(lc, model.path, Path(tmp) / "inventory.json")
+
+    rows = cached_inventory(model, lc.src / "convert_hf_to_gguf.py", run)
+    return tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"]) for r in rows)
 
 
 def plan_tensors(tensors: tuple[GGUFTensor, ...], model: HFModel, cfg: PlanConfig,

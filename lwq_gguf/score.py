@@ -134,6 +134,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def prefix_ids(tok, text: str, n: int, margin: int = 64) -> list[int]:
+    """The first n tokens of ``text``, tokenizing only a prefix (a 1 MB text takes seconds whole).
+
+    The prefix ends at a line break and grows until it yields n + margin tokens, so the tokens
+    kept are never near the cut and equal those of the whole text (tests/test_stream.py).
+    """
+    size = max(4096, 8 * (n + margin))
+    while True:
+        cut = text.rfind("\n", 0, size) if size < len(text) else len(text)
+        ids = tok(text[: cut if cut > 0 else size], add_special_tokens=False, verbose=False)["input_ids"]
+        if size >= len(text) or len(ids) >= n + margin:
+            return ids[:n]
+        size *= 2
+
+
 def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
     from transformers import AutoTokenizer
 
@@ -147,7 +162,7 @@ def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
     except (OSError, ValueError) as e:
         raise ModelInputError(f"{model.path}: no usable tokenizer ({str(e).splitlines()[0][:120]}): "
                               "LIM needs the model's tokenizer files; or use --strategy zd|random")
-    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][: cfg.calib_tokens]
+    ids = prefix_ids(tok, text, cfg.calib_tokens)
     if len(ids) < 16:
         raise LwqError(f"{file}: calibration text too short ({len(ids)} tokens): give a longer text")
     return ids

@@ -1,5 +1,8 @@
 """Scores cached by what they depend on, so `plan` and `convert` at new targets reuse them.
 
+The converter's tensor inventory (one convert_hf_to_gguf run) is cached beside them, keyed by the
+model's content and the llama.cpp install.
+
 Key = sha256 of (the model's content: config.json, tokenizer files and every safetensors file,
 hashed in full; the calibration text's sha256; calibration tokens and window; the scores format
 and tool version). The cache lives in ``$LWQ_SCORES_CACHE``, else ``$LWQ_CACHE/scores``, else
@@ -103,3 +106,28 @@ class ScoreCache:
             _atomic_write(self.path, scores.to_json())
         except OSError:
             pass  # an unwritable cache only costs time on the next run
+
+
+def cached_inventory(model: HFModel, converter: Path, compute) -> list[dict]:
+    """``compute()`` (the converter's tensor rows) once per (model content, converter install)."""
+    root = cache_dir()
+    memo = root / "sha256"
+    parts = {"model": model_sha256(model, memo), "install": str(converter.resolve()),
+             "converter": file_sha256(converter, memo), "lwq": __version__}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    path = root / "inventory" / f"{key}.json"
+    try:
+        rows = json.loads(path.read_text())
+        if isinstance(rows, list) and rows and all(
+                isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("type"), str)
+                and isinstance(r.get("shape"), list) and all(isinstance(d, int) for d in r["shape"])
+                for r in rows):
+            return rows
+    except (OSError, ValueError):
+        pass
+    rows = compute()
+    try:
+        _atomic_write(path, json.dumps(rows))
+    except OSError:
+        pass
+    return rows

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import OutputError, PlanError
-from lwq_gguf.hfconvert import converter_inventory, converter_write
+from lwq_gguf.hfconvert import converter_write
 from lwq_gguf.llamacpp import LlamaCpp, run_tool
 from lwq_gguf.plan import GGUFTensor, Plan
 from lwq_gguf.quants import QUANT_TYPES, file_type_for
@@ -87,11 +87,6 @@ def check_free_space(folder: Path, need: int) -> None:
 def disk_full(output: Path, e: OSError) -> OutputError:
     return OutputError(f"{output}: disk full or file size limit reached while writing ({e.strerror}): "
                        f"free space in {output.parent} and run again; nothing was left behind")
-
-
-def inventory(lc: LlamaCpp, model_dir: Path, work: Path) -> tuple[GGUFTensor, ...]:
-    rows = converter_inventory(lc, model_dir, work / "inventory.json")
-    return tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"]) for r in rows)
 
 
 def check_plan_matches(plan: Plan, tensors: tuple[GGUFTensor, ...], source: str) -> None:

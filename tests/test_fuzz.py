@@ -104,6 +104,11 @@ def synthetic_gguf(path):
 def test_gguf_readers_on_garbled_files(tmp_path):
     data = synthetic_gguf(tmp_path / "ok.gguf").read_bytes()
     assert read_imatrix(tmp_path / "ok.gguf").counts == {"blk.0.ffn_up.weight": 8}
+    info, ref = read_back(tmp_path / "ok.gguf"), GGUFReader(str(tmp_path / "ok.gguf"))
+    assert info.types == {t.name: t.tensor_type.name.lower() for t in ref.tensors}
+    assert info.nbytes == sum(int(t.n_bytes) for t in ref.tensors) == 300 * 64 * 2 + 64 * 4 + 4
+    assert info.metadata == {"general.architecture": "llama", "general.name": "fuzz",
+                             "lwq.plan": '{"x": 1}'}
     f = tmp_path / "x.gguf"
     for _i, b in mutants(data, seed=1, n=4 * N, head=len(data) - 1000):
         f.write_bytes(b)

@@ -45,6 +45,7 @@ def test_plan_reuses_scores_until_model_or_settings_change(model, tmp_path):
     shard.write_bytes(bytes(data))
     assert REUSE not in plan(model, cache).stderr
     assert len(list(cache.glob("*.json"))) == 2
+    assert len(list(cache.glob("inventory/*.json"))) == 2  # the converter's tensor list, too
     assert json.loads(entries[0].read_text())["lim"] == lim  # the old entry is untouched
 
 
@@ -58,6 +59,10 @@ def test_a_corrupt_or_torn_entry_is_measured_again(model, tmp_path):
     assert REUSE not in p.stderr and "Traceback" not in p.stderr
     assert entry.read_text() == good  # replaced by a complete entry
     assert not list(cache.glob(".*.tmp"))
+    (inv,) = cache.glob("inventory/*.json")
+    rows = inv.read_text()
+    inv.write_text('[{"name": 1}]')  # valid JSON, not an inventory: run the converter again
+    assert REUSE in plan(model, cache).stderr and inv.read_text() == rows
 
 
 def test_key_covers_calibration_text(model, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lwq_gguf.load import open_model
-from lwq_gguf.score import ScoreConfig, calibration_ids, lim_scores
+from lwq_gguf.score import ScoreConfig, calibration_ids, default_calibration, lim_scores
 
 
 def whole_model_lim(path, ids, seq_len):
@@ -88,3 +88,18 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
     assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_q.weight",
                                                            "token_embd.weight" if tied else
                                                            "output.weight"}
+
+
+@pytest.mark.parametrize("n", [16, 700, 20000])
+def test_prefix_tokenization_equals_whole_text(demo_models, tiny, n):
+    from transformers import AutoTokenizer
+
+    from lwq_gguf.score import prefix_ids
+
+    text = default_calibration().read_text(encoding="utf-8")
+    for path in (demo_models[0], tiny("llama", 2)):
+        tok = AutoTokenizer.from_pretrained(str(path))
+        whole = tok(text[:400_000], add_special_tokens=False, verbose=False)["input_ids"]
+        assert prefix_ids(tok, text[:400_000], n) == whole[:n]
+    short = "a short text\nof two lines"
+    assert prefix_ids(tok, short, n) == tok(short, add_special_tokens=False)["input_ids"][:n]
