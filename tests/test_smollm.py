@@ -73,7 +73,7 @@ def k256_scores(k256_35, tmp_path_factory):
     return f
 
 
-@pytest.mark.parametrize("target", [3.0, 4.25, 5.0])
+@pytest.mark.parametrize("target", [3.0, 5.0])
 def test_k256_paper_strategy_targets(demo_models, k256_scores, tmp_path, target):
     out = tmp_path / "o.gguf"
     run_cli("-q", "convert", demo_models[1], "--avg-bits", target, "--scores", k256_scores,
