@@ -1,14 +1,15 @@
 """The paper's takeaway, measured: move a growing share of layers from Q4_K to Q2_K, in LIM order,
 ZD order, reverse LIM order and at random, and watch PPL and KLD against the 16-bit model.
 
-    .venv/bin/python bench/paper.py [--text FILE] [--chunks 20] [--seeds 3]
+    .venv/bin/python bench/paper.py [--text FILE] [--chunks 20] [--seeds 3] [--low q2_k|q3_k]
 
 On models/smollm2-135m-k256 (layer scores from `lwq-gguf score --no-sensitivity`, calibration on
 the packaged WikiText-2 *validation* excerpt), for share = 0, 10, ..., 100 % of the 30 decoder
-layers: the least important layers under each ordering get Q2_K for all their matrices, the rest
+layers: the least important layers under each ordering get Q2_K (--low) for all their matrices, the rest
 Q4_K (token embedding Q4_K, norms F32, no imatrix). Files are made by the pinned llama-quantize
 with a --tensor-type-file from the 16-bit base and all evaluated side by side against the base on
-the same chunks (llama.cpp, CPU). Writes bench/results/paper.{json,md} and docs/paper.png.
+the same chunks (llama.cpp, CPU). Writes bench/results/paper.{json,md} and docs/paper.png
+(paper-q3_k.* with --low q3_k).
 
 Dumitru et al. report quality holding until 25-50 % of layers are moved with their orderings but
 only 5-10 % at random; "holds" is measured here as: mean KLD at most twice that of the all-Q4_K
@@ -54,10 +55,10 @@ def orderings(scores: Scores, seeds: int) -> dict[str, list[int]]:
     return out
 
 
-def types_file(moved: set[int], n_layers: int) -> str:
+def types_file(moved: set[int], n_layers: int, low: str = "q2_k") -> str:
     lines = ["^token_embd\\.weight$=q4_k"]
     for i in range(n_layers):
-        ty = "q2_k" if i in moved else "q4_k"
+        ty = low if i in moved else "q4_k"
         lines += [f"^blk\\.{i}\\.{k}\\.weight$={ty}" for k in KINDS]
     return "\n".join(lines) + "\n"
 
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "paper")
+    ap.add_argument("--low", default="q2_k", choices=["q2_k", "q3_k"], help="the type layers move to")
     a = ap.parse_args()
     if a.text is None:
         ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
@@ -88,10 +90,11 @@ def main() -> None:
         for share in SHARES:
             moved = frozenset(order[: round(share / 100 * scores.n_layers)])
             key = "-".join(map(str, sorted(moved))) or "none"
+            key = key if a.low == "q2_k" else f"{a.low}:{key}"
             path = a.out / f"moved-{hashlib.sha1(key.encode()).hexdigest()[:12]}.gguf"
             if not path.is_file():
                 tf = a.out / "types.txt"
-                tf.write_text(types_file(set(moved), scores.n_layers))
+                tf.write_text(types_file(set(moved), scores.n_layers, a.low))
                 tmp = path.with_suffix(".partial")
                 run_tool([str(lc.tool("llama-quantize")), "--tensor-type-file", str(tf), str(base),
                           str(tmp), "Q4_K_S"], what="llama-quantize")
@@ -116,24 +119,28 @@ def main() -> None:
     head = ["share moved"] + [f"{n} KLD / PPL" for n in mean]
     cells = [[f"{s}%"] + [f"{mean[n][s]['kld']:.4f} / {mean[n][s]['ppl']:.2f}" for n in mean]
              for s in SHARES]
-    verdict = "; ".join(f"{n}: holds (KLD <= 2x all-Q4_K) up to {h}% of layers moved"
-                        for n, h in holds.items())
+    early = {n: sum(c[s]["kld"] for s in SHARES if 0 < s <= 50) / 5 for n, c in mean.items()}
+    verdict = "; ".join(f"{n}: holds (KLD <= 2x all-Q4_K) up to {h}% of layers moved, mean KLD "
+                        f"over 10-50 % moved {early[n]:.3f}" for n, h in holds.items())
     print(table(head, cells))
     print(verdict)
-    _plot(mean, ROOT / "docs" / "paper.png", a.text.name, a.chunks)
-    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
+    tag = "" if a.low == "q2_k" else f"-{a.low}"
+    png = ROOT / "docs" / f"paper{tag}.png"
+    _plot(mean, png, a.text.name, a.chunks, a.low)
+    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks, "low": a.low,
+           "early_mean_kld": early,
            "machine": machine(), "seconds": round(time.time() - t0), "holds": holds,
            "verdict": verdict, "rows": rows}
-    res_path = ROOT / "bench" / "results" / "paper.json"
+    res_path = ROOT / "bench" / "results" / f"paper{tag}.json"
     res_path.write_text(json.dumps(doc, indent=1))
     res_path.with_suffix(".md").write_text(
-        f"# Moving layers from Q4_K to Q2_K (bench/paper.py)\n\nMachine: {doc['machine']}; "
+        f"# Moving layers from Q4_K to {a.low.upper()} (bench/paper.py --low {a.low})\n\nMachine: {doc['machine']}; "
         f"{a.text.name}, {a.chunks} chunks x 512; {doc['seconds']} s\n\n"
-        f"{markdown_table(head, cells)}\n\n{verdict}\n\n![](../../docs/paper.png)\n")
-    print(f"wrote {res_path}, {res_path.with_suffix('.md')} and docs/paper.png")
+        f"{markdown_table(head, cells)}\n\n{verdict}\n\n![](../../docs/{png.name})\n")
+    print(f"wrote {res_path}, {res_path.with_suffix('.md')} and docs/{png.name}")
 
 
-def _plot(mean: dict, png: Path, text: str, chunks: int) -> None:
+def _plot(mean: dict, png: Path, text: str, chunks: int, low: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +154,7 @@ def _plot(mean: dict, png: Path, text: str, chunks: int) -> None:
     ax1.set_yscale("log")
     ax2.set_yscale("log")
     for ax, what in ((ax1, "mean KLD vs 16-bit"), (ax2, "perplexity")):
-        ax.set_xlabel("% of layers moved Q4_K -> Q2_K")
+        ax.set_xlabel(f"% of layers moved Q4_K -> {low.upper()}")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
