@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, PlanError
+from lwq_gguf.hfconvert import converter_inventory
 from lwq_gguf.imatrix import Imatrix, imatrix_from_dict, imatrix_to_dict, read_imatrix, write_imatrix
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.quants import DEFAULT_LADDER
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
-from lwq_gguf.hfconvert import converter_inventory
 from lwq_gguf.scorecache import ScoreCache, cached_inventory
 from lwq_gguf.verify import CheckResult, check_file, read_back
 from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup,

@@ -1,7 +1,7 @@
 """Scores cached by what they depend on, so `plan` and `convert` at new targets reuse them.
 
 The converter's tensor inventory (one convert_hf_to_gguf run) is cached beside them, keyed by the
-model's content and the llama.cpp install.
+model's layout (config.json, tensor names, dtypes, shapes) and the llama.cpp install.
 
 Key = sha256 of (the model's content: config.json, tokenizer files and every safetensors file,
 hashed in full; the calibration text's sha256; calibration tokens and window; the scores format
@@ -109,11 +109,15 @@ class ScoreCache:
 
 
 def cached_inventory(model: HFModel, converter: Path, compute) -> list[dict]:
-    """``compute()`` (the converter's tensor rows) once per (model content, converter install)."""
+    """``compute()`` (the converter's tensor rows) once per (model layout, converter install).
+
+    The tensor list depends on config.json and the tensors' names, dtypes and shapes (all in
+    ``model``, read from the headers), not on the weight bytes: no weight file is hashed here.
+    """
     root = cache_dir()
-    memo = root / "sha256"
-    parts = {"model": model_sha256(model, memo), "install": str(converter.resolve()),
-             "converter": file_sha256(converter, memo), "lwq": __version__}
+    parts = {"config": model.config_json, "install": str(converter.resolve()),
+             "tensors": [[t.name, t.dtype, list(t.shape)] for t in model.tensors],
+             "converter": file_sha256(converter, root / "sha256"), "lwq": __version__}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     path = root / "inventory" / f"{key}.json"
     try:

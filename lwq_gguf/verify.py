@@ -1,8 +1,9 @@
 """Stage 5 - verify: read a written GGUF back and let llama.cpp run it.
 
 ``read_back`` lists each tensor's type and the file's BPW from the GGUF header (llama.cpp's
-definition: tensor bytes * 8 / tensor elements). ``check_file`` compares the types with the plan and runs a
-short ``llama-perplexity`` (4 chunks of 128 tokens of the calibration text), which must be finite.
+definition: tensor bytes * 8 / tensor elements). ``check_file`` compares the types with the plan
+and runs a short ``llama-perplexity`` (4 chunks of 128 tokens of the calibration text), which must
+be finite.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ _META = ("lwq.", "general.", "quantize.")
 class _Header:
     """A bounds-checked cursor over a GGUF file's header (little- or big-endian)."""
 
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path, self.end = buf, 0, path, "<"
+    def __init__(self, buf):
+        self.buf, self.pos, self.end = buf, 0, "<"
 
     def take(self, fmt: str):
         size = struct.calcsize(self.end + fmt)
@@ -83,16 +84,16 @@ def read_back(path: Path) -> FileInfo:
     Reads only the header (gguf-py's GGUFReader parses every vocab string into numpy views,
     seconds per file); sizes come from gguf's GGML_QUANT_SIZES, so BPW is llama.cpp's.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Header(buf, path), GGML_QUANT_SIZES, GGMLQuantizationType)
+            return _parse(_Header(buf))
     except (struct.error, ValueError, OSError, OverflowError, KeyError) as e:
         raise LwqError(f"{path}: not a readable GGUF file ({e}): re-create it")
 
 
-def _parse(h: _Header, sizes, qtype) -> FileInfo:
+def _parse(h: _Header) -> FileInfo:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     if h.take("4s") != b"GGUF":
         raise ValueError("no GGUF magic")
     if h.take("I") & 0xFFFF == 0:  # written on a big-endian machine
@@ -115,8 +116,8 @@ def _parse(h: _Header, sizes, qtype) -> FileInfo:
         if n_dims > 8:
             raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
         dims = [h.take("Q") for _ in range(n_dims)]
-        ty, offset = qtype(h.take("I")), h.take("Q")
-        block, size = sizes[ty]
+        ty, offset = GGMLQuantizationType(h.take("I")), h.take("Q")
+        block, size = GGML_QUANT_SIZES[ty]
         n = math.prod(dims)
         if n % block:
             raise ValueError(f"tensor {name!r}: {n} elements is not whole {ty.name} blocks")

@@ -45,7 +45,13 @@ def test_plan_reuses_scores_until_model_or_settings_change(model, tmp_path):
     shard.write_bytes(bytes(data))
     assert REUSE not in plan(model, cache).stderr
     assert len(list(cache.glob("*.json"))) == 2
-    assert len(list(cache.glob("inventory/*.json"))) == 2  # the converter's tensor list, too
+    # the converter's tensor list depends on the layout (config, names, dtypes, shapes), not on
+    # the weight bytes: still one entry; a config change makes a second
+    assert len(list(cache.glob("inventory/*.json"))) == 1
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "lwq_test_note": 1}))
+    assert REUSE not in plan(model, cache).stderr
+    assert len(list(cache.glob("inventory/*.json"))) == 2
     assert json.loads(entries[0].read_text())["lim"] == lim  # the old entry is untouched
 
 
