@@ -6,14 +6,18 @@
 Steps, each a child process under /usr/bin/time -v (peak RSS) with its wall time:
   score    `lwq-gguf score --rescore --calib-tokens N` (LIM, ZD, Fisher sensitivity, imatrix)
   plan     `lwq-gguf plan --avg-bits 4.0 --scores ... --tensor-type-file types.txt`
-  ours     `lwq-gguf convert --plan plan.json --imatrix none` (convert without scoring)
   plain    `convert_hf_to_gguf.py --outtype <same>` + `llama-quantize --tensor-type-file
            types.txt` with the same per-tensor types (the pipeline lwq-gguf replaces)
+  ours     `lwq-gguf convert --plan plan.json --imatrix none` (convert without scoring; the
+           default single-pass writer, and the built-in check)
+  ours_two_step  the same with `--two-step` (converter -> 16-bit GGUF -> llama-quantize)
 and a plain PyTorch forward of one decoder layer over the same tokens (scaled by the layer
 count) as the reference for scoring throughput. The 8B-shaped model is generated once into
 $LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer). Writes
 bench/results/scale-SHAPE.json and prints a table. Targets (issue 5): peak RSS <= 8 GB and
-ours / plain <= 1.1 for the 8B shape.
+ours / plain <= 1.1 for the 8B shape. ``--steps`` runs some of the steps and merges them into the
+existing results (score+plan once, the conversions later on an idle machine); the single-pass
+file is compared byte for byte with the plain pipeline's when both ran.
 """
 
 from __future__ import annotations
@@ -92,6 +96,22 @@ def generate(shape: str) -> Path:
     return out
 
 
+STEPS = ("score", "plan", "plain", "ours", "ours_two_step")
+
+
+def tensor_data_equal(a: Path, b: Path) -> bool:
+    """Same tensors (names, types, shapes, bytes) in two GGUF files; metadata may differ (ours
+    carries lwq.* keys and the plain pipeline general.name from its own metadata)."""
+    import hashlib
+
+    import gguf
+
+    def digest(p: Path) -> dict:
+        return {t.name: (t.tensor_type, tuple(t.shape), hashlib.sha256(t.data).hexdigest())
+                for t in gguf.GGUFReader(p).tensors}
+    return digest(a) == digest(b)
+
+
 def timed(cmd: list[str], env: dict | None = None) -> dict:
     """Run under /usr/bin/time -v: wall seconds and peak RSS (GB)."""
     t0 = time.time()
@@ -128,48 +148,76 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--avg-bits", type=float, default=4.0)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "scale")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)}")
     a = ap.parse_args()
+    steps = [s for s in a.steps.split(",") if s]
+    if set(steps) - set(STEPS):
+        raise SystemExit(f"scale: --steps: use some of {','.join(STEPS)}")
     model = ROOT / "models" / "smollm2-135m-k256" if a.shape == "smollm" else generate(a.shape)
     work = a.work / a.shape
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    res = ROOT / "bench" / "results" / f"scale-{a.shape}.json"
+    if "score" in steps:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    old = json.loads(res.read_text()) if res.is_file() and "score" not in steps else {}
     lc = find_llama_cpp()
     cli = [sys.executable, "-m", "lwq_gguf", "-q"]
     env = {"LWQ_SCORES_CACHE": str(work / "score-cache")}
     bf16 = '"torch_dtype": "bfloat16"' in (model / "config.json").read_text()
     outtype = "bf16" if bf16 else "f16"
-    r = {"score": timed([*cli, "score", str(model), "-o", str(work / "scores.json"), "--rescore",
-                         "--calib-tokens", str(a.calib_tokens), "--device", "cpu"], env)}
-    r["plan"] = timed([*cli, "plan", str(model), "--avg-bits", str(a.avg_bits), "--imatrix",
-                       "none", "--scores", str(work / "scores.json"), "-o", str(work / "plan.json"),
-                       "--tensor-type-file", str(work / "types.txt")], env)
-    r["plain_convert"] = timed([sys.executable, str(lc.src / "convert_hf_to_gguf.py"), str(model),
-                                "--outtype", outtype, "--outfile", str(work / "base.gguf")])
-    r["plain_quantize"] = timed([str(lc.tool("llama-quantize")), "--tensor-type-file",
-                                 str(work / "types.txt"), str(work / "base.gguf"),
-                                 str(work / "plain.gguf"), "Q8_0"],
-                                {"LD_LIBRARY_PATH": str(lc.bin)})
-    (work / "base.gguf").unlink()
-    r["ours"] = timed([*cli, "convert", str(model), "--plan", str(work / "plan.json"),
-                       "--imatrix", "none", "-o", str(work / "ours.gguf")], env)
+    r = dict(old.get("steps", {}))
+    if "score" in steps:
+        r["score"] = timed([*cli, "score", str(model), "-o", str(work / "scores.json"),
+                            "--rescore", "--calib-tokens", str(a.calib_tokens), "--device", "cpu"],
+                           env)
+    if "plan" in steps:
+        r["plan"] = timed([*cli, "plan", str(model), "--avg-bits", str(a.avg_bits), "--imatrix",
+                           "none", "--scores", str(work / "scores.json"), "-o",
+                           str(work / "plan.json"), "--tensor-type-file", str(work / "types.txt"),
+                           "--force"], env)
+    if "plain" in steps:
+        r["plain_convert"] = timed([sys.executable, str(lc.src / "convert_hf_to_gguf.py"),
+                                    str(model), "--outtype", outtype, "--outfile",
+                                    str(work / "base.gguf")])
+        r["plain_quantize"] = timed([str(lc.tool("llama-quantize")), "--tensor-type-file",
+                                     str(work / "types.txt"), str(work / "base.gguf"),
+                                     str(work / "plain.gguf"), "Q8_0"],
+                                    {"LD_LIBRARY_PATH": str(lc.bin)})
+        (work / "base.gguf").unlink()
+    for step, extra in (("ours", []), ("ours_two_step", ["--two-step"])):
+        if step in steps:
+            (work / f"{step}.gguf").unlink(missing_ok=True)
+            r[step] = timed([*cli, "convert", str(model), "--plan", str(work / "plan.json"),
+                             "--imatrix", "none", "-o", str(work / f"{step}.gguf"), *extra], env)
+    same = {}
+    for step in ("ours", "ours_two_step"):
+        if (work / f"{step}.gguf").is_file() and (work / "plain.gguf").is_file():
+            same[step] = tensor_data_equal(work / f"{step}.gguf", work / "plain.gguf")
     sens = json.loads((work / "scores.json").read_text())["sensitivity"]
     n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    fwd = layer_forward_seconds(model, a.calib_tokens) * n_layers
-    plain = r["plain_convert"]["seconds"] + r["plain_quantize"]["seconds"]
+    fwd = old.get("plain_forward_seconds") or layer_forward_seconds(model, a.calib_tokens) * n_layers
+    plain = (r["plain_convert"]["seconds"] + r["plain_quantize"]["seconds"]
+             if "plain_convert" in r else None)
+
+    def ratio(step: str) -> float | None:
+        return round(r[step]["seconds"] / plain, 3) if plain and step in r else None
+
     doc = {"shape": a.shape, "model": str(model), "machine": machine(), "calib_tokens":
            a.calib_tokens, "avg_bits": a.avg_bits, "outtype": outtype, "steps": r,
-           "convert_ratio": round(r["ours"]["seconds"] / plain, 3),
+           "convert_ratio": ratio("ours"), "convert_ratio_two_step": ratio("ours_two_step"),
+           "tensor_data_equal_to_plain": same or old.get("tensor_data_equal_to_plain"),
            "peak_rss_gb": max(s["peak_rss_gb"] for k, s in r.items() if not k.startswith("plain")),
            "sensitivity_seconds": sens["seconds"],
            "scoring_tokens_per_s": round(a.calib_tokens / r["score"]["seconds"], 1),
+           "plain_forward_seconds": round(fwd, 1),
            "plain_forward_tokens_per_s": round(a.calib_tokens / fwd, 1)}
     rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}") for k, s in r.items()]
     print(table(("step", "seconds", "peak RSS GB"), rows))
-    print(f"convert without scoring / plain convert+quantize = {doc['convert_ratio']:.3f} "
-          f"(target <= 1.1); peak RSS of lwq-gguf steps {doc['peak_rss_gb']:.2f} GB (target <= 8); "
-          f"scoring {doc['scoring_tokens_per_s']} tokens/s vs plain forward "
+    print(f"convert without scoring / plain convert+quantize = {doc['convert_ratio']} single pass, "
+          f"{doc['convert_ratio_two_step']} two-step (target <= 1.1); same tensors as plain: "
+          f"{doc['tensor_data_equal_to_plain']}; peak RSS of lwq-gguf steps {doc['peak_rss_gb']:.2f} "
+          f"GB (target <= 8); scoring {doc['scoring_tokens_per_s']} tokens/s vs plain forward "
           f"{doc['plain_forward_tokens_per_s']} tokens/s")
-    res = ROOT / "bench" / "results" / f"scale-{a.shape}.json"
     res.write_text(json.dumps(doc, indent=1))
     print(f"wrote {res}")
 

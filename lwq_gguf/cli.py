@@ -84,10 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write")
     c.add_argument("--plan", type=Path, help="use this plan JSON instead of planning")
     c.add_argument("--outtype", default="auto", choices=["auto", "f16", "bf16", "f32"],
-                   help="type of the 16-bit intermediate (auto: bf16 for bf16 models, else f16)")
+                   help="precision the converter hands to the quantizer (auto: bf16 for bf16 "
+                   "models, else f16)")
+    c.add_argument("--two-step", action="store_true", help="write the 16-bit GGUF, then run "
+                   "llama-quantize on it (needs its size again on disk; same bytes as the default "
+                   "single pass)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--no-verify", action="store_true", help="skip the read-back and llama.cpp check")
-    c.add_argument("--threads", type=int, default=0, help="llama-quantize threads (default: all)")
+    c.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
     c.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile (TEMPLATE, "
                    "SYSTEM and stop tokens from the chat template) beside the GGUF")
     c.add_argument("--modelfile", type=Path, help="where --ollama writes it (default: Modelfile "
@@ -201,7 +205,7 @@ def cmd_convert(a) -> None:
     if a.plan is None and a.avg_bits is None:
         raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
     plan_cfg = _plan_config(a) if a.plan is None else None
-    wcfg = WriteConfig(a.output, None, a.outtype, a.force, a.threads)
+    wcfg = WriteConfig(a.output, None, a.outtype, a.force, a.threads, a.two_step)
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
         from lwq_gguf.ollama import modelfile_text

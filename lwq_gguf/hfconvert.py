@@ -6,7 +6,9 @@ lwq-gguf:
 * ``inventory MODEL OUT.json`` - the exact GGUF tensor list (name, ggml shape, type) the converter
   would write, computed lazily without writing anything;
 * ``write MODEL OUT.gguf --outtype T --kv KV.json`` - the 16-bit GGUF, with extra metadata
-  key/values (lwq.*) added so that llama-quantize carries them into the final file.
+  key/values (lwq.*) added so that llama-quantize carries them into the final file;
+* ``write ... --types TYPES.json --ftype N [--imatrix F]`` - single pass: the planned GGUF itself,
+  each tensor quantized by the pinned ggml as the writer reaches it (:mod:`lwq_gguf.onepass`).
 
 The parent calls :func:`converter_inventory` and :func:`converter_write`.
 """
@@ -18,7 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+from lwq_gguf.errors import LwqError, ToolError
 from lwq_gguf.llamacpp import LlamaCpp, run_tool
+
+
+ERROR_MARK = "lwq-error: "  # a user error found in the child, passed on as one line
 
 
 def _model_instance(src: Path, model_dir: Path, outtype: str, out: Path):
@@ -44,6 +50,11 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--outtype", default="auto")
     ap.add_argument("--kv", type=Path)
+    ap.add_argument("--types", type=Path)
+    ap.add_argument("--ftype", type=int, default=0)
+    ap.add_argument("--imatrix", type=Path)
+    ap.add_argument("--imatrix-name")
+    ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
 
     import torch
@@ -66,7 +77,25 @@ def _main(argv: list[str]) -> int:
                 w.add_float32(key, value)
             else:
                 w.add_uint32(key, int(value))
-        inst.write()
+        if a.types is None:
+            inst.write()
+            return 0
+        from lwq_gguf.onepass import requantize_writer
+
+        inst.prepare_tensors()
+        inst.prepare_metadata(vocab_only=False)
+        try:
+            pool = requantize_writer(w, json.loads(a.types.read_text()), a.ftype, a.imatrix,
+                                     a.imatrix_name, a.threads,
+                                     lambda name: print(f"lwq-written {name}", flush=True))
+            with pool:
+                w.write_header_to_file(path=a.out)
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file(progress=False)
+                w.close()
+        except LwqError as e:
+            print(f"{ERROR_MARK}{e}", flush=True)
+            return 3
     return 0
 
 
@@ -82,10 +111,25 @@ def converter_inventory(lc: LlamaCpp, model: Path, out_json: Path) -> list[dict]
 
 
 def converter_write(lc: LlamaCpp, model: Path, out: Path, outtype: str, kv_json: Path,
-                    on_line=None) -> None:
-    """Write the 16-bit GGUF of ``model`` with the extra metadata in ``kv_json``."""
-    run_tool(_cmd(lc, "write", model, out, "--outtype", outtype, "--kv", str(kv_json)),
-             what=f"convert_hf_to_gguf on {model}", on_line=on_line)
+                    on_line=None, *extra: str) -> None:
+    """Write the GGUF of ``model`` with the extra metadata in ``kv_json``: 16-bit, or with
+    ``extra`` = ``--types ...`` the planned file in one pass. A user error the child finds (a
+    NaN weight) is raised here as that one line."""
+    lines: list[str] = []
+
+    def seen(line: str) -> None:
+        if line.startswith(ERROR_MARK):
+            lines.append(line[len(ERROR_MARK):])
+        if on_line:
+            on_line(line)
+
+    try:
+        run_tool(_cmd(lc, "write", model, out, "--outtype", outtype, "--kv", str(kv_json), *extra),
+                 what=f"convert_hf_to_gguf on {model}", on_line=seen)
+    except ToolError:
+        if lines:
+            raise LwqError(lines[-1]) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | N
             ladder = plan_cfg.ladder if plan_cfg else DEFAULT_LADDER
             scores = get_scores(model, scores_file, score_cfg, progress, tensors, ladder,
                                 key if need else None, given)
-        else:
+        elif write_cfg.two_step:  # the single-pass writer checks every weight as it goes
             zd_scores(model, progress)  # the NaN/Inf check reads every weight
         if plan_file is None:
             plan = plan_tensors(tensors, model, plan_cfg, scores, key)

@@ -1,14 +1,18 @@
 """Stage 4 - write: plan -> GGUF, with llama.cpp's own converter and quantizer from the pin.
 
-1. ``convert_hf_to_gguf`` writes the 16-bit GGUF (``--outtype``, default auto: bf16 for a bf16
-   checkpoint, else f16) with the lwq.* metadata added (plan, scores, version);
-2. ``llama-quantize --tensor-type-file`` gives every quantizable tensor its planned type (one exact
-   pattern per tensor, so llama.cpp's own mix logic never decides); ``--imatrix`` is passed on.
+Single pass (the default): the pinned ``convert_hf_to_gguf`` prepares its tensors and metadata
+(``--outtype``, default auto: bf16 for a bf16 checkpoint, else f16, is the precision it hands on)
+and each tensor is quantized to its planned type by the pinned ggml as it is written
+(:mod:`lwq_gguf.onepass`), byte-identical to the two-step file. Extra disk: none beyond the output.
 
-Both intermediate and result live beside the target (``.NAME.lwq-work/`` and ``.NAME.partial``);
-the result is renamed onto the target only after the built-in check passes, so an interrupted or
-failed run leaves nothing at the target path. Extra disk needed while converting: the 16-bit GGUF
-(2 bytes per weight) plus the output.
+Two steps (``--two-step``): the converter writes the 16-bit GGUF with the lwq.* metadata, then
+``llama-quantize --tensor-type-file`` gives every quantizable tensor its planned type (one exact
+pattern per tensor, so llama.cpp's own mix logic never decides). Extra disk: the 16-bit GGUF
+(2 bytes per weight) beside the output.
+
+Work files and the result live beside the target (``.NAME.lwq-work/`` and ``.NAME.partial``); the
+result is renamed onto the target only after the built-in check passes, so an interrupted or
+failed run leaves nothing at the target path.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class WriteConfig:
     outtype: str = "auto"
     force: bool = False
     threads: int = 0  # 0: all cores
+    two_step: bool = False  # converter -> 16-bit GGUF -> llama-quantize (instead of one pass)
 
 
 def work_paths(output: Path) -> tuple[Path, Path]:
@@ -80,7 +85,7 @@ def check_free_space(folder: Path, need: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < need:
         raise OutputError(f"{folder}: not enough free disk space: need {need / 2**20:.0f} MiB "
-                          f"(16-bit intermediate + output), have {free / 2**20:.0f} MiB: free "
+                          f"(output, and the 16-bit intermediate with --two-step), have {free / 2**20:.0f} MiB: free "
                           "space or write elsewhere")
 
 
@@ -125,29 +130,14 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None,
     work, partial = work_paths(cfg.output)
     check_imatrix(cfg.imatrix, plan)
     base_bytes = sum(t.numel for t in plan.tensors) * (4 if cfg.outtype == "f32" else 2)
-    check_free_space(cfg.output.parent, base_bytes + plan.nbytes + (64 << 20))
+    check_free_space(cfg.output.parent, base_bytes * cfg.two_step + plan.nbytes + (64 << 20))
     work.mkdir(exist_ok=True)
-    base = work / "base.gguf"
     (work / "kv.json").write_text(json.dumps(lwq_metadata(plan, scores)))
-    (work / "types.txt").write_text(plan.tensor_type_file())
-    n = len(plan.tensors)
     try:
-        with tqdm(total=n, desc=f"convert ({cfg.outtype})", unit="tensor", disable=not progress,
-                  leave=False) as bar:
-            converter_write(lc, model_dir, base, cfg.outtype, work / "kv.json",
-                            on_line=lambda ln: bar.update(1) if " --> " in ln else None)
-        cmd = [str(lc.tool("llama-quantize"))]
-        if cfg.imatrix:  # llama-quantize records the path: one made here is named relatively,
-            # so the file does not depend on the output's name
-            im = cfg.imatrix.name if cfg.imatrix.parent == work else str(cfg.imatrix.resolve())
-            cmd += ["--imatrix", im]
-        ftype = file_type_for(_dominant_type(plan))
-        cmd += ["--tensor-type-file", "types.txt", str(base.resolve()), str(partial.resolve()),
-                str(int(ftype)), str(cfg.threads or os.cpu_count() or 1)]
-        step = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
-        with tqdm(total=n, desc="quantize", unit="tensor", disable=not progress, leave=False) as bar:
-            run_tool(cmd, what="llama-quantize", cwd=work,
-                     on_line=lambda ln: bar.update(1) if step.match(ln) else None)
+        if cfg.two_step:
+            _two_step(lc, model_dir, plan, cfg, work, partial, progress)
+        else:
+            _one_pass(lc, model_dir, plan, cfg, work, partial, progress)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise disk_full(cfg.output, e) from None
@@ -155,6 +145,47 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return partial
+
+
+def _imatrix_arg(cfg: WriteConfig, work: Path) -> str:
+    """llama-quantize records the path it is given: one made here is named relatively, so the
+    file does not depend on the output's name."""
+    return cfg.imatrix.name if cfg.imatrix.parent == work else str(cfg.imatrix.resolve())
+
+
+def _one_pass(lc: LlamaCpp, model_dir: Path, plan: Plan, cfg: WriteConfig, work: Path,
+              partial: Path, progress: bool) -> None:
+    (work / "types.json").write_text(json.dumps(dict(zip((t.name for t in plan.tensors),
+                                                         plan.types))))
+    extra = ["--types", str(work / "types.json"), "--threads", str(cfg.threads),
+             "--ftype", str(int(file_type_for(_dominant_type(plan))))]
+    if cfg.imatrix:
+        extra += ["--imatrix", str(cfg.imatrix), "--imatrix-name", _imatrix_arg(cfg, work)]
+    with tqdm(total=len(plan.tensors), desc="quantize + write", unit="tensor",
+              disable=not progress, leave=False) as bar:
+        converter_write(lc, model_dir, partial, cfg.outtype, work / "kv.json",
+                        lambda ln: bar.update(1) if ln.startswith("lwq-written ") else None, *extra)
+
+
+def _two_step(lc: LlamaCpp, model_dir: Path, plan: Plan, cfg: WriteConfig, work: Path,
+              partial: Path, progress: bool) -> None:
+    base = work / "base.gguf"
+    (work / "types.txt").write_text(plan.tensor_type_file())
+    n = len(plan.tensors)
+    with tqdm(total=n, desc=f"convert ({cfg.outtype})", unit="tensor", disable=not progress,
+              leave=False) as bar:
+        converter_write(lc, model_dir, base, cfg.outtype, work / "kv.json",
+                        on_line=lambda ln: bar.update(1) if " --> " in ln else None)
+    cmd = [str(lc.tool("llama-quantize"))]
+    if cfg.imatrix:
+        cmd += ["--imatrix", _imatrix_arg(cfg, work)]
+    ftype = file_type_for(_dominant_type(plan))
+    cmd += ["--tensor-type-file", "types.txt", str(base.resolve()), str(partial.resolve()),
+            str(int(ftype)), str(cfg.threads or os.cpu_count() or 1)]
+    step = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+    with tqdm(total=n, desc="quantize", unit="tensor", disable=not progress, leave=False) as bar:
+        run_tool(cmd, what="llama-quantize", cwd=work,
+                 on_line=lambda ln: bar.update(1) if step.match(ln) else None)
 
 
 def publish(partial: Path, output: Path) -> None:

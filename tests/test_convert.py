@@ -128,12 +128,15 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
 
 
 def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, tmp_path):
+    """Killed while the two-step path writes the 16-bit GGUF and while llama-quantize runs (the
+    single pass: tests/test_onepass.py)."""
     out = tmp_path / "k.gguf"
     work = tmp_path / ".k.gguf.lwq-work"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for marker in (work / "base.gguf", tmp_path / ".k.gguf.partial"):
         proc = subprocess.Popen([sys.executable, "-m", "lwq_gguf", "-q", "convert", str(llama2),
-                                 "--avg-bits", "4", "-o", str(out), "--calib-tokens", "512"], env=env,
+                                 "--avg-bits", "4", "-o", str(out), "--calib-tokens", "512",
+                                 "--two-step"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 120
