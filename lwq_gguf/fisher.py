@@ -31,6 +31,9 @@ from lwq_gguf.load import HFModel
 from lwq_gguf.score import ScoreConfig, calibration_ids, resolve_device
 
 
+HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
+
+
 def gguf_names(lm, n_layers: int) -> dict[str, str]:
     """HF parameter name -> GGUF tensor name, for the 2-D weights the converter writes."""
     import gguf
@@ -117,7 +120,11 @@ class _Head:
 
 
 def _head_backward(s, hs, windows, half, names, head_name) -> _Head:
-    """Final norm + output: sample labels, start the backward; the output weight's Fisher."""
+    """Final norm + output: sample labels, start the backward; the output weight's Fisher.
+
+    The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) and
+    squared in blocks of vocabulary rows, so no vocabulary x hidden gradient is ever whole in
+    memory (an 8B model's output is 2 GB in float32)."""
     torch = s.torch
     norm = s.load(s.lm.model.norm, "model.norm")
     head = s.load(s.lm.lm_head, "lm_head", half)
@@ -125,20 +132,26 @@ def _head_backward(s, hs, windows, half, names, head_name) -> _Head:
     fisher = torch.zeros_like(w)
     gen = torch.Generator(device=s.device).manual_seed(0)
     grads, rows = [], []
+    block = max(1, HEAD_BLOCK // w.shape[1])
     for h, win in zip(hs, windows):
         h = h.detach().requires_grad_(True)
-        logits = head(norm(h))[0]
+        hn = norm(h)[0]
         with torch.no_grad():
-            y = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
-        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
-        fisher.addcmul_(w.grad, w.grad)
-        if s.tied:
-            tok = torch.tensor(sorted(set(win)), device=s.device)
-            rows.append((tok, w.grad[tok].clone()))
-        w.grad = None
+            x = hn.detach()
+            d = torch.softmax(head(x).float(), -1)  # (through the module: its imatrix hook)
+            y = torch.multinomial(d, 1, generator=gen)[:, 0]
+            d[torch.arange(len(y), device=d.device), y] -= 1  # d sum(-log p(y)) / d logits
+            for i in range(0, w.shape[0], block):
+                g = d[:, i:i + block].T @ x
+                fisher[i:i + block].addcmul_(g, g)
+            if s.tied:
+                tok = torch.tensor(sorted(set(win)), device=s.device)
+                rows.append((tok, d[:, tok].T @ x))
+            dx = d @ w
+        hn.backward(dx)
         norm.weight.grad = None
         grads.append(h.grad.cpu())
-    weight = w.detach().clone()
+    weight = w.detach()  # the storage outlives the module's return to meta; no copy
     s.unload(norm)
     s.unload(head)
     return _Head(grads, fisher, weight, rows)
@@ -149,7 +162,7 @@ def _backward(s, inputs, head: _Head, windows, half, names, n_tok, bar
     torch = s.torch
 
     def out(gname, w, f):
-        return gname, w.detach().cpu().numpy(), (f / n_tok).cpu().numpy()
+        return gname, w.detach().cpu().numpy(), f.div_(n_tok).cpu().numpy()
 
     if not s.tied:
         yield out(names["lm_head.weight"], head.weight, head.fisher)

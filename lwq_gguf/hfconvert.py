@@ -85,10 +85,10 @@ def _main(argv: list[str]) -> int:
         inst.prepare_tensors()
         inst.prepare_metadata(vocab_only=False)
         try:
-            pool = requantize_writer(w, json.loads(a.types.read_text()), a.ftype, a.imatrix,
+            pool, ahead = requantize_writer(w, json.loads(a.types.read_text()), a.ftype, a.imatrix,
                                      a.imatrix_name, a.threads,
                                      lambda name: print(f"lwq-written {name}", flush=True))
-            with pool:
+            with pool, ahead:
                 w.write_header_to_file(path=a.out)
                 w.write_kv_data_to_file()
                 w.write_tensors_to_file(progress=False)

@@ -192,18 +192,24 @@ def open_model(path: str | Path) -> HFModel:
     return HFModel(path, arch, n_layers, tuple(tensors.values()), config_json)
 
 
-def read_tensor(ref: TensorRef) -> np.ndarray:
-    """Read one tensor as float32 (HF shape), straight from its byte range."""
+def read_tensor(ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one tensor (or its rows ``[start, stop)``) as float32 (HF shape), straight from its
+    byte range."""
+    begin, end, shape = ref.begin, ref.end, tuple(ref.shape)
+    if rows is not None:
+        row_bytes = (end - begin) // shape[0]
+        begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        shape = (rows[1] - rows[0], *shape[1:])
     with open(ref.file, "rb") as f:
-        f.seek(ref.begin)
-        raw = f.read(ref.end - ref.begin)
-    if len(raw) != ref.end - ref.begin:
+        f.seek(begin)
+        raw = f.read(end - begin)
+    if len(raw) != end - begin:
         raise ModelInputError(f"{ref.file}: truncated while reading {ref.name!r}: re-download it")
     if ref.dtype == "BF16":
         arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
         arr = np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16}[ref.dtype])
-    return arr.astype(np.float32, copy=False).reshape(ref.shape)
+    return arr.astype(np.float32, copy=False).reshape(shape)
 
 
 def iter_weights(model: HFModel) -> Iterator[tuple[TensorRef, np.ndarray]]:

@@ -75,6 +75,8 @@ class Planned:
         self.name, self.src, self.src_type, self.dst_type = name, src, src_type, dst_type
         self.shape, self.nbytes, self.imatrix = shape, nbytes, imatrix
         self.ggml, self.pool, self.on_done = ggml, pool, on_done
+        self.next: Planned | None = None  # the tensor written after this one
+        self.ahead = None  # its materialization, started while this one is quantized
 
     def _eager(self) -> np.ndarray:
         from gguf.lazy import LazyNumpyTensor
@@ -93,7 +95,11 @@ class Planned:
                                   "damaged; re-download or re-export it")
 
     def tofile(self, fout) -> None:
-        data = self._eager()
+        data = self.ahead.result() if self.ahead is not None else self._eager()
+        self.ahead = None
+        if self.next is not None:  # the converter's work on the next tensor (reading, widening,
+            # 16-bit rounding) overlaps the quantization of this one
+            self.next.ahead = self.prefetch.submit(self.next._eager)
         if self.src_type.name == "BF16" and data.dtype == np.uint8:  # gguf-py hands BF16 as bytes
             data = np.ascontiguousarray(data).view(np.uint16)
         if self.dst_type is None:  # kept as the converter wrote it (norms, planned 16-bit)
@@ -126,9 +132,11 @@ class Planned:
 
 
 def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path | None,
-                      imatrix_name: str | None, threads: int, on_done) -> ThreadPoolExecutor:
+                      imatrix_name: str | None, threads: int, on_done
+                      ) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
     """Make ``writer`` (the converter's GGUFWriter, tensors and metadata prepared) write the
-    planned file. Returns the thread pool; the caller shuts it down after writing."""
+    planned file. Returns the quantizer and read-ahead thread pools; the caller shuts them down
+    after writing."""
     import gguf
 
     from lwq_gguf.ggml import Ggml
@@ -137,6 +145,7 @@ def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path |
 
     ggml = Ggml(find_llama_cpp())
     pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1)
+    prefetch = ThreadPoolExecutor(max_workers=1)
     weights, ikv = imatrix_weights(imatrix) if imatrix else ({}, {})
     if len(writer.tensors) != 1:
         raise ModelInputError("single-pass writer: split output is not supported: use --two-step")
@@ -164,7 +173,11 @@ def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path |
         ti_new = gguf.gguf_writer.TensorInfo(shape=shape, dtype=want.ggml if dst else ti.dtype,
                                              nbytes=nbytes)
         ti_new.tensor = Planned(name, ti.tensor, ti.dtype, dst, shape, nbytes, im, ggml, pool, on_done)
+        ti_new.tensor.prefetch = prefetch
         new[name] = ti_new
+    order = [ti.tensor for ti in new.values()]
+    for a, b in zip(order, order[1:]):
+        a.next = b
     writer.tensors[0] = new
 
     kv = writer.kv_data[0]  # llama-quantize: gguf_set_val_* removes the key and appends it
@@ -179,7 +192,7 @@ def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path |
         writer.add_uint32("quantize.imatrix.entries_count", ikv["entries"])
         if ikv["chunks"] > 0:
             writer.add_uint32("quantize.imatrix.chunks_count", ikv["chunks"])
-    return pool
+    return pool, prefetch
 
 
 def loader_order(name: str) -> tuple[int, str]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from lwq_gguf.errors import ModelInputError
 from lwq_gguf.load import HFModel, read_tensor
 
+ROW_BLOCK = 1 << 24  # weights read and converted at a time while loading (64 MiB as float32)
+
 
 class LayerStream:
     """The model's pieces, materialised on ``device`` one at a time."""
@@ -56,11 +58,15 @@ class LayerStream:
         module.to_empty(device=self.device)
         with torch.no_grad():
             for name, p in module.named_parameters():
-                a = read_tensor(self._ref(f"{prefix}.{name}"))
-                w = torch.from_numpy(a if a.flags.writeable else a.copy())
-                if half is not None and w.dim() == 2:
-                    w = w.to(half).float()
-                p.copy_(w)
+                ref = self._ref(f"{prefix}.{name}")
+                n = ref.shape[0]
+                step = max(1, ROW_BLOCK // max(1, p.numel() // n))
+                for i in range(0, n, step):  # in row blocks: no whole-tensor float32 copies
+                    a = read_tensor(ref, (i, min(n, i + step)))
+                    w = torch.from_numpy(a if a.flags.writeable else a.copy())
+                    if half is not None and w.dim() == 2:
+                        w = w.to(half).float()
+                    p[i:i + step].copy_(w)
         return module
 
     def unload(self, module) -> None:
