@@ -113,10 +113,13 @@ def zd_scores(model: HFModel, progress: bool = True) -> tuple[float, ...]:
     for ref, w in bar:
         if ref.layer is None:
             continue
-        mean = w.mean(dtype=np.float64)
-        std = w.std(dtype=np.float64)
+        rows = w.reshape(w.shape[0], -1)
+        step = max(1, (1 << 22) // rows.shape[1])  # blocks: no weight-sized float64 temporary
+        blocks = [rows[i:i + step] for i in range(0, len(rows), step)]
+        mean = np.float64(sum(b.sum(dtype=np.float64) for b in blocks) / w.size)
+        std = np.sqrt(sum(np.square(b.astype(np.float64) - mean).sum() for b in blocks) / w.size)
         if std > 0:
-            hits[ref.layer] += np.count_nonzero(w > mean + std)
+            hits[ref.layer] += sum(int(np.count_nonzero(b > mean + std)) for b in blocks)
         total[ref.layer] += w.size
     return tuple(sig6(h / t) if t else 0.0 for h, t in zip(hits, total))
 

@@ -36,16 +36,32 @@ from lwq_gguf.quants import legal_type
 from lwq_gguf.fisher import streamed_fisher
 from lwq_gguf.score import ScoreConfig, sig6
 
-MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embedding has 49152)
+MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embedding has 49152):
+# rows quantize independently, so a fixed sample scaled up estimates the whole
+BLOCK = 1 << 20  # weights per quantize/compare step
 
 
 def tensor_damage(ggml: Ggml, w: np.ndarray, fisher: np.ndarray, types: list[str],
                   imatrix: np.ndarray | None) -> dict[str, float]:
-    """1/2 sum F (w - Q(w))^2 for each type."""
-    f = fisher.reshape(-1).astype(np.float64)
-    return {ty: (0.5 * float(np.dot(f, (w - ggml.roundtrip(w, ty, imatrix)).reshape(-1)
-                                        .astype(np.float64) ** 2)))
-            for ty in types}
+    """1/2 sum F (w - Q(w))^2 for each type (in row blocks: float64 sums, small temporaries)."""
+    step = max(1, BLOCK // w.shape[1])
+    out = {}
+    for ty in types:
+        total = 0.0
+        for i in range(0, w.shape[0], step):
+            blk = w[i:i + step]
+            e = (blk - ggml.roundtrip(blk, ty, imatrix)).reshape(-1).astype(np.float64)
+            total += float(np.dot(fisher[i:i + step].reshape(-1).astype(np.float64), e * e))
+        out[ty] = 0.5 * total
+    return out
+
+
+def sample_rows(w: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """A fixed sample of MAX_ROWS rows (copies), and the factor that scales its damage up."""
+    if w.shape[0] <= MAX_ROWS:
+        return w.copy(), f.copy(), 1.0
+    rows = np.sort(np.random.default_rng(0).choice(w.shape[0], MAX_ROWS, replace=False))
+    return w[rows], f[rows], w.shape[0] / MAX_ROWS
 
 
 def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder: tuple[str, ...],
@@ -65,12 +81,8 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder:
     ggml = Ggml(lc)
     todo = {t.name: t for t in tensors if t.quantizable}
 
-    def one(t: GGUFTensor, w: np.ndarray, f: np.ndarray):
+    def one(t: GGUFTensor, w: np.ndarray, f: np.ndarray, scale: float):
         types = sorted({legal_type(q, t.shape[0]) for q in ladder})
-        scale = 1.0
-        if w.shape[0] > MAX_ROWS:  # a fixed sample of rows, scaled up: rows quantize independently
-            rows = np.sort(np.random.default_rng(0).choice(w.shape[0], MAX_ROWS, replace=False))
-            w, f, scale = w[rows], f[rows], w.shape[0] / MAX_ROWS
         return t.name, {key: {ty: sig6(d * scale) for ty, d in tensor_damage(
             ggml, w, f, types, m.weights(t.name) if m is not None else None).items()}
             for key, m in modes.items()}
@@ -89,9 +101,10 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = set()
         for name, w, f in run.tensors:  # as the backward pass finishes each layer
-            if name in todo:
-                pending.add(pool.submit(one, todo[name], w, f))
-            while len(pending) > 2 * workers:  # bounded: a few tensors in memory at a time
+            if name in todo:  # sampled (copied) here, so the layer's memory goes with it
+                pending.add(pool.submit(one, todo[name], *sample_rows(w, f)))
+            del w, f
+            while len(pending) > workers:  # bounded: a few tensors in memory at a time
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for d in done:
                     collect(d)
