@@ -206,7 +206,10 @@ def read_tensor(ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarr
     if len(raw) != end - begin:
         raise ModelInputError(f"{ref.file}: truncated while reading {ref.name!r}: re-download it")
     if ref.dtype == "BF16":
-        arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        arr = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32)
+        del raw
+        arr <<= 16  # in place: one float32-sized array, not two
+        arr = arr.view(np.float32)
     else:
         arr = np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16}[ref.dtype])
     return arr.astype(np.float32, copy=False).reshape(shape)

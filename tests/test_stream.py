@@ -103,3 +103,19 @@ def test_prefix_tokenization_equals_whole_text(demo_models, tiny, n):
         assert prefix_ids(tok, text[:400_000], n) == whole[:n]
     short = "a short text\nof two lines"
     assert prefix_ids(tok, short, n) == tok(short, add_special_tokens=False)["input_ids"][:n]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+def test_reading_rows_equals_reading_the_whole_tensor(tiny, dtype):
+    """Weights are loaded in row blocks (bounded memory): each block is the whole's rows."""
+    import numpy as np
+
+    from lwq_gguf.load import read_tensor
+
+    model = open_model(tiny("llama", 2, dtype=dtype))
+    ref = next(r for r in model.tensors if r.name.endswith("embed_tokens.weight"))
+    whole = read_tensor(ref)
+    assert whole.dtype == np.float32 and whole.shape == tuple(ref.shape)
+    n = ref.shape[0]
+    for a, b in [(0, 1), (3, 17), (n - 5, n), (0, n)]:
+        assert np.array_equal(read_tensor(ref, (a, b)), whole[a:b])
