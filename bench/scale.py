@@ -163,7 +163,8 @@ def main() -> None:
     lc = find_llama_cpp()
     cli = [sys.executable, "-m", "lwq_gguf", "-q"]
     env = {"LWQ_SCORES_CACHE": str(work / "score-cache")}
-    bf16 = '"torch_dtype": "bfloat16"' in (model / "config.json").read_text()
+    conf = json.loads((model / "config.json").read_text())
+    bf16 = "bfloat16" in (conf.get("torch_dtype"), conf.get("dtype"))  # as --outtype auto decides
     outtype = "bf16" if bf16 else "f16"
     r = dict(old.get("steps", {}))
     if "score" in steps:

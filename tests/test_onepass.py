@@ -17,7 +17,6 @@ from lwq_gguf.onepass import loader_order
     ("llama", 2, {}, ["--tensor-type", "attn_v=f16", "--tensor-type", "ffn_down=q8_0"]),
     ("llama", 2, {}, ["--imatrix", "none", "--outtype", "f32", "--avg-bits", "5"]),
     ("qwen3", 4, dict(dtype="bfloat16", shards=2, tied=True), ["--imatrix", "none"]),
-    ("qwen2", 2, dict(shards=2), ["--avg-bits", "4"]),
 ])
 def test_single_pass_is_byte_identical_to_two_step(tiny, tmp_path, arch, layers, kw, extra):
     """Same bytes as llama-quantize's file: header, metadata order, tensor order, blocks."""
