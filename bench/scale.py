@@ -156,10 +156,12 @@ def main() -> None:
     model = ROOT / "models" / "smollm2-135m-k256" if a.shape == "smollm" else generate(a.shape)
     work = a.work / a.shape
     res = ROOT / "bench" / "results" / f"scale-{a.shape}.json"
+    old = json.loads(res.read_text()) if res.is_file() else {}
+    types_file = work / "types.txt"
+    old_types = types_file.read_text() if types_file.is_file() else None
     if "score" in steps:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    old = json.loads(res.read_text()) if res.is_file() and "score" not in steps else {}
     lc = find_llama_cpp()
     cli = [sys.executable, "-m", "lwq_gguf", "-q"]
     env = {"LWQ_SCORES_CACHE": str(work / "score-cache")}
@@ -176,6 +178,11 @@ def main() -> None:
                            "none", "--scores", str(work / "scores.json"), "-o",
                            str(work / "plan.json"), "--tensor-type-file", str(work / "types.txt"),
                            "--force"], env)
+    if "plan" in steps and old_types not in (None, types_file.read_text()):
+        print("scale: the plan's types changed: earlier conversion timings dropped")
+        for k in ("plain_convert", "plain_quantize", "ours", "ours_two_step"):
+            r.pop(k, None)
+        old.pop("tensor_data_equal_to_plain", None)
     if "plain" in steps:
         r["plain_convert"] = timed([sys.executable, str(lc.src / "convert_hf_to_gguf.py"),
                                     str(model), "--outtype", outtype, "--outfile",

@@ -20,7 +20,10 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                    "validation excerpt)")
     g.add_argument("--calib-tokens", type=int, default=4096, help="tokens of it to use (4096)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="PyTorch device for LIM scoring (auto: cuda when available)")
+                   help="PyTorch device for scoring (auto: cuda when available)")
+    g.add_argument("--device-map", default="none", choices=["none", "auto"],
+                   help="auto: keep as many layers as fit resident on all visible GPUs (placed "
+                   "by accelerate), streaming the rest; none (default): stream every layer")
     g.add_argument("--scores", type=Path, help="reuse a scores JSON from `lwq-gguf score`")
     g.add_argument("--rescore", action="store_true", help="measure the scores again instead of "
                    "reusing the score cache (~/.cache/lwq-gguf/scores, $LWQ_SCORES_CACHE)")
@@ -132,7 +135,9 @@ def _score_config(a):
 
     if a.calib_tokens < 16:
         raise LwqError(f"--calib-tokens {a.calib_tokens}: use at least 16")
-    return ScoreConfig(a.calib, a.calib_tokens, 512, a.device, a.rescore)
+    if a.device_map == "auto" and a.device == "cpu":
+        raise LwqError("--device-map auto places the model on the GPUs: drop --device cpu")
+    return ScoreConfig(a.calib, a.calib_tokens, 512, a.device, a.device_map, rescore=a.rescore)
 
 
 def cmd_score(a) -> None:

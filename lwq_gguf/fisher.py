@@ -16,6 +16,11 @@ through the 16-bit type the base GGUF holds, so the Fisher is taken where the qu
 A tied embedding gets both gradients per window (as input lookup and as output projection)
 before squaring: the output part is kept for the window's own token rows only, so no
 vocabulary-sized per-window tensor is ever stored.
+
+``max_rows``: the sensitivity needs only a fixed sample of each tensor's rows (rows quantize
+independently); the Fisher of the output and the embedding is then formed for those rows only,
+and the embedding's weight rows are read without loading it, so at 8B scale neither of the two
+2 GB (float32) vocabulary tensors is held twice.
 """
 
 from __future__ import annotations
@@ -48,16 +53,32 @@ def gguf_names(lm, n_layers: int) -> dict[str, str]:
     return out
 
 
+def kept_rows(n: int, max_rows: int | None) -> np.ndarray:
+    """The rows of an n-row tensor kept for the sensitivity: all, or a fixed sorted sample."""
+    if max_rows is None or n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))
+
+
+@dataclass(frozen=True)
+class FisherTensor:
+    name: str  # GGUF tensor name
+    weight: np.ndarray  # the kept rows of the weight, rounded through the 16-bit type (float32)
+    fisher: np.ndarray  # their Fisher diagonal per token
+    rows: int  # the tensor's row count (weight holds kept_rows(rows, max_rows) of them)
+
+
 @dataclass
 class FisherRun:
     """What the forward pass left: the imatrix (complete) and the per-tensor stream to come."""
 
     imatrix: Imatrix
     tokens: int
-    tensors: Iterator[tuple[str, np.ndarray, np.ndarray]]  # (GGUF name, 16-bit weight, Fisher)
+    tensors: Iterator[FisherTensor]
 
 
-def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True) -> FisherRun:
+def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
+                    max_rows: int | None = None) -> FisherRun:
     """Run the forward pass now; the returned iterator runs the backward, layer by layer."""
     import torch
 
@@ -65,7 +86,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True) -> 
 
     device = resolve_device(cfg.device)
     ids = calibration_ids(model, cfg)
-    s = LayerStream(model, device, cfg.seq_len)
+    s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
     lm = s.lm
     names = gguf_names(lm, model.n_layers)
     half = torch.bfloat16 if any(t.dtype == "BF16" for t in model.tensors) else torch.float16
@@ -101,100 +122,113 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True) -> 
                 hs = [s.run_layer(layer, h) for h in hs]
                 s.unload(layer)
                 bar.update()
-        head = _head_backward(s, hs, windows, half, names, head_name)
+        head = _head_backward(s, hs, windows, half, max_rows)
         bar.update()
     finally:
         for h in handles:
             h.remove()
     im = Imatrix({k: v.cpu().numpy() for k, v in sums.items()}, dict(counts),
                  cfg.calib_file.name, cfg.seq_len, len(windows))
-    return FisherRun(im, n_tok, _backward(s, inputs, head, windows, half, names, n_tok, bar))
+    return FisherRun(im, n_tok, _backward(s, inputs, head, windows, half, names, n_tok, bar,
+                                          max_rows))
 
 
 @dataclass
 class _Head:
     grads: list  # d loss / d h (last layer's output), per window, on the host
-    fisher: object  # output weight's sum of g^2 (None when tied and kept for the embedding)
-    weight: object
+    fisher: object  # output weight's sum of g^2 on the kept rows (tied: kept for the embedding)
+    weight: object  # the output weight's kept rows
+    keep: object  # the kept rows (a sorted index tensor)
+    n_rows: int  # the output's row count
     rows: list  # tied: per window (token rows, the output gradient on those rows)
 
 
-def _head_backward(s, hs, windows, half, names, head_name) -> _Head:
+def _head_backward(s, hs, windows, half, max_rows) -> _Head:
     """Final norm + output: sample labels, start the backward; the output weight's Fisher.
 
-    The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) and
-    squared in blocks of vocabulary rows, so no vocabulary x hidden gradient is ever whole in
+    The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) on the
+    kept rows only, in blocks of rows, so no vocabulary x hidden gradient is ever whole in
     memory (an 8B model's output is 2 GB in float32)."""
     torch = s.torch
     norm = s.load(s.lm.model.norm, "model.norm")
     head = s.load(s.lm.lm_head, "lm_head", half)
     w = head.weight
-    fisher = torch.zeros_like(w)
-    gen = torch.Generator(device=s.device).manual_seed(0)
+    dev = w.device
+    keep = torch.from_numpy(kept_rows(w.shape[0], max_rows)).to(dev)
+    fisher = torch.zeros(len(keep), w.shape[1], device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
     grads, rows = [], []
     block = max(1, HEAD_BLOCK // w.shape[1])
     for h, win in zip(hs, windows):
-        h = h.detach().requires_grad_(True)
+        h = h.detach().to(dev).requires_grad_(True)
         hn = norm(h)[0]
         with torch.no_grad():
             x = hn.detach()
             d = torch.softmax(head(x).float(), -1)  # (through the module: its imatrix hook)
             y = torch.multinomial(d, 1, generator=gen)[:, 0]
-            d[torch.arange(len(y), device=d.device), y] -= 1  # d sum(-log p(y)) / d logits
-            for i in range(0, w.shape[0], block):
-                g = d[:, i:i + block].T @ x
+            d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
+            for i in range(0, len(keep), block):
+                g = d[:, keep[i:i + block]].T @ x
                 fisher[i:i + block].addcmul_(g, g)
             if s.tied:
-                tok = torch.tensor(sorted(set(win)), device=s.device)
-                rows.append((tok, d[:, tok].T @ x))
+                tok = torch.tensor(sorted(set(win)), device=dev)
+                rows.append((tok.to(s.device), (d[:, tok].T @ x).to(s.device)))
             dx = d @ w
+            del d
         hn.backward(dx)
         norm.weight.grad = None
         grads.append(h.grad.cpu())
-    weight = w.detach()  # the storage outlives the module's return to meta; no copy
+    weight = w.detach()[keep]
     s.unload(norm)
     s.unload(head)
-    return _Head(grads, fisher, weight, rows)
+    return _Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows)
 
 
-def _backward(s, inputs, head: _Head, windows, half, names, n_tok, bar
-              ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def _backward(s, inputs, head: _Head, windows, half, names, n_tok, bar, max_rows
+              ) -> Iterator[FisherTensor]:
     torch = s.torch
 
-    def out(gname, w, f):
-        return gname, w.detach().cpu().numpy(), f.div_(n_tok).cpu().numpy()
+    def out(gname, w, f, keep):
+        return FisherTensor(gname, w.detach()[keep].cpu().numpy(),
+                            f[keep].div_(n_tok).cpu().numpy(), w.shape[0])
 
     if not s.tied:
-        yield out(names["lm_head.weight"], head.weight, head.fisher)
+        yield FisherTensor(names["lm_head.weight"], head.weight.cpu().numpy(),
+                           head.fisher.div_(n_tok).cpu().numpy(), head.n_rows)
         head.fisher = head.weight = None
     grads = head.grads
     for i in reversed(range(len(inputs))):
         layer = s.load(s.layers[i], f"model.layers.{i}", half)
         params = {f"model.layers.{i}.{n}": p for n, p in layer.named_parameters()}
         fisher = {n: torch.zeros_like(p) for n, p in params.items() if n in names}
+        dev = s.device_of(layer)
         for j, g in enumerate(grads):
-            x = inputs[i][j].to(s.device).requires_grad_(True)
-            s.run_layer(layer, x).backward(g.to(s.device))
+            x = inputs[i][j].to(dev).requires_grad_(True)
+            s.run_layer(layer, x).backward(g.to(dev))
             for n, f in fisher.items():
                 f.addcmul_(params[n].grad, params[n].grad)
             layer.zero_grad(set_to_none=True)
             grads[j] = x.grad.cpu()
         inputs[i] = None
         for n, f in fisher.items():
-            yield out(names[n], params[n], f)
+            keep = torch.from_numpy(kept_rows(f.shape[0], max_rows)).to(dev)
+            yield out(names[n], params[n], f, keep)
         del fisher, params
         s.unload(layer)
         bar.update()
-    yield _embedding(s, head, grads, windows, half, names, out)
+    yield _embedding(s, head, grads, windows, half, names, n_tok, max_rows)
     bar.update()
     bar.close()
 
 
-def _embedding(s, head: _Head, grads, windows, half, names, out):
-    """Fisher of the token embedding: sum over windows of its gradient squared (+ output's)."""
+def _embedding(s, head: _Head, grads, windows, half, names, n_tok, max_rows) -> FisherTensor:
+    """Fisher of the token embedding's kept rows: sum over windows of its gradient squared
+    (+ the output's, when tied); its weight rows are read, not the whole embedding loaded."""
     torch = s.torch
-    emb = s.load(s.lm.model.embed_tokens, "model.embed_tokens", half)
-    w = emb.weight
+    hf = "model.embed_tokens.weight"
+    n_rows = s._ref(hf).shape[0]
+    keep = head.keep if s.tied else torch.from_numpy(kept_rows(n_rows, max_rows)).to(s.device)
+    w = s.read_rows(hf, keep.cpu().numpy(), half)
     fisher = head.fisher if s.tied else torch.zeros_like(w)
     for j, (g, win) in enumerate(zip(grads, windows)):
         tok = torch.tensor(win, device=s.device)
@@ -202,10 +236,10 @@ def _embedding(s, head: _Head, grads, windows, half, names, out):
         ge = torch.zeros(len(rows), w.shape[1], device=s.device)
         ge.index_add_(0, torch.searchsorted(rows, tok), g[0].to(s.device))
         if s.tied:  # (g_out + g_in)^2 = g_out^2 (already in) + 2 g_out g_in + g_in^2
-            ge_out = head.rows[j][1]
-            fisher[rows] += 2 * ge_out * ge + ge * ge
+            add = 2 * head.rows[j][1] * ge + ge * ge
         else:
-            fisher[rows] += ge * ge
-    result = out(names["model.embed_tokens.weight"], w, fisher)
-    s.unload(emb)
-    return result
+            add = ge * ge
+        at = torch.searchsorted(keep, rows).clamp(max=len(keep) - 1)
+        hit = keep[at] == rows  # the window's tokens among the kept rows
+        fisher[at[hit]] += add[hit]
+    return FisherTensor(names[hf], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows)

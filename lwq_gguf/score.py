@@ -44,6 +44,7 @@ class ScoreConfig:
     calib_tokens: int = 4096
     seq_len: int = 512
     device: str = "auto"  # auto | cpu | cuda
+    device_map: str = "none"  # auto: pieces resident on all GPUs, as accelerate places them
     # --rescore: measure again instead of reusing the score cache (lwq_gguf/scorecache.py)
     rescore: bool = field(default=False, compare=False, repr=False)
 
@@ -183,7 +184,7 @@ def lim_scores(model: HFModel, cfg: ScoreConfig, ids: list[int], progress: bool 
 
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
-    stream = LayerStream(model, device, cfg.seq_len)
+    stream = LayerStream(model, device, cfg.seq_len, cfg.device_map)
     windows = [ids[s: s + cfg.seq_len] for s in range(0, len(ids), cfg.seq_len)]
     sums = [0.0] * model.n_layers
     count = sum(len(w) for w in windows)
@@ -193,6 +194,7 @@ def lim_scores(model: HFModel, cfg: ScoreConfig, ids: list[int], progress: bool 
                                        disable=not progress, leave=False)):
             stream.load(layer, f"model.layers.{i}")
             for j, h in enumerate(hs):
+                h = h.to(stream.device_of(layer))
                 out = stream.run_layer(layer, h)
                 cos = torch.nn.functional.cosine_similarity(h.float(), out.float(), dim=-1)
                 sums[i] += float(cos.double().sum())

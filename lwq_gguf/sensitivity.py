@@ -56,14 +56,6 @@ def tensor_damage(ggml: Ggml, w: np.ndarray, fisher: np.ndarray, types: list[str
     return out
 
 
-def sample_rows(w: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """A fixed sample of MAX_ROWS rows (copies), and the factor that scales its damage up."""
-    if w.shape[0] <= MAX_ROWS:
-        return w.copy(), f.copy(), 1.0
-    rows = np.sort(np.random.default_rng(0).choice(w.shape[0], MAX_ROWS, replace=False))
-    return w[rows], f[rows], w.shape[0] / MAX_ROWS
-
-
 def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder: tuple[str, ...],
                         lc: LlamaCpp, cfg: ScoreConfig, keys: tuple[str, ...] = ("auto",),
                         given: dict[str, Imatrix] | None = None, progress: bool = True
@@ -75,7 +67,7 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder:
     of a ``given`` imatrix.
     """
     t0 = time.time()
-    run = streamed_fisher(model, cfg, progress)
+    run = streamed_fisher(model, cfg, progress, MAX_ROWS)
     known = {"none": None, "auto": run.imatrix, **(given or {})}
     modes = {k: known[k] for k in keys}
     ggml = Ggml(lc)
@@ -100,10 +92,11 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder:
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = set()
-        for name, w, f in run.tensors:  # as the backward pass finishes each layer
-            if name in todo:  # sampled (copied) here, so the layer's memory goes with it
-                pending.add(pool.submit(one, todo[name], *sample_rows(w, f)))
-            del w, f
+        for t in run.tensors:  # as the backward pass finishes each layer (rows sampled)
+            if t.name in todo:
+                pending.add(pool.submit(one, todo[t.name], t.weight, t.fisher,
+                                        t.rows / t.weight.shape[0]))
+            del t
             while len(pending) > workers:  # bounded: a few tensors in memory at a time
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for d in done:

@@ -79,7 +79,7 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
     model = open_model(path)
     cfg = ScoreConfig(calib_tokens=700, device="cpu")
     run = streamed_fisher(model, cfg, progress=False)
-    got = {name: f for name, _w, f in run.tensors}
+    got = {t.name: t.fisher for t in run.tensors}
     ref = whole_model_fisher(path, model, cfg)
     assert got.keys() == ref.keys() and ("output.weight" in got) != tied
     for name, f in ref.items():
@@ -88,6 +88,31 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
     assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_q.weight",
                                                            "token_embd.weight" if tied else
                                                            "output.weight"}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, tied):
+    """With max_rows, only a sample of rows is formed (the output and embedding without their
+    full Fisher); the sample's weights and Fisher are the whole run's rows."""
+    import numpy as np
+
+    from lwq_gguf.fisher import kept_rows, streamed_fisher
+
+    model = open_model(tiny("llama", 2, tied=tied))
+    cfg = ScoreConfig(calib_tokens=300, device="cpu")
+    whole = {t.name: t for t in streamed_fisher(model, cfg, progress=False).tensors}
+    part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, max_rows=40).tensors}
+    assert part.keys() == whole.keys() and "token_embd.weight" in part
+    sampled = 0
+    for name, t in part.items():
+        w = whole[name]
+        keep = kept_rows(w.rows, 40)
+        sampled += len(keep) < w.rows
+        assert t.rows == w.rows and t.weight.shape[0] == len(keep), name
+        np.testing.assert_array_equal(t.weight, w.weight[keep], err_msg=name)
+        np.testing.assert_allclose(t.fisher, w.fisher[keep], rtol=1e-4, atol=1e-12 +
+                                   1e-5 * np.abs(w.fisher).max(), err_msg=name)
+    assert sampled >= 3
 
 
 @pytest.mark.parametrize("n", [16, 700, 20000])
@@ -119,3 +144,55 @@ def test_reading_rows_equals_reading_the_whole_tensor(tiny, dtype):
     n = ref.shape[0]
     for a, b in [(0, 1), (3, 17), (n - 5, n), (0, n)]:
         assert np.array_equal(read_tensor(ref, (a, b)), whole[a:b])
+
+
+def test_gpu_placement_fills_the_gpus_in_layer_order(monkeypatch):
+    """--device-map auto: accelerate's placement of the pieces over two (pretended) GPUs; what
+    does not fit is left to be streamed."""
+    from lwq_gguf.stream import auto_gpu_placement, gpu_placement
+    from models.tiny import tiny_config
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(tiny_config("llama", 4, False), dtype=torch.float32)
+    emb = lm.model.embed_tokens.weight.numel() * 4
+    layer = sum(p.numel() for p in lm.model.layers[0].parameters()) * 4
+    assert auto_gpu_placement(lm, 512, "cpu") == {}  # no GPU: everything streams
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # accelerate asks torch
+    got = gpu_placement(lm, {0: 2 * emb + 2 * layer, 1: 2 * layer})
+    assert got == {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0",
+                   "model.layers.1": "cuda:0", "model.layers.2": "cuda:1",
+                   "model.layers.3": "cuda:1"}  # norm + head: streamed
+    everything = gpu_placement(lm, {0: 10 * emb, 1: 10 * emb})
+    assert set(everything.values()) == {"cuda:0"} and len(everything) == 7
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resident_pieces_give_the_same_scores(tiny, monkeypatch, tied):
+    """Pieces kept resident (as --device-map auto keeps them on GPUs; here on the CPU) are
+    loaded once, and LIM and the Fisher come out the same as when every piece streams."""
+    import numpy as np
+
+    import lwq_gguf.stream as stream
+    from lwq_gguf.fisher import streamed_fisher
+
+    model = open_model(tiny("llama", 3, tied=tied))
+    cfg = ScoreConfig(calib_tokens=300, device="cpu")
+    ids = calibration_ids(model, cfg)
+    base_lim = lim_scores(model, cfg, ids, progress=False)[0]
+    base = {t.name: t.fisher for t in streamed_fisher(model, cfg, progress=False).tensors}
+    resident = {"model.embed_tokens": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+                "lm_head": "cpu"}
+    monkeypatch.setattr(stream, "auto_gpu_placement", lambda *_: dict(resident))
+    loads = []
+    real_to_empty = torch.nn.Module.to_empty
+    monkeypatch.setattr(torch.nn.Module, "to_empty",
+                        lambda self, **kw: loads.append(id(self)) or real_to_empty(self, **kw))
+    mapped = ScoreConfig(calib_tokens=300, device="cpu", device_map="auto")
+    assert lim_scores(model, mapped, ids, progress=False)[0] == base_lim
+    got = {t.name: t.fisher for t in streamed_fisher(model, mapped, progress=False).tensors}
+    assert got.keys() == base.keys()
+    for name, f in base.items():
+        np.testing.assert_array_equal(got[name], f, err_msg=name)
+    # LIM: embedding + layers 0-2; Fisher: embedding, layers 0-2, norm, head, then the backward
+    # reloads only the streamed layers 2 and 0 (all streamed: 13 loads)
+    assert len(loads) == 4 + 6 + 2
