@@ -124,21 +124,24 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": round(wall, 1), "peak_rss_gb": round(rss / 2**20, 2)}
 
 
-def layer_forward_seconds(model_dir: Path, tokens: int) -> float:
+def layer_forward_seconds(model_dir: Path, tokens: int, device: str = "cpu") -> float:
     """A plain PyTorch forward of one decoder layer over ``tokens`` (windows of 512), fp32."""
     import torch
 
     from lwq_gguf.load import open_model
     from lwq_gguf.stream import LayerStream
 
-    s = LayerStream(open_model(model_dir), "cpu", 512)
+    s = LayerStream(open_model(model_dir), device, 512)
     layer = s.load(s.layers[0], "model.layers.0")
-    h = torch.randn(1, 512, s.lm.config.hidden_size) * 0.02
+    h = torch.randn(1, 512, s.lm.config.hidden_size, device=device) * 0.02
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         s.run_layer(layer, h)  # warm-up
+        sync()
         t0 = time.time()
         for _ in range(max(1, tokens // 512)):
             s.run_layer(layer, h)
+        sync()
     return time.time() - t0
 
 
@@ -217,6 +220,8 @@ def main() -> None:
            "peak_rss_gb": max(s["peak_rss_gb"] for k, s in r.items() if not k.startswith("plain")),
            "sensitivity_seconds": sens["seconds"],
            "scoring_tokens_per_s": round(a.calib_tokens / r["score"]["seconds"], 1),
+           "scoring_without_sensitivity_tokens_per_s":
+               round(a.calib_tokens / (r["score"]["seconds"] - sens["seconds"]), 1),
            "plain_forward_seconds": round(fwd, 1),
            "plain_forward_tokens_per_s": round(a.calib_tokens / fwd, 1)}
     rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}") for k, s in r.items()]

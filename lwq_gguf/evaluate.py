@@ -15,6 +15,13 @@ per-token values are accumulated in float64. Logits are requested for the scored
 ``evaluate_many`` runs several files of one model against one base: the base runs once per chunk
 and the files run beside it, as many at a time as fit in half the free memory (``compare``).
 
+A llama.cpp built with CUDA and PyTorch's CUDA libraries cannot share a process: on an H100 with
+torch 2.11+cu130 and the pinned llama.cpp built against CUDA 13.0, loading a model after
+``import torch`` segfaults (with and without offloading) and importing torch after llama.cpp
+aborts (bench/results/gpu.json). So with a CUDA build every llama.cpp call of this module runs in
+a child process (``python -m lwq_gguf.isolate``) that never imports torch; numpy does its
+log-softmax. ``LWQ_EVAL_ISOLATE=1`` does the same with a CPU build (tests).
+
 Settings are llama-perplexity's defaults (flash attention on, weight repacking on) with one chunk
 per batch: the numbers equal ``llama-perplexity -c 512 -b 512`` (tests/test_eval.py). Its default
 ``-b 2048`` evaluates 4 chunks per batch, which changes the CPU kernels' rounding: on the 135M demo
@@ -34,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lwq_gguf.errors import LwqError
+from lwq_gguf.isolate import in_child, isolated, run_child
 from lwq_gguf.llamacpp import LlamaCpp
 
 
@@ -136,11 +144,49 @@ def _chunk_logits(llm, chunk: list[int]) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n - 1 - first, llm.n_vocab()))
 
 
-def _log_softmax(rows: np.ndarray):
-    """float32 log-probabilities (a torch tensor: vectorised and threaded; sums are float64)."""
-    import torch
+class _TorchOps:
+    """Per-chunk arithmetic in torch (vectorised and threaded); sums are taken in float64 later."""
 
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).log_softmax(-1)
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def ints(self, x):
+        return self.torch.tensor(x)
+
+    def log_softmax(self, rows: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).log_softmax(-1)
+
+    @staticmethod
+    def exp(a):
+        return a.exp()
+
+    @staticmethod
+    def numpy(a) -> np.ndarray:
+        return a.numpy()
+
+    @staticmethod
+    def f64(a) -> np.ndarray:
+        return a.double().numpy()
+
+
+class _NumpyOps:
+    """The same in numpy, for the torch-free child process."""
+
+    ints = staticmethod(np.asarray)
+    numpy = staticmethod(np.asarray)
+    exp = staticmethod(np.exp)
+
+    @staticmethod
+    def f64(a) -> np.ndarray:
+        return np.asarray(a, dtype=np.float64)
+
+    @staticmethod
+    def log_softmax(rows: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _mean_err(values: np.ndarray) -> tuple[float, float]:
@@ -207,6 +253,8 @@ def _whole_chunks(tokens, text: Path, ctx: int) -> int:
 
 def check_text(gguf: Path, text: Path, lc: LlamaCpp, ctx: int) -> int:
     """The number of whole chunks ``text`` makes with ``gguf``'s vocabulary (at least 2)."""
+    if isolated(lc):
+        return run_child(lc, "check_text", {"gguf": str(gguf), "text": str(text), "ctx": ctx})
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lc.bin))
     import llama_cpp
 
@@ -243,21 +291,30 @@ class _Tally:
 
 
 def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
-                  base: Path | None = None, progress: bool = True) -> list[EvalResult]:
+                  base: Path | None = None, progress: bool = True,
+                  budget: int | None = None) -> list[EvalResult]:
     """Evaluate several files of one model on the same chunks; the base runs once per chunk.
 
-    Quants are opened in groups that fit in half the free memory (each group re-runs the base).
+    Quants are opened in groups that fit in ``budget`` bytes (default: half the free memory;
+    each group re-runs the base).
     """
-    import torch
-
     device = resolve_device(lc, cfg.device)
+    if budget is None:
+        budget = _memory_budget(device)
+    if isolated(lc) and quants:
+        _read_text(text)  # a missing text is refused here, as in process
+        res = run_child(lc, "evaluate_many", {
+            "quants": [str(q) for q in quants], "text": str(text), "cfg": asdict(cfg),
+            "base": str(base) if base else None, "progress": progress, "budget": budget})
+        return [EvalResult(**r) for r in res]
+    ops = _NumpyOps() if in_child() else _TorchOps()
     raw = _read_text(text)
     if not quants:
         return []
     results: list[EvalResult | None] = [None] * len(quants)
     b = _open(lc, base, cfg, device) if base else None
     tokens = n_chunks = None
-    for group in _groups(quants, base, _memory_budget(device)):
+    for group in _groups(quants, base, budget):
         # the base itself, listed as a quant, is read from the base's logits (KLD 0)
         models = [None if b is not None and quants[i].resolve() == base.resolve()
                   else _open(lc, quants[i], cfg, device) for i in group]
@@ -277,21 +334,20 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
             chunk = list(tokens[c * cfg.ctx: (c + 1) * cfg.ctx])
             if add_bos:
                 chunk[0] = bos
-            targets = torch.tensor(chunk[cfg.ctx // 2 + 1:])
-            rows = torch.arange(len(targets))
+            targets = ops.ints(chunk[cfg.ctx // 2 + 1:])
+            rows = ops.ints(range(len(targets)))
             if b is not None:
-                lb = _log_softmax(_chunk_logits(b, chunk))
-                pb = lb.exp()
+                lb = ops.log_softmax(_chunk_logits(b, chunk))
+                pb = ops.exp(lb)
                 neg_entropy = (pb * lb).sum(-1)
                 top_b = lb.argmax(-1)
             for m, tally in zip(models, tallies):
-                lq = _log_softmax(_chunk_logits(m, chunk)) if m is not None else lb
-                tally.nll.append(-lq[rows, targets].double().numpy())
+                lq = ops.log_softmax(_chunk_logits(m, chunk)) if m is not None else lb
+                tally.nll.append(-ops.f64(lq[rows, targets]))
                 if b is not None:
-                    tally.nll_base.append(-lb[rows, targets].double().numpy())
-                    kld = neg_entropy - (pb * lq).sum(-1)
-                    tally.kld.append(kld.double().numpy())
-                    tally.same.append((lq.argmax(-1) == top_b).numpy())
+                    tally.nll_base.append(-ops.f64(lb[rows, targets]))
+                    tally.kld.append(ops.f64(neg_entropy - (pb * lq).sum(-1)))
+                    tally.same.append(ops.numpy(lq.argmax(-1) == top_b))
         for i, tally in zip(group, tallies):
             results[i] = tally.result(n_chunks, device)
         del models
@@ -301,3 +357,4 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
 def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
              base: Path | None = None, progress: bool = True) -> EvalResult:
     return evaluate_many([quant], text, lc, cfg, base, progress)[0]
+

@@ -77,3 +77,32 @@ def test_eval_bad_input(files, tiny, tmp_path):
     if not find_llama_cpp().has_cuda:
         line = error_line(run_cli("eval", quant, "--text", text, "--device", "cuda"))
         assert "no CUDA backend" in line and "LWQ_CUDA=1 make setup" in line
+
+
+def test_torch_free_child_gives_the_same_numbers(files, tmp_path):
+    """With a CUDA build llama.cpp runs in a child that never imports torch (the two CUDA stacks
+    crash in one process); LWQ_EVAL_ISOLATE=1 takes that path with this CPU build."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import sys, lwq_gguf.evaluate, lwq_gguf.isolate; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    base, quant, text = files
+    args = ("eval", quant, "--base", base, "--text", text, "--chunks", CHUNKS, "--json")
+    inproc = json.loads(run_cli(*args, check=True).stdout)
+    env = dict(os.environ, LWQ_EVAL_ISOLATE="1")
+    child = json.loads(run_cli(*args, check=True, env=env).stdout)
+    assert child["tokens_scored"] == inproc["tokens_scored"]
+    for k in ("ppl", "ppl_ratio", "kld_mean", "kld_p99"):
+        assert abs(child[k] / inproc[k] - 1) < 1e-4, (k, child[k], inproc[k])
+    assert abs(child["same_top_pct"] - inproc["same_top_pct"]) < 0.2
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(quant.read_bytes()[: quant.stat().st_size // 2])
+    line = error_line(run_cli("eval", broken, "--text", text, "--chunks", "2", env=env))
+    assert "broken.gguf" in line
+    short = tmp_path / "short.txt"
+    short.write_text(default_calibration().read_text()[:2000])
+    assert "too short" in error_line(run_cli("compare", ROOT / "models" / "smollm2-135m-k256",
+                                             "--baselines", "Q8_0", "--text", short, "-o",
+                                             tmp_path / "cmp", env=env))

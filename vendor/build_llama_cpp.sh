@@ -10,7 +10,10 @@
 #   sdist.tar.gz  the sdist itself (the Python bindings are installed from it)
 #   .done       stamp written last
 # Environment: LWQ_CACHE (default ~/.cache/lwq-gguf), LWQ_CUDA=auto|0|1 (auto: on when nvcc is found
-# and nvidia-smi lists a GPU), LWQ_JOBS (default: number of cores).
+# and nvidia-smi lists a GPU), LWQ_CUDA_ARCH (default native; 90 for H100/H200), LWQ_JOBS (default:
+# number of cores), LWQ_LLAMA_SRC=FILE.tar.gz: build from a trimmed source tarball made by
+# vendor/pack_llama_src.sh instead of downloading the sdist (machines without a registry; no
+# sdist.tar.gz is kept, so `make setup` cannot install the Python bindings from that folder).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck disable=SC1091
@@ -26,9 +29,16 @@ if [ "$cuda" = 1 ]; then flags="$flags -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null || uname -m)
 key=$(printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$flags" "$cpu" | sha256sum | cut -c1-10)
 kind=cpu; [ "$cuda" = 1 ] && kind=cuda
+[ -n "${LWQ_LLAMA_SRC:-}" ] && kind="$kind-src"  # no sdist (bindings) in a tarball build
 dest="$cache/llama.cpp-$LLAMA_CPP_PYTHON_VERSION-$kind-$key"
 if [ -f "$dest/.done" ]; then echo "$dest"; exit 0; fi
 
+work="$dest.partial"
+rm -rf "$work"; mkdir -p "$work/src"
+if [ -n "${LWQ_LLAMA_SRC:-}" ]; then
+  tar -xzf "$LWQ_LLAMA_SRC" -C "$work/src" --strip-components=1 \
+    || { echo "lwq-gguf: cannot unpack LWQ_LLAMA_SRC=$LWQ_LLAMA_SRC (make it with vendor/pack_llama_src.sh)" >&2; exit 1; }
+else
 mkdir -p "$cache/dl"
 sdist="$cache/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 if ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status 2>/dev/null; then
@@ -41,11 +51,10 @@ if ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status 2>/dev/null
     || { echo "lwq-gguf: sdist checksum mismatch: $sdist" >&2; exit 1; }
 fi
 
-work="$dest.partial"
-rm -rf "$work"; mkdir -p "$work/src"
 tar -xzf "$sdist" -C "$work/src" --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
-[ -f "$work/src/convert_hf_to_gguf.py" ] || { echo "lwq-gguf: unexpected sdist layout in $sdist" >&2; exit 1; }
 cp "$sdist" "$work/sdist.tar.gz"
+fi
+[ -f "$work/src/convert_hf_to_gguf.py" ] || { echo "lwq-gguf: unexpected llama.cpp source layout in $work/src" >&2; exit 1; }
 echo "lwq-gguf: building llama.cpp ($kind) in $work/build, about 5 min on 2 cores" >&2
 cmake -S "$work/src" -B "$work/build" $flags >"$work/cmake.log" 2>&1 \
   || { tail -20 "$work/cmake.log" >&2; exit 1; }

@@ -1,0 +1,205 @@
+"""GPU: scoring on CUDA against the CPU path, and llama.cpp evaluation on CUDA against CPU.
+
+Needs an NVIDIA GPU, PyTorch with CUDA and the pinned llama.cpp built with CUDA
+(`LWQ_CUDA=1 vendor/build_llama_cpp.sh`, or from a tarball of vendor/pack_llama_src.sh on a
+machine without a registry; point LWQ_LLAMA_CPP at the folder it prints).
+
+    python bench/gpu.py score --shape 1b     # generated 1B-shaped Llama (bench/scale.py), 2,048 tokens
+    python bench/gpu.py eval --text wiki.test.raw --chunks 40   # the demo model
+
+score: `lwq-gguf score --rescore` on --device cuda, then on --device cpu, each a child process
+(wall time, peak RSS from wait4, peak GPU memory from nvidia-smi polled every 0.2 s, less the
+memory in use before it started), and a plain PyTorch forward of the same layers on each device
+as the throughput reference; the two runs' LIM scores are compared.
+eval: `lwq-gguf compare --device cuda` (scoring, conversion and llama.cpp on the GPU) on the
+demo model, then `lwq-gguf eval --device cpu` of each of its files against the same base (the
+same bytes on both backends), and one `lwq-gguf eval` on the GPU timed the same way. (On a
+CUDA build llama.cpp's CPU backend still sends large-batch matrix products to the GPU, so that
+"cpu" column is llama.cpp with no layers offloaded, not a CPU-only machine.)
+Results merge into bench/results/gpu.json; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from lwq_gguf.report import machine, table  # noqa: E402
+
+CLI = [sys.executable, "-m", "lwq_gguf", "-q"]
+
+
+class GpuMemory:
+    """Peak of nvidia-smi's memory.used (MiB) while the block runs, less the value before it."""
+
+    def __init__(self) -> None:
+        self.peak = self.start = None
+
+    def __enter__(self):
+        try:
+            self.p = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used",
+                                       "--format=csv,noheader,nounits", "-lms", "200"],
+                                      stdout=subprocess.PIPE, text=True)
+        except OSError:
+            self.p = None
+            return self
+        first = self.p.stdout.readline()
+        self.start = self.peak = int(first.split()[0]) if first.strip() else None
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            if line.strip():
+                self.peak = max(self.peak or 0, int(line.split()[0]))
+
+    def __exit__(self, *exc) -> None:
+        if self.p:
+            time.sleep(0.5)
+            self.p.terminate()
+            self.t.join(5)
+
+    @property
+    def used_gib(self) -> float | None:
+        return None if self.peak is None else round((self.peak - self.start) / 1024, 2)
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds, peak RSS (GiB, from wait4) and peak GPU memory (GiB) of one child."""
+    t0 = time.time()
+    with GpuMemory() as g:
+        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        out = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"gpu: {' '.join(cmd[2:6])} ... failed:\n{out[-4000:]}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_gib": round(ru.ru_maxrss / 2**20, 2),
+            "gpu_gib": g.used_gib, "output": out}
+
+
+def stage_score(a, work: Path, doc: dict, save) -> dict:
+    from scale import generate, layer_forward_seconds
+
+    import torch
+
+    model = a.model or generate(a.shape)
+    n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    doc.clear()
+    doc.update({"model": str(a.model) if a.model else f"generated {a.shape}-shaped Llama "
+                "(bench/scale.py)", "calib_tokens": a.calib_tokens,
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None})
+    lims = {}
+    for role, dev in zip(("cuda", "cpu"), a.devices):
+        out = work / f"scores-{a.shape}-{role}.json"
+        r = timed([*CLI, "score", str(model), "-o", str(out), "--rescore", "--force",
+                   "--calib-tokens", str(a.calib_tokens), "--device", dev],
+                  {"LWQ_SCORES_CACHE": str(work / f"cache-{role}")})
+        sc = json.loads(out.read_text())
+        sens = sc.get("sensitivity", {}).get("seconds")
+        fwd = layer_forward_seconds(model, a.calib_tokens, dev) * n_layers
+        lims[role] = sc["lim"]
+        r.pop("output")
+        doc[role] = {**r, "sensitivity_seconds": sens,
+                    "tokens_per_s": round(a.calib_tokens / r["seconds"], 2),
+                    "without_sensitivity_tokens_per_s":
+                        round(a.calib_tokens / (r["seconds"] - sens), 2) if sens else None,
+                    "plain_forward_tokens_per_s": round(a.calib_tokens / fwd, 1)}
+        print(f"gpu: scored on {dev}: {json.dumps(doc[role])}", flush=True)
+        save()
+    doc["lim_max_abs_diff_cuda_cpu"] = max(abs(x - y) for x, y in zip(lims["cuda"], lims["cpu"]))
+    doc["speedup"] = round(doc["cpu"]["seconds"] / doc["cuda"]["seconds"], 2)
+    return doc
+
+
+def stage_eval(a, work: Path) -> dict:
+    model = ROOT / "models" / "smollm2-135m-k256"
+    gpu, cpu = a.devices
+    out = work / "compare"
+    shutil.rmtree(out, ignore_errors=True)
+    run = timed([*CLI, "compare", str(model), "--avg-bits", *a.avg_bits, "--baselines", a.baselines,
+                 "--text", str(a.text), "--chunks", str(a.chunks), "--calib-tokens",
+                 str(a.calib_tokens), "--device", gpu, "-o", str(out)],
+                {"LWQ_SCORES_CACHE": str(work / "cache-compare")})
+    run.pop("output")
+    print(f"gpu: compare on {gpu}: {run['seconds']} s", flush=True)
+    doc = json.loads((out / "compare.json").read_text())
+    base = out / doc["rows"][0]["file"]
+    rows = []
+    for r in doc["rows"][1:]:
+        e = timed([*CLI, "eval", str(out / r["file"]), "--base", str(base), "--text", str(a.text),
+                   "--chunks", str(a.chunks), "--device", cpu, "--json"])
+        c = json.loads(e.pop("output").strip().splitlines()[-1])
+        rows.append({"label": r["label"], "bpw": round(r["bpw"], 3), "cpu_eval_seconds": e["seconds"],
+                     **{f"{k}_{d}": round(x[k], 5) for k in ("ppl", "kld_mean", "same_top_pct")
+                        for d, x in (("cuda", r), ("cpu", c))}})
+        print(f"gpu: {r['label']} on {cpu}: {json.dumps(rows[-1])}", flush=True)
+    e = timed([*CLI, "eval", str(out / doc["rows"][-1]["file"]), "--base", str(base), "--text",
+               str(a.text), "--chunks", str(a.chunks), "--device", gpu, "--json"])
+    e.pop("output")
+    return {"model": "models/smollm2-135m-k256", "text": str(a.text), "chunks": a.chunks,
+            "compare_on_gpu": run, "rows": rows,
+            "eval_one_file": {"file": doc["rows"][-1]["label"], "cuda": e,
+                              "cpu_seconds": rows[-1]["cpu_eval_seconds"]}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=["score", "eval"])
+    ap.add_argument("--shape", default="1b", choices=["1b", "8b"])
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" /
+                    "wikitext-2-raw" / "wiki.test.raw")
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--avg-bits", nargs="+", default=["3.5", "4.0"])
+    ap.add_argument("--baselines", default="Q3_K_M,Q4_K_M")
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "gpu")
+    ap.add_argument("--model", type=Path, help="score: this HF folder instead of a generated one")
+    ap.add_argument("--devices", default="cuda,cpu", help="the GPU and the reference device "
+                    "(cpu,cpu: a smoke test of this script on a machine without a GPU)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    a = ap.parse_args()
+    a.devices = a.devices.split(",")
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    res = a.results
+    doc = json.loads(res.read_text()) if res.is_file() else {}
+    doc["machine"] = machine()
+    if a.stage == "score":
+        d = doc["score"] = {}
+        stage_score(a, work, d, lambda: res.write_text(json.dumps(doc, indent=1)))
+        print(table(("device", "seconds", "tokens/s", "w/o sensitivity tok/s", "plain fwd tok/s",
+                     "peak RSS GiB", "GPU GiB"),
+                    [(k, d[k]["seconds"], d[k]["tokens_per_s"], d[k]["without_sensitivity_tokens_per_s"],
+                      d[k]["plain_forward_tokens_per_s"], d[k]["peak_rss_gib"], d[k]["gpu_gib"])
+                     for k in ("cuda", "cpu")]))
+        print(f"CPU/CUDA time {d['speedup']}x; LIM max |cuda - cpu| {d['lim_max_abs_diff_cuda_cpu']:.2e}")
+    else:
+        d = doc["eval"] = stage_eval(a, work)
+        print(table(("file", "BPW", "PPL cuda", "PPL cpu", "KLD cuda", "KLD cpu",
+                     "same top % cuda", "cpu"),
+                    [(r["label"], r["bpw"], r["ppl_cuda"], r["ppl_cpu"], r["kld_mean_cuda"],
+                      r["kld_mean_cpu"], r["same_top_pct_cuda"], r["same_top_pct_cpu"])
+                     for r in d["rows"]]))
+        e = d["eval_one_file"]
+        print(f"compare on the GPU {d['compare_on_gpu']['seconds']} s; eval of {e['file']} + base, "
+              f"{a.chunks} chunks: cuda {e['cuda']['seconds']} s, cpu {e['cpu_seconds']} s")
+    res.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {res}")
+
+
+if __name__ == "__main__":
+    main()
