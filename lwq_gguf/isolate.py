@@ -43,8 +43,7 @@ def run_child(lc: LlamaCpp, call: str, args: dict):
             res = json.loads(out.read_text())
             if "error" in res:
                 raise LwqError(res["error"])
-            if p.returncode == 0:
-                return res["ok"]
+            return res["ok"]  # written last: complete even if the exit itself went wrong
     how = f"signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
     raise LwqError(f"llama.cpp ({lc.root}) ended with {how} while evaluating in a child process: "
                    "check the GPU driver and the build, or use --device cpu")
@@ -65,7 +64,11 @@ def main() -> None:
                 a["progress"], budget=a["budget"])]}
     except LwqError as e:
         res = {"error": str(e)}
-    Path(spec["out"]).write_text(json.dumps(res))
+    except KeyboardInterrupt:  # the parent gets it too and says so
+        sys.exit(130)
+    part = Path(spec["out"] + ".part")
+    part.write_text(json.dumps(res))
+    os.replace(part, spec["out"])  # whole or absent
 
 
 if __name__ == "__main__":

@@ -28,3 +28,21 @@ def test_trimmed_source_tarball_configures(tmp_path):
                              capture_output=True, text=True, check=True).stdout
     for t in ("llama-quantize", "llama-perplexity", "llama-imatrix"):
         assert t in targets
+
+
+def test_cpu_build_has_no_amx_matmul():
+    """-march=native on an AMX CPU turned on ggml's AMX matmul, which crashed here (SIGSEGV at
+    ldtilecfg in a VM); the build turns AMX off wherever the compiler knows the flag."""
+    import platform
+    import shutil
+
+    from lwq_gguf.llamacpp import find_llama_cpp
+
+    lc = find_llama_cpp()
+    if platform.machine() != "x86_64" or lc.has_cuda:
+        return
+    assert "-mno-amx-int8" in (lc.root / "flags").read_text()
+    if shutil.which("nm"):
+        syms = subprocess.run(["nm", "-C", str(lc.bin / "libggml-cpu.so")],
+                              capture_output=True, text=True, check=True).stdout
+        assert "ggml_backend_amx_mul_mat" not in syms

@@ -3,7 +3,8 @@
 #
 #   vendor/build_llama_cpp.sh            -> prints e.g. ~/.cache/lwq-gguf/llama.cpp-0.3.36-cpu-1a2b3c4d
 #
-# The folder is keyed by the pin, the cmake flags and the CPU model (the build uses -march=native),
+# The folder is keyed by the pin, the cmake flags and the CPU model and feature flags (the build
+# uses -march=native, without AMX: see below),
 # so a fresh clone or a CI run on the same machine reuses it. It holds:
 #   src/        the llama.cpp source vendored in the llama-cpp-python sdist (convert_hf_to_gguf.py, gguf-py)
 #   bin/        llama-quantize, llama-perplexity, llama-imatrix and the shared libraries
@@ -26,8 +27,16 @@ if [ "$cuda" = auto ]; then
 fi
 flags="-DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
 if [ "$cuda" = 1 ]; then flags="$flags -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${LWQ_CUDA_ARCH:-native}"; fi
-cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null || uname -m)
-key=$(printf '%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$flags" "$cpu" | sha256sum | cut -c1-10)
+# No AMX: on a CPU that lists amx_int8 (Sapphire Rapids and later) -march=native turns on ggml's
+# AMX matmul, which crashed here in a VM (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat on a
+# Q3_K_M file). AVX-512/VNNI stay on.
+noamx=""
+if [ "$(uname -m)" = x86_64 ] && echo | "${CC:-cc}" -mno-amx-int8 -mno-amx-bf16 -E - >/dev/null 2>&1; then
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  flags="$flags -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+fi
+cpu=$( (grep -m1 'model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo) 2>/dev/null || uname -m)
+key=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_PYTHON_VERSION" "$flags" "$noamx" "$cpu" | sha256sum | cut -c1-10)
 kind=cpu; [ "$cuda" = 1 ] && kind=cuda
 [ -n "${LWQ_LLAMA_SRC:-}" ] && kind="$kind-src"  # no sdist (bindings) in a tarball build
 dest="$cache/llama.cpp-$LLAMA_CPP_PYTHON_VERSION-$kind-$key"
@@ -56,7 +65,7 @@ cp "$sdist" "$work/sdist.tar.gz"
 fi
 [ -f "$work/src/convert_hf_to_gguf.py" ] || { echo "lwq-gguf: unexpected llama.cpp source layout in $work/src" >&2; exit 1; }
 echo "lwq-gguf: building llama.cpp ($kind) in $work/build, about 5 min on 2 cores" >&2
-cmake -S "$work/src" -B "$work/build" $flags >"$work/cmake.log" 2>&1 \
+cmake -S "$work/src" -B "$work/build" $flags -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" >"$work/cmake.log" 2>&1 \
   || { tail -20 "$work/cmake.log" >&2; exit 1; }
 cmake --build "$work/build" -j "${LWQ_JOBS:-$(nproc)}" \
     --target llama-quantize llama-perplexity llama-imatrix >"$work/build.log" 2>&1 \
@@ -64,7 +73,7 @@ cmake --build "$work/build" -j "${LWQ_JOBS:-$(nproc)}" \
 mkdir -p "$work/bin"
 cp -a "$work/build/bin/." "$work/bin/"
 rm -rf "$work/build"
-echo "$flags" >"$work/flags"
+echo "$flags $noamx" >"$work/flags"
 touch "$work/.done"
 rm -rf "$dest"; mv "$work" "$dest"
 echo "$dest"
