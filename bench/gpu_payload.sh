@@ -13,7 +13,8 @@
 #   call 3: bash bench/gpu_device.sh score           (CUDA ~4 min, then the 16-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for d in /.whl/ /.xfer/; do grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >>.git/info/exclude; done
+ex=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$ex")"
+for d in /.whl/ /.xfer/; do grep -qx "$d" "$ex" 2>/dev/null || echo "$d" >>"$ex"; done
 rm -rf .whl .xfer; mkdir -p .whl .xfer/a/tok .xfer/b .xfer/dl
 pip=(.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12
      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
