@@ -4,7 +4,9 @@
 
 A preset of `lwq-gguf compare` on models/smollm2-135m-k256: for each llama.cpp mix Q2_K, Q3_K_S,
 Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, the mix is built and measured, then lwq-gguf converts with
---avg-bits set to that mix's measured BPW (rounded down: never larger), without and with an
+--avg-bits set so that the whole file is no larger than the mix's (the mix's tensor bytes less
+META_ROOM for lwq-gguf's own metadata - the plan and scores as JSON, ~21 KiB here - as BPW,
+rounded down; the verdict checks the file sizes), without and with an
 imatrix on both sides (--imatrix none / auto: computed from the calibration text, never from the
 evaluation text). Every file is evaluated against the 16-bit base on the same chunks (llama.cpp,
 CPU). Writes bench/results/quality.json and quality.md: per point the KLD ratio (ours / llama.cpp),
@@ -29,10 +31,18 @@ from lwq_gguf.evaluate import EvalConfig  # noqa: E402
 from lwq_gguf.plan import PlanConfig  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.score import ScoreConfig  # noqa: E402
+from lwq_gguf.verify import read_back  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-k256"
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+META_ROOM = 32 << 10  # bytes: lwq.plan + lwq.scores, which llama.cpp's files do not carry
+
+
+def size_target(mix_file: Path) -> float:
+    """--avg-bits that keeps our file no larger than ``mix_file`` (same model, same vocab)."""
+    info = read_back(mix_file)
+    return math.floor((info.nbytes - META_ROOM) * 8 / info.nelements * 1000) / 1000
 
 
 def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix: str) -> list[dict]:
@@ -41,7 +51,7 @@ def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix:
     cfg = CompareConfig(MODEL, out, text, (), PlanConfig(4.0), MIXES, imatrix,
                         ScoreConfig(device="cpu"), EvalConfig(512, chunks, "cpu"))
     mixes = {r.label: r for r in run_compare(cfg).rows if r.kind == "llama.cpp"}
-    targets = tuple(math.floor(mixes[m].bpw * 1000) / 1000 for m in MIXES)
+    targets = tuple(size_target(out / mixes[m].file) for m in MIXES)
     rows = []
     for strategy in strategies:
         c = replace(cfg, targets=targets, plan=PlanConfig(targets[0], strategy=strategy))
@@ -51,7 +61,8 @@ def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix:
         for m, bits in zip(MIXES, targets):
             a, b = ours[f"lwq {bits:g}"], mixes[m]
             rows.append({"imatrix": imatrix, "strategy": strategy, "mix": m,
-                         "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_mib": b.size_mib,
+                         "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
+                         "ours_bytes": (out / a.file).stat().st_size, "mix_mib": b.size_mib,
                          "ours_mib": a.size_mib, "mix_kld": b.result.kld_mean,
                          "ours_kld": a.result.kld_mean, "kld_ratio": a.result.kld_mean /
                          b.result.kld_mean, "mix_same_top": b.result.same_top_pct,
@@ -79,14 +90,14 @@ def main() -> None:
     head = ("imatrix", "strategy", "mix", "BPW mix/ours", "MiB mix/ours", "KLD mix", "KLD ours",
             "ratio", "same top mix/ours", "PPL mix/ours")
     cells = [(r["imatrix"], r["strategy"], r["mix"], f"{r['mix_bpw']:.3f} / {r['ours_bpw']:.3f}",
-              f"{r['mix_mib']:.1f} / {r['ours_mib']:.1f}", f"{r['mix_kld']:.4f}",
+              f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}", f"{r['mix_kld']:.4f}",
               f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
               f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
               f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
     auto = [r for r in rows if r["strategy"] == "auto"]
     verdict = (f"auto: max KLD ratio {max(r['kld_ratio'] for r in auto):.3f} over {len(auto)} "
-               f"points (target <= 0.8); every file no larger than its mix: "
-               f"{all(r['ours_bpw'] <= r['mix_bpw'] for r in auto)}") if auto else ""
+               f"points (target <= 0.8); every file no larger than its mix (bytes on disk): "
+               f"{all(r['ours_bytes'] <= r['mix_bytes'] for r in auto)}") if auto else ""
     print(table(head, cells))
     print(verdict)
     doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
