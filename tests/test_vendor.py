@@ -41,7 +41,10 @@ def test_cpu_build_has_no_amx_matmul():
     lc = find_llama_cpp()
     if platform.machine() != "x86_64" or lc.has_cuda:
         return
-    assert "-mno-amx-int8" in (lc.root / "flags").read_text()
+    knows = subprocess.run(["cc", "-mno-amx-int8", "-mno-amx-bf16", "-E", "-"], input="",
+                           capture_output=True, text=True).returncode == 0
+    if knows:  # an older compiler never turns AMX on
+        assert "-mno-amx-int8" in (lc.root / "flags").read_text()
     if shutil.which("nm"):
         syms = subprocess.run(["nm", "-C", str(lc.bin / "libggml-cpu.so")],
                               capture_output=True, text=True, check=True).stdout
