@@ -357,4 +357,3 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
 def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
              base: Path | None = None, progress: bool = True) -> EvalResult:
     return evaluate_many([quant], text, lc, cfg, base, progress)[0]
-
