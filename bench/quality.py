@@ -45,7 +45,8 @@ def size_target(mix_file: Path) -> float:
     return math.floor((info.nbytes - META_ROOM) * 8 / info.nelements * 1000) / 1000
 
 
-def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix: str) -> list[dict]:
+def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix: str,
+        encoder: str = "lwq") -> list[dict]:
     out = out_root / f"imatrix-{imatrix}"
     out_root.mkdir(parents=True, exist_ok=True)
     cfg = CompareConfig(MODEL, out, text, (), PlanConfig(4.0), MIXES, imatrix,
@@ -54,13 +55,14 @@ def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix:
     targets = tuple(size_target(out / mixes[m].file) for m in MIXES)
     rows = []
     for strategy in strategies:
-        c = replace(cfg, targets=targets, plan=PlanConfig(targets[0], strategy=strategy))
+        c = replace(cfg, targets=targets,
+                    plan=PlanConfig(targets[0], strategy=strategy, encoder=encoder))
         res = run_compare(c)
         write_outputs(c, res, f"bench/quality.py (imatrix {imatrix}, strategy {strategy})")
         ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
         for m, bits in zip(MIXES, targets):
             a, b = ours[f"lwq {bits:g}"], mixes[m]
-            rows.append({"imatrix": imatrix, "strategy": strategy, "mix": m,
+            rows.append({"imatrix": imatrix, "strategy": strategy, "encoder": encoder, "mix": m,
                          "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
                          "ours_bytes": (out / a.file).stat().st_size, "mix_mib": b.size_mib,
                          "ours_mib": a.size_mib, "mix_kld": b.result.kld_mean,
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--strategies", default="auto")
     ap.add_argument("--imatrix", default="none,auto")
+    ap.add_argument("--encoder", default="lwq", choices=("lwq", "ggml"),
+                    help="our files' encoder (ggml: llama-quantize's Q4_K blocks)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     a = ap.parse_args()
@@ -86,7 +90,8 @@ def main() -> None:
     t0 = time.time()
     rows = []
     for imatrix in a.imatrix.split(","):
-        rows += run(a.text, a.chunks, a.strategies.split(","), a.out / a.text.stem, imatrix)
+        rows += run(a.text, a.chunks, a.strategies.split(","), a.out / a.text.stem, imatrix,
+                    a.encoder)
     head = ("imatrix", "strategy", "mix", "BPW mix/ours", "MiB mix/ours", "KLD mix", "KLD ours",
             "ratio", "same top mix/ours", "PPL mix/ours")
     cells = [(r["imatrix"], r["strategy"], r["mix"], f"{r['mix_bpw']:.3f} / {r['ours_bpw']:.3f}",

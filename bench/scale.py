@@ -8,9 +8,11 @@ Steps, each a child process under /usr/bin/time -v (peak RSS) with its wall time
   plan     `lwq-gguf plan --avg-bits 4.0 --scores ... --tensor-type-file types.txt`
   plain    `convert_hf_to_gguf.py --outtype <same>` + `llama-quantize --tensor-type-file
            types.txt` with the same per-tensor types (the pipeline lwq-gguf replaces)
-  ours     `lwq-gguf convert --plan plan.json --imatrix none` (convert without scoring; the
-           default single-pass writer, and the built-in check)
+  ours     `lwq-gguf convert --plan plan.json --imatrix none --encoder ggml` (convert without
+           scoring; the default single-pass writer, and the built-in check; ggml's encoder for
+           every type, so the file is llama-quantize's, byte for byte)
   ours_two_step  the same with `--two-step` (converter -> 16-bit GGUF -> llama-quantize)
+  ours_lwq the default encoder (lwq-gguf's own Q4_K blocks; not byte-comparable)
 and a plain PyTorch forward of one decoder layer over the same tokens (scaled by the layer
 count) as the reference for scoring throughput. The 8B-shaped model is generated once into
 $LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer). Writes
@@ -96,7 +98,7 @@ def generate(shape: str) -> Path:
     return out
 
 
-STEPS = ("score", "plan", "plain", "ours", "ours_two_step")
+STEPS = ("score", "plan", "plain", "ours", "ours_two_step", "ours_lwq")
 
 
 def tensor_data_equal(a: Path, b: Path) -> bool:
@@ -183,7 +185,7 @@ def main() -> None:
                            "--force"], env)
     if "plan" in steps and old_types not in (None, types_file.read_text()):
         print("scale: the plan's types changed: earlier conversion timings dropped")
-        for k in ("plain_convert", "plain_quantize", "ours", "ours_two_step"):
+        for k in ("plain_convert", "plain_quantize", "ours", "ours_two_step", "ours_lwq"):
             r.pop(k, None)
         old.pop("tensor_data_equal_to_plain", None)
     if "plain" in steps:
@@ -195,7 +197,9 @@ def main() -> None:
                                      str(work / "plain.gguf"), "Q8_0"],
                                     {"LD_LIBRARY_PATH": str(lc.bin)})
         (work / "base.gguf").unlink()
-    for step, extra in (("ours", []), ("ours_two_step", ["--two-step"])):
+    for step, extra in (("ours", ["--encoder", "ggml"]),  # llama-quantize's bytes, comparable
+                        ("ours_two_step", ["--two-step", "--encoder", "ggml"]),
+                        ("ours_lwq", [])):  # the default: lwq-gguf's own Q4_K encoder
         if step in steps:
             (work / f"{step}.gguf").unlink(missing_ok=True)
             r[step] = timed([*cli, "convert", str(model), "--plan", str(work / "plan.json"),
@@ -216,6 +220,7 @@ def main() -> None:
     doc = {"shape": a.shape, "model": str(model), "machine": machine(), "calib_tokens":
            a.calib_tokens, "avg_bits": a.avg_bits, "outtype": outtype, "steps": r,
            "convert_ratio": ratio("ours"), "convert_ratio_two_step": ratio("ours_two_step"),
+           "convert_ratio_lwq_encoder": ratio("ours_lwq"),
            "tensor_data_equal_to_plain": same or old.get("tensor_data_equal_to_plain"),
            "peak_rss_gb": max(s["peak_rss_gb"] for k, s in r.items() if not k.startswith("plain")),
            "sensitivity_seconds": sens["seconds"],
@@ -227,7 +232,8 @@ def main() -> None:
     rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}") for k, s in r.items()]
     print(table(("step", "seconds", "peak RSS GB"), rows))
     print(f"convert without scoring / plain convert+quantize = {doc['convert_ratio']} single pass, "
-          f"{doc['convert_ratio_two_step']} two-step (target <= 1.1); same tensors as plain: "
+          f"{doc['convert_ratio_two_step']} two-step (target <= 1.1), "
+          f"{doc['convert_ratio_lwq_encoder']} with the lwq Q4_K encoder; same tensors as plain: "
           f"{doc['tensor_data_equal_to_plain']}; peak RSS of lwq-gguf steps {doc['peak_rss_gb']:.2f} "
           f"GB (target <= 8); scoring {doc['scoring_tokens_per_s']} tokens/s vs plain forward "
           f"{doc['plain_forward_tokens_per_s']} tokens/s")

@@ -50,7 +50,10 @@ def min_damage(options: Sequence[Sequence[tuple[int, float]]], budget: int, floo
         return out
 
     order = np.argsort(best, kind="stable")
-    for b in order[: 64]:
+    # a cell's units over-count its bytes (costs rounded up), so only cells of at least the
+    # floor's units can reach it: try the least-damage ones of those
+    reach = max(0, math.ceil((floor - fixed) / unit))
+    for b in [b for b in order if b >= reach][: 64]:
         if not np.isfinite(best[b]):
             break
         out = _top_up(options, walk(int(b)), budget)

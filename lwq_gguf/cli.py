@@ -9,7 +9,7 @@ from pathlib import Path
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan import STRATEGIES, PlanConfig, parse_override
-from lwq_gguf.quants import DEFAULT_BASELINES, DEFAULT_LADDER
+from lwq_gguf.quants import AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_LADDER
 
 EPILOG = "Types are llama.cpp's names (q2_k ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
 
@@ -40,8 +40,8 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
     g.add_argument("--imatrix", default="auto", metavar="auto|none|FILE",
                    help="importance matrix for planning and llama-quantize: auto (default: "
                    "computed from the calibration text), none, or a llama-imatrix .gguf file")
-    g.add_argument("--ladder", default=",".join(DEFAULT_LADDER),
-                   help=f"types to choose from (default {','.join(DEFAULT_LADDER)})")
+    g.add_argument("--ladder", help=f"types to choose from (default for --strategy auto: "
+                   f"{','.join(AUTO_LADDER)}; for the others: {','.join(DEFAULT_LADDER)})")
     g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
     g.add_argument("--token-embedding-type", default="auto",
                    help="type of token_embd.weight, or auto: planned first (default auto)")
@@ -49,13 +49,16 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
                    help="type of output.weight, or auto: planned first (default auto)")
     g.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="fix matching tensors to TYPE, as llama-quantize does (repeatable)")
+    g.add_argument("--encoder", choices=("lwq", "ggml"),
+                   help="lwq (default; with --plan: the plan's): lwq-gguf's own Q4_K encoder (same "
+                   "format, lower error), ggml's for the other types; ggml: llama-quantize's bytes")
 
 
 def _plan_config(a: argparse.Namespace) -> PlanConfig:
     bits = a.avg_bits[0] if isinstance(a.avg_bits, list) else a.avg_bits
-    return PlanConfig(bits, tuple(a.ladder.split(",")), a.strategy, a.seed,
+    return PlanConfig(bits, tuple(a.ladder.split(",")) if a.ladder else (), a.strategy, a.seed,
                       a.token_embedding_type.lower(), a.output_tensor_type.lower(),
-                      tuple(parse_override(s) for s in a.tensor_type))
+                      tuple(parse_override(s) for s in a.tensor_type), a.encoder or "lwq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision the converter hands to the quantizer (auto: bf16 for bf16 "
                    "models, else f16)")
     c.add_argument("--two-step", action="store_true", help="write the 16-bit GGUF, then run "
-                   "llama-quantize on it (needs its size again on disk; same bytes as the default "
-                   "single pass)")
+                   "llama-quantize on it (needs its size again on disk and --encoder ggml; same bytes "
+                   "as the single pass with --encoder ggml)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--no-verify", action="store_true", help="skip the read-back and llama.cpp check")
     c.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
@@ -156,7 +159,7 @@ def cmd_score(a) -> None:
     model = open_model(a.model)
     keys = () if a.no_sensitivity else ("auto", "none")
     scores = get_scores(model, None, _score_config(a), not a.quiet, model_tensors(model),
-                        DEFAULT_LADDER, keys)
+                        AUTO_LADDER, keys)
     atomic_write_text(out, scores.to_json())
     if scores.imatrix:
         write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
@@ -168,7 +171,7 @@ def cmd_score(a) -> None:
                  for i in range(scores.n_layers)]))
     sens = scores.sensitivity
     if sens:
-        print(f"sensitivity of {len(sens['damage']['none'])} tensors x {len(sens['ladder'])} types "
+        print(f"sensitivity of {len(next(iter(sens['damage'].values())))} tensors x {len(sens['ladder'])} types "
               f"(imatrix none and auto) in {sens['seconds']:.0f} s; imatrix written to {imatrix} "
               "(llama-quantize --imatrix)")
     print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
@@ -189,7 +192,7 @@ def cmd_plan(a) -> None:
     tensors = model_tensors(model)
     need = cfg.strategy == "auto" or key == "auto"
     scores = get_scores(model, a.scores, _score_config(a), not a.quiet, tensors, cfg.ladder,
-                        key if need else None, given)
+                        key if need else None, given, cfg.encoder)
     plan = plan_tensors(tensors, model, cfg, scores, key)
     print(plan_layers_table(plan, scores.lim))
     print(plan_types_table(plan))
@@ -219,7 +222,7 @@ def cmd_convert(a) -> None:
         check_output(modelfile, a.force)
     r = convert(a.model, wcfg, plan_cfg=plan_cfg, plan_file=a.plan, scores_file=a.scores,
                 score_cfg=_score_config(a), imatrix=a.imatrix, verify=not a.no_verify,
-                progress=not a.quiet)
+                progress=not a.quiet, encoder=a.encoder)
     print(plan_types_table(r.plan))
     print(plan_summary(r.plan))
     check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"

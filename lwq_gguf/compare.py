@@ -34,6 +34,7 @@ from lwq_gguf.hfconvert import converter_write
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.imatrix import imatrix_from_dict, write_imatrix
+from lwq_gguf.kquant import encoder_tag
 from lwq_gguf.pipeline import convert, get_scores, imatrix_choice, load_scores, model_tensors
 from lwq_gguf.plan import PlanConfig, check_reach
 from lwq_gguf.quants import DEFAULT_BASELINES, mix_needs_imatrix
@@ -220,7 +221,8 @@ def plan_entries(cfg: CompareConfig, model: HFModel, lc: LlamaCpp) -> tuple[list
         pc = replace(cfg.plan, avg_bits=bits)
         out.append(Entry(f"lwq {bits:g}", "lwq-gguf",
                          gg / f"{name}-lwq-{pc.strategy}-{bits:g}{sfx}.gguf",
-                         _recipe(kind="lwq", model=fp, plan=pc, imatrix=imat, score=cfg.score)))
+                         _recipe(kind="lwq", model=fp, plan=pc, imatrix=imat, score=cfg.score,
+                                 encoder=encoder_tag(pc.encoder))))
     return out, outtype
 
 
@@ -246,10 +248,11 @@ def _scores_file(cfg: CompareConfig, model: HFModel, files: _Files, progress: bo
     path = cfg.out_dir / "scores.json"
     key, given = imatrix_choice(cfg.imatrix)
     e = Entry("scores", "scores", path, _recipe(kind="scores", model=_fingerprint(model),
-                                                score=cfg.score, ladder=cfg.plan.ladder, key=key))
+                                                score=cfg.score, ladder=cfg.plan.ladder, key=key,
+                                                encoder=encoder_tag(cfg.plan.encoder)))
     if not files.fresh(e):
         scores = get_scores(model, None, cfg.score, progress, model_tensors(model),
-                            cfg.plan.ladder, key, given)
+                            cfg.plan.ladder, key, given, cfg.plan.encoder)
         atomic_write_text(path, scores.to_json())
         files.record(e)
     scores = load_scores(path, model)

@@ -55,6 +55,7 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--imatrix", type=Path)
     ap.add_argument("--imatrix-name")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--encoder", default="ggml")
     a = ap.parse_args(argv)
 
     import torch
@@ -86,7 +87,7 @@ def _main(argv: list[str]) -> int:
         inst.prepare_metadata(vocab_only=False)
         try:
             pool, ahead = requantize_writer(w, json.loads(a.types.read_text()), a.ftype, a.imatrix,
-                                     a.imatrix_name, a.threads,
+                                     a.imatrix_name, a.threads, a.encoder,
                                      lambda name: print(f"lwq-written {name}", flush=True))
             with pool, ahead:
                 w.write_header_to_file(path=a.out)

@@ -2,10 +2,11 @@
 
 After the pinned ``convert_hf_to_gguf`` has prepared its (lazy) tensors and metadata, every tensor
 in its GGUFWriter is replaced by a :class:`Planned` one which, when the writer reaches it,
-materializes the converter's 16-bit data, widens it to float32 and quantizes it with the pinned
-ggml (``ggml_quantize_chunk``, row chunks on all cores) to the planned type. The result is the file
+materializes the converter's 16-bit data, widens it to float32 and quantizes it (row chunks on all
+cores) to the planned type with the plan's encoder (:mod:`lwq_gguf.kquant`). With ``--encoder
+ggml`` (the pinned ggml's ``ggml_quantize_chunk`` for every type) the result is the file
 ``llama-quantize --tensor-type-file`` makes from the converter's 16-bit GGUF, byte for byte
-(tests/test_onepass.py): tensors in llama-quantize's order (:func:`loader_order`), metadata in
+(tests/test_onepass.py); the default ``lwq`` differs only in the Q4_K blocks. The same order: tensors in llama-quantize's order (:func:`loader_order`), metadata in
 its order (general.quantization_version and general.file_type moved last, then the
 quantize.imatrix.* keys), importance weights computed as llama-quantize computes them (float32
 sums / float32 count), and the same blocks. No 16-bit copy is written to disk, and every weight is
@@ -71,10 +72,10 @@ class Planned:
     """Stands in for a converter tensor in GGUFWriter; quantizes when the writer asks for bytes."""
 
     def __init__(self, name: str, src, src_type, dst_type, shape: tuple[int, ...], nbytes: int,
-                 imatrix: np.ndarray | None, ggml, pool: ThreadPoolExecutor, on_done) -> None:
+                 imatrix: np.ndarray | None, quantizer, pool: ThreadPoolExecutor, on_done) -> None:
         self.name, self.src, self.src_type, self.dst_type = name, src, src_type, dst_type
         self.shape, self.nbytes, self.imatrix = shape, nbytes, imatrix
-        self.ggml, self.pool, self.on_done = ggml, pool, on_done
+        self.quantizer, self.pool, self.on_done = quantizer, pool, on_done
         self.next: Planned | None = None  # the tensor written after this one
         self.ahead = None  # its materialization, started while this one is quantized
 
@@ -121,7 +122,7 @@ class Planned:
             rows, im = job
             f32 = np.ascontiguousarray(_as_f32(rows, self.src_type))
             self._check(f32)
-            return self.ggml.quantize(f32, self.dst_type, im)
+            return self.quantizer.quantize(f32, self.dst_type, im)
 
         written = 0
         for blob in self.pool.map(work, jobs):
@@ -132,18 +133,18 @@ class Planned:
 
 
 def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path | None,
-                      imatrix_name: str | None, threads: int, on_done
+                      imatrix_name: str | None, threads: int, encoder: str, on_done
                       ) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
     """Make ``writer`` (the converter's GGUFWriter, tensors and metadata prepared) write the
     planned file. Returns the quantizer and read-ahead thread pools; the caller shuts them down
     after writing."""
     import gguf
 
-    from lwq_gguf.ggml import Ggml
+    from lwq_gguf.kquant import Quantizer
     from lwq_gguf.llamacpp import find_llama_cpp
     from lwq_gguf.quants import QUANT_TYPES
 
-    ggml = Ggml(find_llama_cpp())
+    quantizer = Quantizer(find_llama_cpp(), encoder)
     pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1)
     prefetch = ThreadPoolExecutor(max_workers=1)
     weights, ikv = imatrix_weights(imatrix) if imatrix else ({}, {})
@@ -162,7 +163,7 @@ def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path |
         im = weights.get(name)
         if dst is not None:
             nrows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            nbytes = int(ggml.lib.ggml_row_size(int(want.ggml), shape[-1])) * nrows
+            nbytes = quantizer.row_size(types[name], shape[-1]) * nrows
             n_exp = shape[0] if len(shape) > 2 else 1
             if im is not None and im.size != shape[-1] * n_exp:
                 if not name.startswith("token_embd"):
@@ -172,7 +173,8 @@ def requantize_writer(writer, types: dict[str, str], ftype: int, imatrix: Path |
                 im = None
         ti_new = gguf.gguf_writer.TensorInfo(shape=shape, dtype=want.ggml if dst else ti.dtype,
                                              nbytes=nbytes)
-        ti_new.tensor = Planned(name, ti.tensor, ti.dtype, dst, shape, nbytes, im, ggml, pool, on_done)
+        ti_new.tensor = Planned(name, ti.tensor, ti.dtype, dst, shape, nbytes, im, quantizer, pool,
+                                on_done)
         ti_new.tensor.prefetch = prefetch
         new[name] = ti_new
     order = [ti.tensor for ti in new.values()]

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from lwq_gguf.errors import LwqError, PlanError
 from lwq_gguf.hfconvert import converter_inventory
+from lwq_gguf.kquant import damage_key, split_damage_key
 from lwq_gguf.imatrix import Imatrix, imatrix_from_dict, imatrix_to_dict, read_imatrix, write_imatrix
 from lwq_gguf.load import HFModel, open_model
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, check_reach, make_plan
-from lwq_gguf.quants import DEFAULT_LADDER
+from lwq_gguf.quants import AUTO_LADDER
 from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
 from lwq_gguf.scorecache import ScoreCache, cached_inventory
 from lwq_gguf.verify import CheckResult, check_file, read_back
@@ -49,19 +50,19 @@ def imatrix_choice(spec: str | Path | None) -> tuple[str, dict[str, Imatrix]]:
 def _has_sensitivity(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
     sens = scores.sensitivity or {}
     return (scores.damage(key) is not None and set(ladder) <= set(sens.get("ladder", ()))
-            and (key != "auto" or scores.imatrix is not None))
+            and (split_damage_key(key)[0] != "auto" or scores.imatrix is not None))
 
 
 def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig, progress: bool,
                tensors: tuple[GGUFTensor, ...] | None = None, ladder: tuple[str, ...] = (),
                imatrix_key: str | tuple[str, ...] | None = None,
-               given: dict[str, Imatrix] | None = None) -> Scores:
+               given: dict[str, Imatrix] | None = None, encoder: str = "lwq") -> Scores:
     """Scores from ``scores_file``, else from the score cache, else measured (and cached).
 
     The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means
     the bytes are those already checked). With ``imatrix_key`` (one or several: strategy auto,
     or --imatrix auto) the sensitivity analysis and the imatrix are added when the scores do not
-    hold them for that key and ladder.
+    hold them for that key, ``encoder`` and ladder.
     """
     cache, fresh = None, False
     if scores_file is None:
@@ -76,6 +77,7 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
         scores = load_scores(scores_file, model)
         zd_scores(model, progress)  # the NaN/Inf check still reads every weight
     keys = (imatrix_key,) if isinstance(imatrix_key, str) else tuple(imatrix_key or ())
+    keys = tuple(damage_key(k, encoder) for k in keys)
     missing = tuple(k for k in keys if not _has_sensitivity(scores, k, ladder))
     if missing:
         from lwq_gguf.sensitivity import measure_sensitivity
@@ -107,7 +109,8 @@ def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
 def plan_tensors(tensors: tuple[GGUFTensor, ...], model: HFModel, cfg: PlanConfig,
                  scores: Scores | None, imatrix_key: str = "none") -> Plan:
     return make_plan(tensors, model.n_layers, cfg, scores.lim if scores else None,
-                     scores.zd if scores else None, scores.damage(imatrix_key) if scores else None)
+                     scores.zd if scores else None,
+                     scores.damage(damage_key(imatrix_key, cfg.encoder)) if scores else None)
 
 
 def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
@@ -131,11 +134,13 @@ class ConvertResult:
 def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | None = None,
             plan_file: Path | None = None, scores_file: Path | None = None,
             score_cfg: ScoreConfig = ScoreConfig(), imatrix: str | Path | None = "auto",
-            verify: bool = True, progress: bool = True) -> ConvertResult:
+            verify: bool = True, progress: bool = True, encoder: str | None = None
+            ) -> ConvertResult:
     """HF folder -> planned GGUF at ``write_cfg.output``; nothing is left there on failure.
 
     ``imatrix``: "auto" (computed from the calibration text, used for planning and quantizing),
-    "none", or an imatrix file (llama-imatrix's GGUF format).
+    "none", or an imatrix file (llama-imatrix's GGUF format). ``encoder`` replaces the plan
+    file's (with ``plan_cfg`` it is ``plan_cfg.encoder``).
     """
     t0 = time.time()
     out = write_cfg.output
@@ -148,14 +153,20 @@ def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | N
         tensors = model_tensors(model)
         if plan_file is not None:
             plan = read_plan(plan_file, tensors)
+            if encoder is not None:
+                plan = replace(plan, config=replace(plan.config, encoder=encoder))
         else:  # the budget and type names are checked before the (slow) scoring
             check_reach(tensors, plan_cfg)
+        encoder = plan.config.encoder if plan_file is not None else plan_cfg.encoder
+        if write_cfg.two_step and encoder != "ggml":
+            raise PlanError("--two-step runs llama-quantize, which encodes Q4_K its own way: add "
+                            "--encoder ggml, or drop --two-step")
         need = key == "auto" or (plan_file is None and plan_cfg.strategy == "auto")
         scores = None
         if plan_file is None or scores_file is not None or need:
-            ladder = plan_cfg.ladder if plan_cfg else DEFAULT_LADDER
+            ladder = plan_cfg.ladder if plan_cfg else AUTO_LADDER
             scores = get_scores(model, scores_file, score_cfg, progress, tensors, ladder,
-                                key if need else None, given)
+                                key if need else None, given, encoder)
         elif write_cfg.two_step:  # the single-pass writer checks every weight as it goes
             zd_scores(model, progress)  # the NaN/Inf check reads every weight
         if plan_file is None:

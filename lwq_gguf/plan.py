@@ -30,7 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
 from lwq_gguf.allocate import min_damage
-from lwq_gguf.quants import DEFAULT_LADDER, QUANT_TYPES, legal_type, parse_ladder, quant_type
+from lwq_gguf.quants import QUANT_TYPES, default_ladder, legal_type, parse_ladder, quant_type
 
 TOLERANCE = 0.02
 STRATEGIES = ("auto", "lim", "zd", "random")
@@ -77,17 +77,20 @@ def tensor_nbytes(type_name: str, shape: Sequence[int]) -> int:
 @dataclass(frozen=True)
 class PlanConfig:
     avg_bits: float
-    ladder: tuple[str, ...] = DEFAULT_LADDER
+    ladder: tuple[str, ...] = ()  # () = the strategy's default (quants.default_ladder)
     strategy: str = "auto"
     seed: int = 0
     token_embedding_type: str = "auto"  # "auto" = planned first, or a type name
     output_tensor_type: str = "auto"
     overrides: tuple[tuple[str, str], ...] = ()  # (regex, type): first match wins, like llama-quantize
+    encoder: str = "lwq"  # who encodes the blocks: lwq (own Q4_K) or ggml (llama-quantize's bytes)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise PlanError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        object.__setattr__(self, "ladder", parse_ladder(self.ladder))
+        if self.encoder not in ("lwq", "ggml"):
+            raise PlanError(f"unknown encoder {self.encoder!r}: use lwq or ggml")
+        object.__setattr__(self, "ladder", parse_ladder(self.ladder or default_ladder(self.strategy)))
         for t in (self.token_embedding_type, self.output_tensor_type):
             if t != "auto":
                 quant_type(t)
@@ -163,7 +166,7 @@ class Plan:
             c = d["config"]
             cfg = PlanConfig(float(c["avg_bits"]), tuple(c["ladder"]), c["strategy"], int(c["seed"]),
                              c["token_embedding_type"], c["output_tensor_type"],
-                             tuple((p, t) for p, t in c["overrides"]))
+                             tuple((p, t) for p, t in c["overrides"]), c.get("encoder", "ggml"))
             tensors = tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["src_type"]) for r in d["tensors"])
             types = tuple(quant_type(r["type"]).name for r in d["tensors"])
             return cls(cfg, tensors, types, tuple(d["layer_order"]), tuple(d["pair"]),

@@ -52,7 +52,14 @@ def _build() -> dict[str, QuantType]:
 QUANT_TYPES: dict[str, QuantType] = _build()
 BY_GGML: dict[GGMLQuantizationType, QuantType] = {q.ggml: q for q in QUANT_TYPES.values()}
 
-DEFAULT_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+DEFAULT_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # the paper's strategies
+# --strategy auto also weighs ggml's round-to-nearest types: dominated on most weights (and then
+# never chosen), exact on weights that already sit on their grid (QAT or re-exported models)
+AUTO_LADDER = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
+
+
+def default_ladder(strategy: str) -> tuple[str, ...]:
+    return AUTO_LADDER if strategy == "auto" else DEFAULT_LADDER
 
 # llama.cpp's fallback for a row length the type's block does not divide (tensor_type_fallback in
 # src/llama-quant.cpp at the pin). 32-block types that still do not fit become F16.
@@ -90,7 +97,7 @@ def parse_ladder(spec: str | tuple[str, ...]) -> tuple[str, ...]:
     names = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if len(names) < 1:
         raise PlanError("the type ladder is empty: pass e.g. --ladder q2_k,q3_k,q4_k,q5_k,q6_k,q8_0")
-    types = sorted({quant_type(n).name for n in names}, key=lambda n: QUANT_TYPES[n].bpw)
+    types = sorted({quant_type(n).name for n in names}, key=lambda n: (QUANT_TYPES[n].bpw, n))
     return tuple(types)
 
 

@@ -4,9 +4,9 @@ For every quantizable tensor t of the GGUF and every type q the plan may give it
 
     damage(t, q) = 1/2 * sum_i F_i * (w_i - Q_q(w)_i)^2
 
-* ``Q_q`` is ggml's own quantizer from the pinned build (:mod:`lwq_gguf.ggml`), run on the 16-bit
-  weights exactly as llama-quantize runs it, with the importance matrix when one is used, so the
-  error is the error the file will have;
+* ``Q_q`` is the quantizer the file will be written with (:mod:`lwq_gguf.kquant`: the pinned
+  ggml's, as llama-quantize runs it, or lwq-gguf's own Q4_K encoder), run on the 16-bit weights
+  with the importance matrix when one is used, so the error is the error the file will have;
 * ``F`` is the diagonal of the Fisher information of the model's next-token distribution per
   token, estimated over the calibration text as E[g^2] with labels sampled from the model itself
   (so it is the curvature of KL(p_base || p) at the base weights, not of the text's loss); 1/2
@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lwq_gguf.errors import UnsupportedModelError
-from lwq_gguf.ggml import Ggml
 from lwq_gguf.imatrix import Imatrix
+from lwq_gguf.kquant import Quantizer, split_damage_key
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.load import HFModel
 from lwq_gguf.plan import GGUFTensor
@@ -41,7 +41,7 @@ MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embeddi
 BLOCK = 1 << 20  # weights per quantize/compare step
 
 
-def tensor_damage(ggml: Ggml, w: np.ndarray, fisher: np.ndarray, types: list[str],
+def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: list[str],
                   imatrix: np.ndarray | None) -> dict[str, float]:
     """1/2 sum F (w - Q(w))^2 for each type (in row blocks: float64 sums, small temporaries)."""
     step = max(1, BLOCK // w.shape[1])
@@ -50,7 +50,7 @@ def tensor_damage(ggml: Ggml, w: np.ndarray, fisher: np.ndarray, types: list[str
         total = 0.0
         for i in range(0, w.shape[0], step):
             blk = w[i:i + step]
-            e = (blk - ggml.roundtrip(blk, ty, imatrix)).reshape(-1).astype(np.float64)
+            e = (blk - quantizer.roundtrip(blk, ty, imatrix)).reshape(-1).astype(np.float64)
             total += float(np.dot(fisher[i:i + step].reshape(-1).astype(np.float64), e * e))
         out[ty] = 0.5 * total
     return out
@@ -63,20 +63,21 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], ladder:
     """(sensitivity, the imatrix computed from the calibration text).
 
     The sensitivity holds the damage of every ladder type for every quantizable tensor under each
-    quantizer setting in ``keys``: "none" (no imatrix), "auto" (the computed imatrix) or the key
-    of a ``given`` imatrix.
+    quantizer setting in ``keys`` (:func:`lwq_gguf.kquant.damage_key`): the imatrix - "none",
+    "auto" (the computed imatrix) or the key of a ``given`` imatrix - and the encoder.
     """
     t0 = time.time()
     run = streamed_fisher(model, cfg, progress, MAX_ROWS)
     known = {"none": None, "auto": run.imatrix, **(given or {})}
-    modes = {k: known[k] for k in keys}
-    ggml = Ggml(lc)
+    modes = {k: known[split_damage_key(k)[0]] for k in keys}
+    quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in keys}}
     todo = {t.name: t for t in tensors if t.quantizable}
 
     def one(t: GGUFTensor, w: np.ndarray, f: np.ndarray, scale: float):
         types = sorted({legal_type(q, t.shape[0]) for q in ladder})
         return t.name, {key: {ty: sig6(d * scale) for ty, d in tensor_damage(
-            ggml, w, f, types, m.weights(t.name) if m is not None else None).items()}
+            quantizers[split_damage_key(key)[1]], w, f, types,
+            m.weights(t.name) if m is not None else None).items()}
             for key, m in modes.items()}
 
     damage: dict[str, dict] = {key: {} for key in modes}

@@ -158,6 +158,7 @@ def _one_pass(lc: LlamaCpp, model_dir: Path, plan: Plan, cfg: WriteConfig, work:
     (work / "types.json").write_text(json.dumps(dict(zip((t.name for t in plan.tensors),
                                                          plan.types))))
     extra = ["--types", str(work / "types.json"), "--threads", str(cfg.threads),
+             "--encoder", plan.config.encoder,
              "--ftype", str(int(file_type_for(_dominant_type(plan))))]
     if cfg.imatrix:
         extra += ["--imatrix", str(cfg.imatrix), "--imatrix-name", _imatrix_arg(cfg, work)]

@@ -104,9 +104,9 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
     lc = find_llama_cpp()
     ours, types = tmp_path / "ours.gguf", tmp_path / "types.txt"
     run_cli("-q", "plan", llama2, "--avg-bits", "4.1", "--scores", llama2_scores,
-            "--imatrix", "none", "--tensor-type-file", types, check=True)
+            "--imatrix", "none", "--tensor-type-file", types, "--encoder", "ggml", check=True)
     run_cli("-q", "convert", llama2, "--avg-bits", "4.1", "--scores", llama2_scores, "-o", ours,
-            "--imatrix", "none", "--no-verify", check=True)
+            "--imatrix", "none", "--no-verify", "--encoder", "ggml", check=True)
     (tmp_path / "kv.json").write_text("{}")
     base, plain = tmp_path / "base.gguf", tmp_path / "plain.gguf"
     converter_write(lc, llama2, base, "auto", tmp_path / "kv.json")
@@ -121,7 +121,7 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
               "--chunks", "4", "-o", str(imat)], what="llama-imatrix")
     with_im = tmp_path / "im.gguf"
     run_cli("-q", "convert", llama2, "--avg-bits", "4.1", "--scores", llama2_scores, "-o", with_im,
-            "--imatrix", imat, check=True)
+            "--imatrix", imat, "--encoder", "ggml", check=True)
     a, b = tensor_bytes(with_im), tensor_bytes(ours)
     assert a.keys() == b.keys()
     assert a["blk.0.ffn_up.weight"] != b["blk.0.ffn_up.weight"]  # the imatrix changed the quants
@@ -136,7 +136,7 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, tmp_path):
     for marker in (work / "base.gguf", tmp_path / ".k.gguf.partial"):
         proc = subprocess.Popen([sys.executable, "-m", "lwq_gguf", "-q", "convert", str(llama2),
                                  "--avg-bits", "4", "-o", str(out), "--calib-tokens", "512",
-                                 "--two-step"], env=env,
+                                 "--two-step", "--encoder", "ggml"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 120

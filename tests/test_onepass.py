@@ -23,7 +23,7 @@ def test_single_pass_is_byte_identical_to_two_step(tiny, tmp_path, arch, layers,
     model = tiny(arch, layers, **kw)
     one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
     args = ["-q", "convert", model, "--avg-bits", "4.2", "--calib-tokens", "512", "--no-verify",
-            *extra]  # a later --avg-bits wins
+            "--encoder", "ggml", *extra]  # a later --avg-bits wins
     run_cli(*args, "-o", two, "--two-step", check=True)
     p = run_cli(*args, "-o", one, check=True)
     assert one.read_bytes() == two.read_bytes()

@@ -1,5 +1,6 @@
 """Planning on synthetic tensor inventories (shapes of the demo models); no llama.cpp needed."""
 
+import json
 import random
 import re
 
@@ -8,7 +9,7 @@ import pytest
 from lwq_gguf.errors import PlanError
 from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, make_plan, parse_override, tensor_nbytes
 from lwq_gguf.allocate import min_damage
-from lwq_gguf.quants import QUANT_TYPES, legal_type
+from lwq_gguf.quants import AUTO_LADDER, QUANT_TYPES, legal_type
 
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -91,6 +92,21 @@ def test_out_of_range_and_bad_names():
         make_plan(inventory(), 30, PlanConfig(4.0, strategy="lim"))
 
 
+def test_default_ladder_follows_the_strategy_and_plans_record_it():
+    from lwq_gguf.quants import AUTO_LADDER, DEFAULT_LADDER
+
+    auto, lim = PlanConfig(4.0), PlanConfig(4.0, strategy="lim")
+    assert set(auto.ladder) == set(AUTO_LADDER) and {"q4_0", "q4_1", "q5_0", "q5_1"} <= set(auto.ladder)
+    assert lim.ladder == DEFAULT_LADDER  # the paper's strategies: K-quants only
+    assert PlanConfig(4.0, ladder=("q8_0", "q4_k")).ladder == ("q4_k", "q8_0")  # as given, sorted
+    plan = make_plan(inventory(), 30, lim, lim=LIM)
+    again = Plan.from_json(plan.to_json())
+    assert again.config == lim and again.config.encoder == "lwq"
+    old = json.loads(plan.to_json())
+    del old["config"]["encoder"]  # a plan written before encoders existed: ggml's bytes
+    assert Plan.from_json(json.dumps(old)).config.encoder == "ggml"
+
+
 def test_embedding_policy_and_overrides_are_respected_within_budget():
     cfg = PlanConfig(4.0, token_embedding_type="q6_k", overrides=(parse_override("attn_v=q8_0"),),
                      strategy="lim")
@@ -123,14 +139,18 @@ def test_plan_json_round_trip_and_tensor_type_file():
 
 
 def synthetic_damage(tensors, seed=0):
-    """damage = sensitivity * elements * 4^-bpw: halving the step size quarters the error."""
+    """damage = sensitivity * elements * 4^-bpw: halving the step size quarters the error; the
+    round-to-nearest types (q4_0 ... q5_1) 1.3x worse than a K-quant of their size."""
     rnd = random.Random(seed)
     out = {}
     for t in tensors:
         if t.quantizable:
             w = rnd.uniform(0.1, 10) * (5 if t.layer is None else 1)
-            out[t.name] = {legal_type(q, t.shape[0]): w * t.numel * 4 ** -QUANT_TYPES[legal_type(
-                q, t.shape[0])].bpw for q in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")}
+            out[t.name] = {}
+            for q in AUTO_LADDER:
+                ty = legal_type(q, t.shape[0])
+                out[t.name][ty] = (w * t.numel * 4 ** -QUANT_TYPES[ty].bpw
+                                   * (1 if ty.endswith("_k") or ty == "q8_0" else 1.3))
     return out
 
 

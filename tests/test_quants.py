@@ -23,6 +23,9 @@ def test_fallbacks_follow_llama_cpp():
 
 def test_ladder_parsing_sorts_and_rejects_unknown_names():
     assert parse_ladder("q8_0,q2_k,Q4_K") == ("q2_k", "q4_k", "q8_0")
+    # equal BPW: by name, whatever the order given (a set's order changes between runs)
+    assert parse_ladder("q5_k,q5_0,q4_k,q4_0") == parse_ladder("q4_0,q4_k,q5_0,q5_k") == (
+        "q4_0", "q4_k", "q5_0", "q5_k")
     with pytest.raises(PlanError, match="unknown quantization type 'q7_k'.*q4_k"):
         parse_ladder("q2_k,q7_k")
     with pytest.raises(PlanError):

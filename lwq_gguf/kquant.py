@@ -1,0 +1,123 @@
+"""Stage 4a - the quantizers a plan's types are encoded with.
+
+Every type is written in ggml's own block layout, so any llama.cpp reads the file. Two encoders:
+
+* ``ggml``: the pinned ggml's ``ggml_quantize_chunk`` (:mod:`lwq_gguf.ggml`) - the bytes
+  ``llama-quantize`` writes;
+* ``lwq`` (default): the same, except Q4_K, which lwq-gguf encodes itself
+  (``csrc/kquant.c``): the 6-bit sub-block scales and mins and the fp16 super-block scales are
+  chosen together by least squares over the whole 256-weight block, instead of rounding each
+  against the largest. Same format and size; lower (importance-weighted) error.
+
+The C source is compiled once with the system's C compiler into the lwq-gguf cache folder
+(``$LWQ_CACHE``, default ~/.cache/lwq-gguf), keyed by its hash, without ``-march`` or FMA
+contraction so that every x86_64 machine writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from lwq_gguf.errors import ToolError
+from lwq_gguf.ggml import Ggml
+from lwq_gguf.llamacpp import LlamaCpp
+
+ENCODERS = ("lwq", "ggml")
+OWN_TYPES = ("q4_k",)  # types the lwq encoder writes itself
+SOURCE = Path(__file__).parent / "csrc" / "kquant.c"
+CFLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+
+
+def encoder_tag(encoder: str) -> str:
+    """What the file records (lwq.encoder) and the sensitivity tables are keyed by."""
+    src = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+    return f"lwq-{src}" if encoder == "lwq" else "ggml"
+
+
+def damage_key(imatrix_key: str, encoder: str) -> str:
+    """Key of a sensitivity table: the imatrix setting and the encoder that made the errors."""
+    return f"{imatrix_key}@{encoder_tag(encoder)}"
+
+
+def split_damage_key(key: str) -> tuple[str, str]:
+    """(imatrix key, encoder) of a :func:`damage_key`."""
+    im, _, tag = key.rpartition("@")
+    return im, "ggml" if tag == "ggml" else "lwq"
+
+
+def library() -> Path:
+    """The compiled encoder (built on first use)."""
+    root = Path(os.environ.get("LWQ_CACHE") or Path.home() / ".cache" / "lwq-gguf")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    lib = root / f"kquant-{key}.so"
+    if lib.is_file():
+        return lib
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise ToolError(f"{SOURCE}: no C compiler to build lwq-gguf's Q4_K encoder: install gcc, "
+                        "or use --encoder ggml")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
+    try:
+        r = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise ToolError(f"{SOURCE}: {cc} failed ({last}): fix the compiler or use --encoder ggml")
+        os.replace(tmp, lib)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return lib
+
+
+class Quantizer:
+    """quantize / dequantize / roundtrip of 2-D float32 rows, with the chosen encoder."""
+
+    def __init__(self, lc: LlamaCpp, encoder: str = "lwq") -> None:
+        if encoder not in ENCODERS:
+            raise ToolError(f"unknown encoder {encoder!r}: use one of {', '.join(ENCODERS)}")
+        self.ggml, self.encoder, self.own = Ggml(lc), encoder, None
+        if encoder == "lwq":
+            self.own = ctypes.CDLL(str(library()))
+            fn = self.own.lwq_quantize_q4_k
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
+
+    def row_size(self, type_name: str, n: int) -> int:
+        from lwq_gguf.quants import QUANT_TYPES
+
+        return int(self.ggml.lib.ggml_row_size(int(QUANT_TYPES[type_name].ggml), n))
+
+    def quantize(self, rows: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> bytes:
+        if self.own is None or type_name not in OWN_TYPES:
+            return self.ggml.quantize(rows, type_name, imatrix)
+        src = np.ascontiguousarray(rows, dtype=np.float32)
+        nrows, n = src.shape
+        if n % 256:
+            raise ValueError(f"{type_name}: row of {n} is not a multiple of 256")
+        dst = ctypes.create_string_buffer(self.row_size(type_name, n) * nrows)
+        fptr = ctypes.POINTER(ctypes.c_float)
+        imat = None
+        if imatrix is not None:
+            im = np.ascontiguousarray(imatrix, dtype=np.float32)
+            imat = im.ctypes.data_as(fptr)
+        done = self.own.lwq_quantize_q4_k(src.ctypes.data_as(fptr), dst, nrows, n, imat)
+        assert done == len(dst), (done, len(dst))
+        return dst.raw
+
+    def dequantize(self, data: bytes, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+        return self.ggml.dequantize(data, type_name, shape)
+
+    def roundtrip(self, rows: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> np.ndarray:
+        """The float32 weights llama.cpp computes with after this encoder wrote ``rows``."""
+        if type_name == "f32":
+            return np.asarray(rows, dtype=np.float32)
+        return self.dequantize(self.quantize(rows, type_name, imatrix), type_name, rows.shape)
