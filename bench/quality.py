@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from lwq_gguf.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
 from lwq_gguf.evaluate import EvalConfig  # noqa: E402
 from lwq_gguf.plan import PlanConfig  # noqa: E402
+from lwq_gguf.quants import ENCODERS  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.score import ScoreConfig  # noqa: E402
 from lwq_gguf.verify import read_back  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--strategies", default="auto")
     ap.add_argument("--imatrix", default="none,auto")
-    ap.add_argument("--encoder", default="lwq", choices=("lwq", "ggml"),
+    ap.add_argument("--encoder", default="lwq", choices=ENCODERS,
                     help="our files' encoder (ggml: llama-quantize's Q4_K blocks)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")

@@ -9,7 +9,7 @@ from pathlib import Path
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan import STRATEGIES, PlanConfig, parse_override
-from lwq_gguf.quants import AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_LADDER
+from lwq_gguf.quants import AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_LADDER, ENCODERS
 
 EPILOG = "Types are llama.cpp's names (q2_k ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
 
@@ -49,7 +49,7 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
                    help="type of output.weight, or auto: planned first (default auto)")
     g.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="fix matching tensors to TYPE, as llama-quantize does (repeatable)")
-    g.add_argument("--encoder", choices=("lwq", "ggml"),
+    g.add_argument("--encoder", choices=ENCODERS,
                    help="lwq (default; with --plan: the plan's): lwq-gguf's own Q4_K encoder (same "
                    "format, lower error), ggml's for the other types; ggml: llama-quantize's bytes")
 

@@ -44,14 +44,25 @@ class Ggml:
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
 
+    def row_size(self, type_name: str, n: int) -> int:
+        """Bytes of one row of ``n`` weights in the type."""
+        return int(self.lib.ggml_row_size(int(QUANT_TYPES[type_name].ggml), n))
+
+    @staticmethod
+    def rows_f32(rows: np.ndarray, type_name: str) -> np.ndarray:
+        """``rows`` as contiguous float32, refused when the type's block does not divide a row."""
+        src = np.ascontiguousarray(rows, dtype=np.float32)
+        block = QUANT_TYPES[type_name].block
+        if src.shape[1] % block:
+            raise ValueError(f"{type_name}: row of {src.shape[1]} is not a multiple of {block}")
+        return src
+
     def quantize(self, rows: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> bytes:
         """Quantize a 2-D float32 array (rows of ggml ne0 weights) to ``type_name``'s blocks."""
         q = QUANT_TYPES[type_name]
-        src = np.ascontiguousarray(rows, dtype=np.float32)
+        src = self.rows_f32(rows, type_name)
         nrows, n = src.shape
-        if n % q.block:
-            raise ValueError(f"{type_name}: row of {n} is not a multiple of {q.block}")
-        size = self.lib.ggml_row_size(int(q.ggml), n) * nrows
+        size = self.row_size(type_name, n) * nrows
         dst = ctypes.create_string_buffer(size)
         imat = None
         if imatrix is not None:

@@ -28,17 +28,21 @@ import numpy as np
 from lwq_gguf.errors import ToolError
 from lwq_gguf.ggml import Ggml
 from lwq_gguf.llamacpp import LlamaCpp
+from lwq_gguf.quants import ENCODERS
 
-ENCODERS = ("lwq", "ggml")
 OWN_TYPES = ("q4_k",)  # types the lwq encoder writes itself
 SOURCE = Path(__file__).parent / "csrc" / "kquant.c"
 CFLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
 
 
+def _source_digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
 def encoder_tag(encoder: str) -> str:
-    """What the file records (lwq.encoder) and the sensitivity tables are keyed by."""
-    src = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
-    return f"lwq-{src}" if encoder == "lwq" else "ggml"
+    """The encoder and its source version: sensitivity tables and compare's file recipes are
+    keyed by it, so a changed encoder is measured again."""
+    return f"lwq-{_source_digest()[:8]}" if encoder == "lwq" else "ggml"
 
 
 def damage_key(imatrix_key: str, encoder: str) -> str:
@@ -55,7 +59,7 @@ def split_damage_key(key: str) -> tuple[str, str]:
 def library() -> Path:
     """The compiled encoder (built on first use)."""
     root = Path(os.environ.get("LWQ_CACHE") or Path.home() / ".cache" / "lwq-gguf")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_source_digest() + " ".join(CFLAGS)).encode()).hexdigest()[:16]
     lib = root / f"kquant-{key}.so"
     if lib.is_file():
         return lib
@@ -77,13 +81,14 @@ def library() -> Path:
     return lib
 
 
-class Quantizer:
-    """quantize / dequantize / roundtrip of 2-D float32 rows, with the chosen encoder."""
+class Quantizer(Ggml):
+    """ggml's quantize / dequantize / roundtrip, with lwq-gguf's Q4_K under ``encoder="lwq"``."""
 
     def __init__(self, lc: LlamaCpp, encoder: str = "lwq") -> None:
         if encoder not in ENCODERS:
             raise ToolError(f"unknown encoder {encoder!r}: use one of {', '.join(ENCODERS)}")
-        self.ggml, self.encoder, self.own = Ggml(lc), encoder, None
+        super().__init__(lc)
+        self.encoder, self.own = encoder, None
         if encoder == "lwq":
             self.own = ctypes.CDLL(str(library()))
             fn = self.own.lwq_quantize_q4_k
@@ -91,18 +96,11 @@ class Quantizer:
             fn.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
                            ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
 
-    def row_size(self, type_name: str, n: int) -> int:
-        from lwq_gguf.quants import QUANT_TYPES
-
-        return int(self.ggml.lib.ggml_row_size(int(QUANT_TYPES[type_name].ggml), n))
-
     def quantize(self, rows: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> bytes:
         if self.own is None or type_name not in OWN_TYPES:
-            return self.ggml.quantize(rows, type_name, imatrix)
-        src = np.ascontiguousarray(rows, dtype=np.float32)
+            return super().quantize(rows, type_name, imatrix)
+        src = self.rows_f32(rows, type_name)
         nrows, n = src.shape
-        if n % 256:
-            raise ValueError(f"{type_name}: row of {n} is not a multiple of 256")
         dst = ctypes.create_string_buffer(self.row_size(type_name, n) * nrows)
         fptr = ctypes.POINTER(ctypes.c_float)
         imat = None
@@ -112,12 +110,3 @@ class Quantizer:
         done = self.own.lwq_quantize_q4_k(src.ctypes.data_as(fptr), dst, nrows, n, imat)
         assert done == len(dst), (done, len(dst))
         return dst.raw
-
-    def dequantize(self, data: bytes, type_name: str, shape: tuple[int, int]) -> np.ndarray:
-        return self.ggml.dequantize(data, type_name, shape)
-
-    def roundtrip(self, rows: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> np.ndarray:
-        """The float32 weights llama.cpp computes with after this encoder wrote ``rows``."""
-        if type_name == "f32":
-            return np.asarray(rows, dtype=np.float32)
-        return self.dequantize(self.quantize(rows, type_name, imatrix), type_name, rows.shape)

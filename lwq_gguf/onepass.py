@@ -6,10 +6,10 @@ materializes the converter's 16-bit data, widens it to float32 and quantizes it 
 cores) to the planned type with the plan's encoder (:mod:`lwq_gguf.kquant`). With ``--encoder
 ggml`` (the pinned ggml's ``ggml_quantize_chunk`` for every type) the result is the file
 ``llama-quantize --tensor-type-file`` makes from the converter's 16-bit GGUF, byte for byte
-(tests/test_onepass.py); the default ``lwq`` differs only in the Q4_K blocks. The same order: tensors in llama-quantize's order (:func:`loader_order`), metadata in
-its order (general.quantization_version and general.file_type moved last, then the
-quantize.imatrix.* keys), importance weights computed as llama-quantize computes them (float32
-sums / float32 count), and the same blocks. No 16-bit copy is written to disk, and every weight is
+(tests/test_onepass.py); the default ``lwq`` differs only in the Q4_K blocks. Either way:
+tensors in llama-quantize's order (:func:`loader_order`), metadata in its order
+(general.quantization_version and general.file_type moved last, then the quantize.imatrix.* keys),
+importance weights computed as llama-quantize computes them (float32 sums / float32 count). No 16-bit copy is written to disk, and every weight is
 checked for NaN/Inf on the way.
 """
 

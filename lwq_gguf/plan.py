@@ -30,7 +30,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
 from lwq_gguf.allocate import min_damage
-from lwq_gguf.quants import QUANT_TYPES, default_ladder, legal_type, parse_ladder, quant_type
+from lwq_gguf.quants import (ENCODERS, QUANT_TYPES, default_ladder, legal_type, parse_ladder,
+                             quant_type)
 
 TOLERANCE = 0.02
 STRATEGIES = ("auto", "lim", "zd", "random")
@@ -88,8 +89,8 @@ class PlanConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise PlanError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.encoder not in ("lwq", "ggml"):
-            raise PlanError(f"unknown encoder {self.encoder!r}: use lwq or ggml")
+        if self.encoder not in ENCODERS:
+            raise PlanError(f"unknown encoder {self.encoder!r}: use one of {', '.join(ENCODERS)}")
         object.__setattr__(self, "ladder", parse_ladder(self.ladder or default_ladder(self.strategy)))
         for t in (self.token_embedding_type, self.output_tensor_type):
             if t != "auto":

@@ -58,6 +58,10 @@ DEFAULT_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # the paper's
 AUTO_LADDER = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
 
 
+# who encodes the blocks (lwq_gguf.kquant): lwq-gguf's own Q4_K + ggml's other types, or ggml's all
+ENCODERS = ("lwq", "ggml")
+
+
 def default_ladder(strategy: str) -> tuple[str, ...]:
     return AUTO_LADDER if strategy == "auto" else DEFAULT_LADDER
 
