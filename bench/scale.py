@@ -17,7 +17,8 @@ and a plain PyTorch forward of one decoder layer over the same tokens (scaled by
 count) as the reference for scoring throughput. The 8B-shaped model is generated once into
 $LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer). Writes
 bench/results/scale-SHAPE.json and prints a table. Targets (issue 5): peak RSS <= 8 GB and
-ours / plain <= 1.1 for the 8B shape. ``--steps`` runs some of the steps and merges them into the
+ours / plain <= 1.1 for the 8B shape. ``--strategy lim`` plans from LIM scores alone (no
+sensitivity analysis, which takes over an hour at 8B shapes on 2 cores). ``--steps`` runs some of the steps and merges them into the
 existing results (score+plan once, the conversions later on an idle machine); the single-pass
 file is compared byte for byte with the plain pipeline's when both ran.
 """
@@ -154,6 +155,9 @@ def main() -> None:
     ap.add_argument("--avg-bits", type=float, default=4.0)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "scale")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)}")
+    ap.add_argument("--strategy", default="auto", choices=["auto", "lim", "zd"],
+                    help="plan strategy; lim/zd score without the sensitivity analysis (the 8B "
+                         "shape's takes over an hour on 2 cores)")
     a = ap.parse_args()
     steps = [s for s in a.steps.split(",") if s]
     if set(steps) - set(STEPS):
@@ -176,11 +180,12 @@ def main() -> None:
     r = dict(old.get("steps", {}))
     if "score" in steps:
         r["score"] = timed([*cli, "score", str(model), "-o", str(work / "scores.json"),
-                            "--rescore", "--calib-tokens", str(a.calib_tokens), "--device", "cpu"],
-                           env)
+                            "--rescore", "--calib-tokens", str(a.calib_tokens), "--device", "cpu",
+                            *([] if a.strategy == "auto" else ["--no-sensitivity"])], env)
     if "plan" in steps:
         r["plan"] = timed([*cli, "plan", str(model), "--avg-bits", str(a.avg_bits), "--imatrix",
-                           "none", "--scores", str(work / "scores.json"), "-o",
+                           "none", "--strategy", a.strategy, "--scores", str(work / "scores.json"),
+                           "-o",
                            str(work / "plan.json"), "--tensor-type-file", str(work / "types.txt"),
                            "--force"], env)
     if "plan" in steps and old_types not in (None, types_file.read_text()):
@@ -208,7 +213,7 @@ def main() -> None:
     for step in ("ours", "ours_two_step"):
         if (work / f"{step}.gguf").is_file() and (work / "plain.gguf").is_file():
             same[step] = tensor_data_equal(work / f"{step}.gguf", work / "plain.gguf")
-    sens = json.loads((work / "scores.json").read_text())["sensitivity"]
+    sens = json.loads((work / "scores.json").read_text()).get("sensitivity") or {"seconds": 0.0}
     n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     fwd = old.get("plain_forward_seconds") or layer_forward_seconds(model, a.calib_tokens) * n_layers
     plain = (r["plain_convert"]["seconds"] + r["plain_quantize"]["seconds"]
@@ -218,7 +223,8 @@ def main() -> None:
         return round(r[step]["seconds"] / plain, 3) if plain and step in r else None
 
     doc = {"shape": a.shape, "model": str(model), "machine": machine(), "calib_tokens":
-           a.calib_tokens, "avg_bits": a.avg_bits, "outtype": outtype, "steps": r,
+           a.calib_tokens, "avg_bits": a.avg_bits, "strategy": a.strategy, "outtype": outtype,
+           "steps": r,
            "convert_ratio": ratio("ours"), "convert_ratio_two_step": ratio("ours_two_step"),
            "convert_ratio_lwq_encoder": ratio("ours_lwq"),
            "tensor_data_equal_to_plain": same or old.get("tensor_data_equal_to_plain"),

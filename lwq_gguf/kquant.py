@@ -11,7 +11,8 @@ Every type is written in ggml's own block layout, so any llama.cpp reads the fil
 
 The C source is compiled once with the system's C compiler into the lwq-gguf cache folder
 (``$LWQ_CACHE``, default ~/.cache/lwq-gguf), keyed by its hash, without ``-march`` or FMA
-contraction so that every x86_64 machine writes the same bytes.
+contraction so that every x86_64 machine writes the same bytes (vectorized across candidates,
+never across a sum: ``-fno-trapping-math`` only lets the compiler if-convert).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lwq_gguf.quants import ENCODERS
 
 OWN_TYPES = ("q4_k",)  # types the lwq encoder writes itself
 SOURCE = Path(__file__).parent / "csrc" / "kquant.c"
-CFLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+CFLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math")
 
 
 def _source_digest() -> str:

@@ -92,3 +92,29 @@ def test_degenerate_blocks_decode_to_finite_values(quantizers):
         assert np.isfinite(y).all() and lwq.quantize(rows, "q4_k", im) == data
         assert not y[0].any()  # zeros stay zeros
         assert np.abs(rows - y).max() < 0.05 * np.abs(rows).max()
+
+
+def pinned_rows() -> tuple[np.ndarray, np.ndarray]:
+    """Weights and imatrix from integer arithmetic only (the same floats on every machine)."""
+    i = np.arange(64 * 1024, dtype=np.uint64)
+    u = ((i * np.uint64(2654435761) + np.uint64(12345)) % np.uint64(1 << 32)).astype(np.float64)
+    u = u / 2**32 - 0.5
+    w = (0.05 * u + 0.3 * u**5).astype(np.float32).reshape(64, 1024)  # heavy-ish tails
+    w[3, 40] = 2.0  # one spike
+    im = (((np.arange(1024) * 40503) % 997) / 997.0 + 1e-3).astype(np.float32) ** 3
+    return w, im
+
+
+# sha256 of lwq_quantize_q4_k's output on pinned_rows(), without and with the imatrix: any change
+# to the encoder's bytes (a rewrite, a compiler flag, another machine) shows here. Change these
+# only together with a re-measured bench/quality.py.
+PINNED = ("95011add90fcf9ee5cefcbe65b151bc88eee648e5d9ef7ea4ad44ddabe634c69",
+          "38b444e038cd00275774ba87394ed615dc7c03690a408a62267bf05699826c3a")
+
+
+def test_encoder_bytes_are_pinned(quantizers):
+    import hashlib
+
+    w, im = pinned_rows()
+    got = tuple(hashlib.sha256(quantizers[0].quantize(w, "q4_k", m)).hexdigest() for m in (None, im))
+    assert got == PINNED

@@ -10,6 +10,10 @@
  *      values re-rounded for each) and keeps the least weighted error; then d and dmin are
  *      re-fitted by least squares over the whole super-block (fp16).
  * Error measure: sum w_i (x_i - y_i)^2, w = the importance matrix column weight, or 1.
+ * Speed: the trial grids of step 1, the candidates of step 2 and the 9 pairs of step 3 are
+ * evaluated side by side, so the compiler vectorizes across candidates (-fno-trapping-math lets
+ * it if-convert); every sum still runs in weight order, so the floats are those of a
+ * one-candidate-at-a-time loop (tests/test_kquant.py pins the bytes).
  * The result never needs anything but llama.cpp's own dequantizer.
  */
 #include <math.h>
@@ -19,6 +23,7 @@
 #define QK 256
 #define SB 32
 #define NSB 8
+#define NC 12   /* 9 candidate (scale, min) pairs, padded for vector width */
 
 static uint16_t f32_to_f16(float f) {  /* round to nearest even, as ggml's scalar fallback */
     union { float f; uint32_t u; } in = { f };
@@ -53,64 +58,77 @@ static int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v
 /* round half up, for v that are clamped to >= 0 anyway (no libm call on baseline x86-64) */
 static inline int rnd(float v) { return v <= 0 ? 0 : (int)(v + 0.5f); }
 
-/* Step 1: one sub-block -> scale s >= 0 and min m >= 0 (value = s*q - m). */
+/* clampi(rnd(v), 0, hi) as a float, written so that loops over candidates vectorize: the same
+ * value for every v (an x86 (int) cast of v + 0.5 >= 2^31 gives INT_MIN, clamped to 0; NaN: 0). */
+static inline float qround(float v, float hi) {
+    const float t = v + 0.5f, c = t < hi ? t : hi;
+    return ((v > 0) & (t < 2147483648.0f)) ? (float)(int)c : 0.0f;
+}
+
+/* Step 1: one sub-block -> scale s >= 0 and min m >= 0 (value = s*q - m). The 21 trial grids
+ * are evaluated side by side (each sum still in weight order, so the same floats as one by one). */
+#define NK 21
+#define NKP 24
 static void fit_sub(const float *x, const float *w, float *s_out, float *m_out) {
     float mn = x[0], mx = x[0];
     for (int i = 1; i < SB; i++) { if (x[i] < mn) mn = x[i]; if (x[i] > mx) mx = x[i]; }
     if (mn > 0) mn = 0;
     if (mx <= mn) { *s_out = 0; *m_out = -mn; return; }
-    float best = INFINITY, bs = (mx - mn) / 15, bm = -mn;
-    for (int k = 0; k <= 20; k++) {
-        const float isc = (14.0f + 0.1f * k) / (mx - mn);
-        float sw = 0, sq = 0, sqq = 0, sx = 0, sqx = 0;
-        int q[SB];
-        for (int i = 0; i < SB; i++) {
-            q[i] = clampi(rnd(isc * (x[i] - mn)), 0, 15);
-            sw += w[i]; sq += w[i] * q[i]; sqq += w[i] * q[i] * q[i];
-            sx += w[i] * x[i]; sqx += w[i] * q[i] * x[i];
+    float isc[NKP], sq[NKP] = {0}, sqq[NKP] = {0}, sqx[NKP] = {0}, err[NKP] = {0};
+    float fa[NKP] = {0}, fb[NKP] = {0};
+    int ok[NKP] = {0};
+    for (int k = 0; k < NKP; k++) isc[k] = (14.0f + 0.1f * k) / (mx - mn);
+    float sw = 0, sx = 0;
+    for (int i = 0; i < SB; i++) { sw += w[i]; sx += w[i] * x[i]; }
+    for (int i = 0; i < SB; i++) {
+        const float xm = x[i] - mn, wi = w[i], xi = x[i];
+        for (int k = 0; k < NKP; k++) {
+            const float q = qround(isc[k] * xm, 15.0f), wq = wi * q;
+            sq[k] += wq; sqq[k] += wq * q; sqx[k] += wq * xi;
         }
-        const double det = sw * sqq - sq * sq;
-        if (det <= 0) continue;
-        double a = (sw * sqx - sq * sx) / det, b = (sqq * sx - sq * sqx) / det;
-        if (b > 0) { b = 0; a = sqq > 0 ? sqx / sqq : 0; }  /* K-quant mins are subtracted */
-        if (a < 0) a = 0;
-        float err = 0;
-        const float fa = (float)a, fb = (float)b;
-        for (int i = 0; i < SB; i++) { const float e = fa * q[i] + fb - x[i]; err += w[i] * e * e; }
-        if (err < best) { best = (float)err; bs = (float)a; bm = (float)-b; }
     }
+    for (int k = 0; k < NK; k++) {
+        const double det = sw * sqq[k] - sq[k] * sq[k];
+        if (det <= 0) continue;
+        double a = (sw * sqx[k] - sq[k] * sx) / det, b = (sqq[k] * sx - sq[k] * sqx[k]) / det;
+        if (b > 0) { b = 0; a = sqq[k] > 0 ? sqx[k] / sqq[k] : 0; }  /* K-quant mins are subtracted */
+        if (a < 0) a = 0;
+        fa[k] = (float)a; fb[k] = (float)b; ok[k] = 1;
+    }
+    for (int i = 0; i < SB; i++) {
+        const float xm = x[i] - mn, wi = w[i], xi = x[i];
+        for (int k = 0; k < NKP; k++) {
+            const float q = qround(isc[k] * xm, 15.0f), e = fa[k] * q + fb[k] - xi;
+            err[k] += wi * e * e;
+        }
+    }
+    float best = INFINITY, bs = (mx - mn) / 15, bm = -mn;
+    for (int k = 0; k < NK; k++)
+        if (ok[k] && err[k] < best) { best = err[k]; bs = fa[k]; bm = -fb[k]; }
     *s_out = bs; *m_out = bm;
 }
 
 /* Step 2: fp16 D among max/t that best rounds v[j] to D * (0..63), weighted by wt[j]. */
+#define ND 64
 static float pick_scale(const float *v, const float *wt) {
     float vmax = 0;
     for (int j = 0; j < NSB; j++) if (v[j] > vmax) vmax = v[j];
     if (vmax <= 0) return 0;
-    float best = INFINITY, bd = round_f16(vmax / 63);
-    for (int k = 0; k < 64; k++) {
-        const float d = round_f16(vmax / (63.0f - k * (23.0f / 63.0f)));
-        if (d <= 0) continue;
-        double e = 0;
-        for (int j = 0; j < NSB; j++) {
-            const double r = v[j] - d * clampi(rnd(v[j] / d), 0, 63);
-            e += wt[j] * r * r;
+    float dk[ND];
+    double e[ND] = {0};
+    for (int k = 0; k < ND; k++) dk[k] = round_f16(vmax / (63.0f - k * (23.0f / 63.0f)));
+    for (int j = 0; j < NSB; j++) {
+        const float vj = v[j];
+        const double wj = wt[j];
+        for (int k = 0; k < ND; k++) {
+            const double r = vj - dk[k] * qround(vj / dk[k], 63.0f);
+            e[k] += wj * r * r;
         }
-        if (e < best) { best = (float)e; bd = d; }
     }
+    float best = INFINITY, bd = round_f16(vmax / 63);
+    for (int k = 0; k < ND; k++)
+        if (dk[k] > 0 && e[k] < best) { best = (float)e[k]; bd = dk[k]; }
     return bd;
-}
-
-/* Weighted error of one sub-block with effective scale a and min b; q filled. */
-static float sub_err(const float *x, const float *w, float a, float b, uint8_t *q) {
-    float err = 0;
-    const float ia = a > 0 ? 1.0f / a : 0;
-    for (int i = 0; i < SB; i++) {
-        q[i] = (uint8_t)clampi(rnd((x[i] + b) * ia), 0, 15);
-        const float e = a * q[i] - b - x[i];
-        err += w[i] * e * e;
-    }
-    return err;
 }
 
 static void encode_block(const float *x, const float *w, uint8_t *out) {
@@ -127,17 +145,31 @@ static void encode_block(const float *x, const float *w, uint8_t *out) {
     }
     float d = pick_scale(s, ws), dmin = pick_scale(m, wm);
     int sc[NSB] = {0}, mn[NSB] = {0};
-    uint8_t q[QK] = {0}, qt[SB];
+    uint8_t q[QK] = {0};
     for (int it = 0; it < 3; it++) {
         for (int j = 0; j < NSB; j++) {
+            const float *xj = x + j * SB, *wj = w + j * SB;
             const int sc0 = d > 0 ? clampi(rnd(s[j] / d), 0, 63) : 0;
             const int mn0 = dmin > 0 ? clampi(rnd(m[j] / dmin), 0, 63) : 0;
-            float best = INFINITY;
-            for (int ds = -1; ds <= 1; ds++) for (int dm = -1; dm <= 1; dm++) {
-                const int a = clampi(sc0 + ds, 0, 63), b = clampi(mn0 + dm, 0, 63);
-                const float e = sub_err(x + j * SB, w + j * SB, d * a, dmin * b, qt);
-                if (e < best || (ds == -1 && dm == -1)) {  /* the first always: NaN-proof */ best = e; sc[j] = a; mn[j] = b; memcpy(q + j * SB, qt, SB); }
+            /* the 9 (scale, min) pairs sc0-1..sc0+1 x mn0-1..mn0+1, evaluated side by side */
+            int ca[NC], cb[NC];
+            float A[NC] = {0}, B[NC] = {0}, IA[NC] = {0}, E[NC] = {0};
+            for (int c = 0; c < 9; c++) {
+                ca[c] = clampi(sc0 + c / 3 - 1, 0, 63); cb[c] = clampi(mn0 + c % 3 - 1, 0, 63);
+                A[c] = d * ca[c]; B[c] = dmin * cb[c]; IA[c] = A[c] > 0 ? 1.0f / A[c] : 0;
             }
+            for (int i = 0; i < SB; i++) {
+                const float xi = xj[i], wi = wj[i];
+                for (int c = 0; c < NC; c++) {
+                    const float e = A[c] * qround((xi + B[c]) * IA[c], 15.0f) - B[c] - xi;
+                    E[c] += wi * e * e;
+                }
+            }
+            int bc = 0;  /* the first always: NaN-proof */
+            for (int c = 1; c < 9; c++) if (E[c] < E[bc]) bc = c;
+            sc[j] = ca[bc]; mn[j] = cb[bc];
+            for (int i = 0; i < SB; i++)
+                q[j * SB + i] = (uint8_t)qround((xj[i] + B[bc]) * IA[bc], 15.0f);
         }
         if (it == 2) break;
         /* x ~ d * (sc q) - dmin * mn over the super-block: 2x2 weighted least squares */
