@@ -18,9 +18,10 @@ count) as the reference for scoring throughput. The 8B-shaped model is generated
 $LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer). Writes
 bench/results/scale-SHAPE.json and prints a table. Targets (issue 5): peak RSS <= 8 GB and
 ours / plain <= 1.1 for the 8B shape. ``--strategy lim`` plans from LIM scores alone (no
-sensitivity analysis, which takes over an hour at 8B shapes on 2 cores). ``--steps`` runs some of the steps and merges them into the
-existing results (score+plan once, the conversions later on an idle machine); the single-pass
-file is compared byte for byte with the plain pipeline's when both ran.
+sensitivity analysis, which takes over an hour at 8B shapes on 2 cores). ``--steps`` runs some
+of the steps and merges them into the existing results (score+plan once, the conversions later
+on an idle machine); the single-pass file is compared byte for byte with the plain pipeline's
+when both ran.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def main() -> None:
     if "plan" in steps:
         r["plan"] = timed([*cli, "plan", str(model), "--avg-bits", str(a.avg_bits), "--imatrix",
                            "none", "--strategy", a.strategy, "--scores", str(work / "scores.json"),
-                           "-o",
-                           str(work / "plan.json"), "--tensor-type-file", str(work / "types.txt"),
+                           "-o", str(work / "plan.json"), "--tensor-type-file",
+                           str(work / "types.txt"),
                            "--force"], env)
     if "plan" in steps and old_types not in (None, types_file.read_text()):
         print("scale: the plan's types changed: earlier conversion timings dropped")

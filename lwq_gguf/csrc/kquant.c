@@ -55,11 +55,10 @@ static float round_f16(float v) { return f16_to_f32(f32_to_f16(v)); }
 
 static int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* round half up, for v that are clamped to >= 0 anyway (no libm call on baseline x86-64) */
-static inline int rnd(float v) { return v <= 0 ? 0 : (int)(v + 0.5f); }
-
-/* clampi(rnd(v), 0, hi) as a float, written so that loops over candidates vectorize: the same
- * value for every v (an x86 (int) cast of v + 0.5 >= 2^31 gives INT_MIN, clamped to 0; NaN: 0). */
+/* v rounded half up and clamped to 0..hi (an integer), as a float; no libm call on baseline
+ * x86-64, and branch-free so that loops over candidates vectorize. The value of the earlier
+ * clampi((int)(v + 0.5f), 0, hi) for every v: an x86 (int) cast of v + 0.5 >= 2^31 gives
+ * INT_MIN, clamped to 0; NaN and v <= 0 give 0. */
 static inline float qround(float v, float hi) {
     const float t = v + 0.5f, c = t < hi ? t : hi;
     return ((v > 0) & (t < 2147483648.0f)) ? (float)(int)c : 0.0f;
@@ -138,7 +137,7 @@ static void encode_block(const float *x, const float *w, uint8_t *out) {
         double a = 0, b = 0;
         for (int i = 0; i < SB; i++) {
             const float wi = w[j * SB + i];
-            const float qi = s[j] > 0 ? clampi(rnd((x[j * SB + i] + m[j]) / s[j]), 0, 15) : 0;
+            const float qi = s[j] > 0 ? qround((x[j * SB + i] + m[j]) / s[j], 15.0f) : 0;
             a += wi * qi * qi; b += wi;
         }
         ws[j] = (float)a; wm[j] = (float)b;
@@ -149,8 +148,8 @@ static void encode_block(const float *x, const float *w, uint8_t *out) {
     for (int it = 0; it < 3; it++) {
         for (int j = 0; j < NSB; j++) {
             const float *xj = x + j * SB, *wj = w + j * SB;
-            const int sc0 = d > 0 ? clampi(rnd(s[j] / d), 0, 63) : 0;
-            const int mn0 = dmin > 0 ? clampi(rnd(m[j] / dmin), 0, 63) : 0;
+            const int sc0 = d > 0 ? (int)qround(s[j] / d, 63.0f) : 0;
+            const int mn0 = dmin > 0 ? (int)qround(m[j] / dmin, 63.0f) : 0;
             /* the 9 (scale, min) pairs sc0-1..sc0+1 x mn0-1..mn0+1, evaluated side by side */
             int ca[NC], cb[NC];
             float A[NC] = {0}, B[NC] = {0}, IA[NC] = {0}, E[NC] = {0};
