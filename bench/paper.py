@@ -30,11 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lwq_gguf.evaluate import EvalConfig, evaluate_many  # noqa: E402
-from lwq_gguf.hfconvert import converter_write  # noqa: E402
+from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many  # noqa: E402
+from lwq_gguf.files import atomic_output  # noqa: E402
+from lwq_gguf.write.converter import write_16bit  # noqa: E402
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score import Scores  # noqa: E402
+from lwq_gguf.score.scores import Scores  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-k256"
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -83,8 +84,7 @@ def main() -> None:
     scores = Scores.from_json(scores_path.read_text())
     base = a.out / "base-f16.gguf"
     if not base.is_file():
-        (a.out / "kv.json").write_text("{}")
-        converter_write(lc, MODEL, base, "f16", a.out / "kv.json")
+        write_16bit(lc, MODEL, base, "f16")
     files: dict[tuple[str, int], Path] = {}
     for name, order in orderings(scores, a.seeds).items():
         for share in SHARES:
@@ -95,13 +95,12 @@ def main() -> None:
             if not path.is_file():
                 tf = a.out / "types.txt"
                 tf.write_text(types_file(set(moved), scores.n_layers, a.low))
-                tmp = path.with_suffix(".partial")
-                run_tool([str(lc.tool("llama-quantize")), "--tensor-type-file", str(tf), str(base),
-                          str(tmp), "Q4_K_S"], what="llama-quantize")
-                tmp.replace(path)
+                with atomic_output(path) as tmp:
+                    run_tool([str(lc.tool("llama-quantize")), "--tensor-type-file", str(tf),
+                              str(base), str(tmp), "Q4_K_S"], what="llama-quantize")
             files[(name, share)] = path
     unique = sorted(set(files.values()))
-    res = dict(zip(unique, evaluate_many(unique, a.text, lc, EvalConfig(512, a.chunks, "cpu"),
+    res = dict(zip(unique, evaluate_many(unique, a.text, lc, EvalConfig(ctx=512, chunks=a.chunks, device="cpu"),
                                          base)))
     rows = [{"ordering": n, "share": s, "kld": res[p].kld_mean, "kld_err": res[p].kld_err,
              "ppl": res[p].ppl, "same_top": res[p].same_top_pct} for (n, s), p in files.items()]

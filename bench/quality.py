@@ -26,13 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lwq_gguf.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
-from lwq_gguf.evaluate import EvalConfig  # noqa: E402
-from lwq_gguf.plan import PlanConfig  # noqa: E402
-from lwq_gguf.quants import ENCODERS  # noqa: E402
+from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
+from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
+from lwq_gguf.plan.plan import PlanConfig  # noqa: E402
+from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
+from lwq_gguf.quant.types import ENCODERS  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score import ScoreConfig  # noqa: E402
-from lwq_gguf.verify import read_back  # noqa: E402
+from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
+from lwq_gguf.write.verify import read_back  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-k256"
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -50,14 +51,16 @@ def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix:
         encoder: str = "lwq") -> list[dict]:
     out = out_root / f"imatrix-{imatrix}"
     out_root.mkdir(parents=True, exist_ok=True)
-    cfg = CompareConfig(MODEL, out, text, (), PlanConfig(4.0), MIXES, imatrix,
-                        ScoreConfig(device="cpu"), EvalConfig(512, chunks, "cpu"))
+    cfg = CompareConfig(model=MODEL, out_dir=out, text=text, targets=(),
+                        plan=PlanConfig(avg_bits=4.0), baselines=MIXES,
+                        imatrix=ImatrixChoice.parse(imatrix), score=ScoreConfig(device="cpu"),
+                        eval=EvalConfig(ctx=512, chunks=chunks, device="cpu"))
     mixes = {r.label: r for r in run_compare(cfg).rows if r.kind == "llama.cpp"}
     targets = tuple(size_target(out / mixes[m].file) for m in MIXES)
     rows = []
     for strategy in strategies:
         c = replace(cfg, targets=targets,
-                    plan=PlanConfig(targets[0], strategy=strategy, encoder=encoder))
+                    plan=PlanConfig(avg_bits=targets[0], strategy=strategy, encoder=encoder))
         res = run_compare(c)
         write_outputs(c, res, f"bench/quality.py (imatrix {imatrix}, strategy {strategy})")
         ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
@@ -107,7 +110,7 @@ def main() -> None:
     print(table(head, cells))
     print(verdict)
     doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
-           "machine": machine(), "seconds": round(time.time() - t0), "verdict": verdict,
+           "date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": round(time.time() - t0), "verdict": verdict,
            "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows}
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps(doc, indent=1))
@@ -115,8 +118,46 @@ def main() -> None:
         f"# Quality: lwq-gguf vs llama.cpp mixes at equal size\n\nCommand: `{doc['command']}`\n\n"
         f"Machine: {doc['machine']}; text {a.text.name}, {a.chunks} chunks x 512; "
         f"{doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n{verdict}\n")
+    if a.results.name == "quality.json":
+        plot(doc, ROOT / "docs" / "quality.png")
     print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
 
 
+def plot(doc: dict, png: Path) -> None:
+    """Mean KLD against BPW from a results file: llama.cpp's mixes and lwq-gguf at their sizes,
+    one pair of lines per imatrix setting (docs/quality.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for imatrix, color in (("none", "tab:red"), ("auto", "tab:blue")):
+        rows = sorted((r for r in doc["rows"] if r["imatrix"] == imatrix
+                       and r["strategy"] == "auto"), key=lambda r: r["mix_bpw"])
+        if not rows:
+            continue
+        ax.plot([r["mix_bpw"] for r in rows], [r["mix_kld"] for r in rows], "s--", color=color,
+                label=f"llama.cpp mixes (imatrix {imatrix})")
+        ax.plot([r["ours_bpw"] for r in rows], [r["ours_kld"] for r in rows], "o-", color=color,
+                label=f"lwq-gguf, same size (imatrix {imatrix})")
+        for r in rows:
+            ax.annotate(r["mix"], (r["mix_bpw"], r["mix_kld"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (whole file)")
+    ax.set_ylabel("mean KL-divergence vs F16 (log)")
+    ax.set_title(f"{doc['model']}: {doc['chunks']} x 512 tokens of {Path(doc['text']).name}, "
+                 "llama.cpp on CPU", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--plot"]:  # redraw the plot of a results file: --plot RESULTS.json PNG
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
+    else:
+        main()

@@ -20,8 +20,10 @@ bench/results/scale-SHAPE.json and prints a table. Targets (issue 5): peak RSS <
 ours / plain <= 1.1 for the 8B shape. ``--strategy lim`` plans from LIM scores alone (no
 sensitivity analysis, which takes over an hour at 8B shapes on 2 cores). ``--steps`` runs some
 of the steps and merges them into the existing results (score+plan once, the conversions later
-on an idle machine); the single-pass file is compared byte for byte with the plain pipeline's
-when both ran.
+on an idle machine): every step carries the date it was measured, and the results list which
+steps were measured in this run (``steps_run_now``) and which were carried over from an earlier
+run (``steps_carried``); the single-pass file is compared byte for byte with the plain
+pipeline's when both ran.
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ def layer_forward_seconds(model_dir: Path, tokens: int, device: str = "cpu") -> 
     """A plain PyTorch forward of one decoder layer over ``tokens`` (windows of 512), fp32."""
     import torch
 
-    from lwq_gguf.load import open_model
-    from lwq_gguf.stream import LayerStream
+    from lwq_gguf.model.load import open_model
+    from lwq_gguf.model.stream import LayerStream
 
     s = LayerStream(open_model(model_dir), device, 512)
     layer = s.load(s.layers[0], "model.layers.0")
@@ -210,13 +212,21 @@ def main() -> None:
             (work / f"{step}.gguf").unlink(missing_ok=True)
             r[step] = timed([*cli, "convert", str(model), "--plan", str(work / "plan.json"),
                              "--imatrix", "none", "-o", str(work / f"{step}.gguf"), *extra], env)
+    today = time.strftime("%Y-%m-%d")
+    for step in steps:
+        if step in r:
+            r[step]["measured"] = today
+    for step in set(r) - set(steps):
+        r[step].setdefault("measured", "an earlier run (undated)")
     same = {}
     for step in ("ours", "ours_two_step"):
         if (work / f"{step}.gguf").is_file() and (work / "plain.gguf").is_file():
             same[step] = tensor_data_equal(work / f"{step}.gguf", work / "plain.gguf")
     sens = json.loads((work / "scores.json").read_text()).get("sensitivity") or {"seconds": 0.0}
     n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    fwd = old.get("plain_forward_seconds") or layer_forward_seconds(model, a.calib_tokens) * n_layers
+    fwd_carried = bool(old.get("plain_forward_seconds")) and "score" not in steps
+    fwd = (old["plain_forward_seconds"] if fwd_carried
+           else layer_forward_seconds(model, a.calib_tokens) * n_layers)
     plain = (r["plain_convert"]["seconds"] + r["plain_quantize"]["seconds"]
              if "plain_convert" in r else None)
 
@@ -225,7 +235,8 @@ def main() -> None:
 
     doc = {"shape": a.shape, "model": str(model), "machine": machine(), "calib_tokens":
            a.calib_tokens, "avg_bits": a.avg_bits, "strategy": a.strategy, "outtype": outtype,
-           "steps": r,
+           "date": today, "steps_run_now": [k for k in steps if k in r],
+           "steps_carried": sorted(set(r) - set(steps)), "steps": r,
            "convert_ratio": ratio("ours"), "convert_ratio_two_step": ratio("ours_two_step"),
            "convert_ratio_lwq_encoder": ratio("ours_lwq"),
            "tensor_data_equal_to_plain": same or old.get("tensor_data_equal_to_plain"),
@@ -234,7 +245,7 @@ def main() -> None:
            "scoring_tokens_per_s": round(a.calib_tokens / r["score"]["seconds"], 1),
            "scoring_without_sensitivity_tokens_per_s":
                round(a.calib_tokens / (r["score"]["seconds"] - sens["seconds"]), 1),
-           "plain_forward_seconds": round(fwd, 1),
+           "plain_forward_seconds": round(fwd, 1), "plain_forward_carried": fwd_carried,
            "plain_forward_tokens_per_s": round(a.calib_tokens / fwd, 1)}
     rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}") for k, s in r.items()]
     print(table(("step", "seconds", "peak RSS GB"), rows))

@@ -1,6 +1,8 @@
 """lwq-gguf: layer-wise mixed-precision GGUF quantization for llama.cpp.
 
-Pipeline stages, one module each: load -> score -> plan -> write (convert + quantize) -> verify.
+Sub-packages by pipeline stage - model -> score -> plan -> write -> evaluate - on the shared
+``quant`` layer (types, encoders, imatrix), composed once in ``pipeline`` and driven by ``cli``.
+See docs/design.md.
 """
 
 __version__ = "0.1.0"

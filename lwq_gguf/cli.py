@@ -1,17 +1,37 @@
-"""The command line: ``lwq-gguf score | plan | convert | eval``. Thin: parse, call, print."""
+"""The command line: ``lwq-gguf score | plan | convert | eval | compare``.
+
+Thin: argparse, then the user's intent built once into frozen configs (:class:`Job`,
+:class:`PlanConfig`, :class:`ScoreConfig`, :class:`ImatrixChoice`, ...), one call into the
+pipeline, a printed summary. Every user error ends in one ``lwq-gguf: error:`` line and a
+non-zero exit; an unexpected one in one line saying it is a bug (traceback with ``--debug`` or
+``LWQ_DEBUG=1``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError
-from lwq_gguf.plan import STRATEGIES, PlanConfig, parse_override
-from lwq_gguf.quants import AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_LADDER, ENCODERS
+from lwq_gguf.plan.plan import STRATEGIES, PlanConfig, parse_override
+from lwq_gguf.quant.types import (AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_ENCODER, DEFAULT_LADDER,
+                                  ENCODERS)
 
 EPILOG = "Types are llama.cpp's names (q2_k ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
+EX_BUG = 70  # an internal error (sysexits EX_SOFTWARE)
+
+
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    """-q and --debug, accepted before or after the subcommand."""
+    default = {} if top else {"default": argparse.SUPPRESS}  # the subcommand's never overrides
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **default)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal "
+                   "error (also LWQ_DEBUG=1)", **default)
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +51,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False) -> None:
     g = p.add_argument_group("planning")
-    g.add_argument("--avg-bits", type=float, required=required, nargs="+" if several else None,
-                   metavar="B", help="target BPW of the whole file (llama.cpp's BPW, embeddings "
-                   "included)" + ("; several targets allowed" if several else ""))
+    g.add_argument("--avg-bits", type=float, required=required, nargs="+", metavar="B",
+                   help="target BPW of the whole file (llama.cpp's BPW, embeddings included)"
+                   + ("; several targets allowed" if several else ""))
     g.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="auto (default): least expected KLD for the size (measured sensitivity, "
                    "knapsack); lim, zd, random: the paper's two-level layer ranking")
@@ -50,25 +70,20 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
     g.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="fix matching tensors to TYPE, as llama-quantize does (repeatable)")
     g.add_argument("--encoder", choices=ENCODERS,
-                   help="lwq (default; with --plan: the plan's): lwq-gguf's own Q4_K encoder (same "
-                   "format, lower error), ggml's for the other types; ggml: llama-quantize's bytes")
-
-
-def _plan_config(a: argparse.Namespace) -> PlanConfig:
-    bits = a.avg_bits[0] if isinstance(a.avg_bits, list) else a.avg_bits
-    return PlanConfig(bits, tuple(a.ladder.split(",")) if a.ladder else (), a.strategy, a.seed,
-                      a.token_embedding_type.lower(), a.output_tensor_type.lower(),
-                      tuple(parse_override(s) for s in a.tensor_type), a.encoder or "lwq")
+                   help=f"{DEFAULT_ENCODER} (default; with --plan: the plan's): lwq-gguf's own Q4_K "
+                   "encoder (same format, lower error), ggml's for the other types; ggml: "
+                   "llama-quantize's bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lwq-gguf", epilog=EPILOG,
                                  description="Layer-wise mixed-precision GGUF quantization.")
     ap.add_argument("--version", action="version", version=f"lwq-gguf {__version__}")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _common(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="measure LIM and ZD per decoder layer", epilog=EPILOG)
+    _common(s, top=False)
     s.add_argument("model", type=Path, help="Hugging Face model folder")
     s.add_argument("-o", "--output", type=Path, help="scores JSON (default MODELNAME.scores.json)")
     s.add_argument("--png", type=Path, help="chart (default: the JSON path with .png)")
@@ -78,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _score_args(s)
 
     p = sub.add_parser("plan", help="choose a type for every tensor", epilog=EPILOG)
+    _common(p, top=False)
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--output", type=Path, help="plan JSON (default: print the tables only)")
     p.add_argument("--tensor-type-file", type=Path, help="also export for llama-quantize")
@@ -86,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _score_args(p)
 
     c = sub.add_parser("convert", help="HF folder -> layer-wise mixed-precision GGUF", epilog=EPILOG)
+    _common(c, top=False)
     c.add_argument("model", type=Path)
     c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write")
     c.add_argument("--plan", type=Path, help="use this plan JSON instead of planning")
@@ -107,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity and KL-divergence in llama.cpp "
                        "(llama-perplexity's protocol)", epilog=EPILOG)
+    _common(e, top=False)
     e.add_argument("quant", type=Path, help="the GGUF to measure")
     e.add_argument("--base", type=Path, help="the 16-bit GGUF to compare against (adds KLD)")
     e.add_argument("--text", type=Path, required=True, help="evaluation text, e.g. wiki.test.raw")
@@ -119,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("compare", help="layer-wise files vs llama.cpp's mixes: PPL and KLD "
                        "against the 16-bit model, table and plot", epilog=EPILOG)
+    _common(m, top=False)
     m.add_argument("model", type=Path, help="Hugging Face model folder")
     m.add_argument("--text", type=Path, required=True, help="evaluation text, e.g. wiki.test.raw")
     m.add_argument("-o", "--output", type=Path, help="output folder (default compare-MODELNAME); "
@@ -133,34 +152,60 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _score_config(a):
-    from lwq_gguf.score import ScoreConfig
+# ---- intent: the parsed arguments as frozen configs, built once -------------------------------
 
-    if a.calib_tokens < 16:
-        raise LwqError(f"--calib-tokens {a.calib_tokens}: use at least 16")
+def _score_config(a):
+    from lwq_gguf.score.scores import ScoreConfig
+
     if a.device_map == "auto" and a.device == "cpu":
         raise LwqError("--device-map auto places the model on the GPUs: drop --device cpu")
-    return ScoreConfig(a.calib, a.calib_tokens, 512, a.device, a.device_map, rescore=a.rescore)
+    return ScoreConfig(calib=a.calib, calib_tokens=a.calib_tokens, device=a.device,
+                       device_map=a.device_map, rescore=a.rescore)
 
+
+def _one_target(a) -> float | None:
+    if a.avg_bits is not None and len(a.avg_bits) != 1:
+        raise LwqError(f"{a.command} takes one --avg-bits (got {len(a.avg_bits)}): use "
+                       "`lwq-gguf compare` for several targets")
+    return a.avg_bits[0] if a.avg_bits else None
+
+
+def _plan_config(a, bits: float) -> PlanConfig:
+    return PlanConfig(avg_bits=bits, ladder=tuple(a.ladder.split(",")) if a.ladder else (),
+                      strategy=a.strategy, seed=a.seed,
+                      token_embedding_type=a.token_embedding_type.lower(),
+                      output_tensor_type=a.output_tensor_type.lower(),
+                      overrides=tuple(parse_override(s) for s in a.tensor_type),
+                      encoder=a.encoder or DEFAULT_ENCODER)
+
+
+def _job(a, **kw):
+    from lwq_gguf.pipeline import Job
+    from lwq_gguf.quant.imatrix import ImatrixChoice
+
+    imatrix = ImatrixChoice.parse(getattr(a, "imatrix", "auto"))
+    return Job(model=a.model, score=_score_config(a), imatrix=imatrix, scores_file=a.scores,
+               progress=not a.quiet, **kw)
+
+
+# ---- the commands ------------------------------------------------------------------------------
 
 def cmd_score(a) -> None:
-    from lwq_gguf.imatrix import imatrix_from_dict, write_imatrix
-    from lwq_gguf.load import open_model
-    from lwq_gguf.pipeline import get_scores, model_tensors
+    from lwq_gguf.files import atomic_write_text, check_output
+    from lwq_gguf.pipeline import prepare
+    from lwq_gguf.quant.imatrix import imatrix_from_dict, write_imatrix
     from lwq_gguf.report import table
-    from lwq_gguf.score import plot_scores
-    from lwq_gguf.write import atomic_write_text, check_output
+    from lwq_gguf.score.layers import plot_scores
 
     out = a.output or Path(f"{a.model.resolve().name}.scores.json")
     png = a.png or out.with_suffix(".png")
     imatrix = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".imatrix.gguf")
     for path in (out, png) + (() if a.no_sensitivity else (imatrix,)):
         check_output(path, a.force)
-    model = open_model(a.model)
-    keys = () if a.no_sensitivity else ("auto", "none")
-    scores = get_scores(model, None, _score_config(a), not a.quiet, model_tensors(model),
-                        AUTO_LADDER, keys)
-    atomic_write_text(out, scores.to_json())
+    if a.scores:
+        raise LwqError("score measures the scores: drop --scores")
+    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto", "none"))).scores
+    atomic_write_text(out, scores.to_json(), a.force)
     if scores.imatrix:
         write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
     plot_scores(scores, png, f"{a.model.name}: layer importance")
@@ -171,58 +216,52 @@ def cmd_score(a) -> None:
                  for i in range(scores.n_layers)]))
     sens = scores.sensitivity
     if sens:
-        print(f"sensitivity of {len(next(iter(sens['damage'].values())))} tensors x {len(sens['ladder'])} types "
-              f"(imatrix none and auto) in {sens['seconds']:.0f} s; imatrix written to {imatrix} "
-              "(llama-quantize --imatrix)")
+        print(f"sensitivity of {len(next(iter(sens['damage'].values())))} tensors x "
+              f"{len(sens['ladder'])} types (imatrix none and auto) in {sens['seconds']:.0f} s; "
+              f"imatrix written to {imatrix} (llama-quantize --imatrix)")
     print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
 
 
 def cmd_plan(a) -> None:
-    from lwq_gguf.load import open_model
-    from lwq_gguf.pipeline import get_scores, imatrix_choice, model_tensors, plan_tensors
+    from lwq_gguf.files import atomic_write_text, check_output
+    from lwq_gguf.pipeline import prepare
     from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
-    from lwq_gguf.write import atomic_write_text, check_output
 
-    cfg = _plan_config(a)
+    job = _job(a, plan=_plan_config(a, _one_target(a)))
     for path in (a.output, a.tensor_type_file):
         if path:
             check_output(path, a.force)
-    model = open_model(a.model)
-    key, given = imatrix_choice(a.imatrix)
-    tensors = model_tensors(model)
-    need = cfg.strategy == "auto" or key == "auto"
-    scores = get_scores(model, a.scores, _score_config(a), not a.quiet, tensors, cfg.ladder,
-                        key if need else None, given, cfg.encoder)
-    plan = plan_tensors(tensors, model, cfg, scores, key)
-    print(plan_layers_table(plan, scores.lim))
-    print(plan_types_table(plan))
-    print(plan_summary(plan))
+    p = prepare(job)
+    print(plan_layers_table(p.plan, p.scores.lim if p.scores else None))
+    print(plan_types_table(p.plan))
+    print(plan_summary(p.plan))
     if a.output:
-        atomic_write_text(a.output, plan.to_json(), a.force)
+        atomic_write_text(a.output, p.plan.to_json(), a.force)
         print(f"wrote {a.output}")
     if a.tensor_type_file:
-        atomic_write_text(a.tensor_type_file, plan.tensor_type_file(), a.force)
+        atomic_write_text(a.tensor_type_file, p.plan.tensor_type_file(), a.force)
         print(f"wrote {a.tensor_type_file} (llama-quantize --tensor-type-file)")
 
 
 def cmd_convert(a) -> None:
+    from lwq_gguf.files import atomic_write_text, check_output
     from lwq_gguf.pipeline import convert
     from lwq_gguf.report import plan_summary, plan_types_table
-    from lwq_gguf.write import WriteConfig
+    from lwq_gguf.write.writer import WriteConfig
 
-    if a.plan is None and a.avg_bits is None:
+    bits = _one_target(a)
+    if a.plan is None and bits is None:
         raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
-    plan_cfg = _plan_config(a) if a.plan is None else None
-    wcfg = WriteConfig(a.output, None, a.outtype, a.force, a.threads, a.two_step)
+    if a.plan is not None:
+        job = _job(a, plan_file=a.plan, encoder=a.encoder)
+    else:
+        job = _job(a, plan=_plan_config(a, bits))
+    write = WriteConfig(output=a.output, outtype=a.outtype, force=a.force, threads=a.threads,
+                        two_step=a.two_step)
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
-        from lwq_gguf.ollama import modelfile_text
-        from lwq_gguf.write import atomic_write_text, check_output
-
         check_output(modelfile, a.force)
-    r = convert(a.model, wcfg, plan_cfg=plan_cfg, plan_file=a.plan, scores_file=a.scores,
-                score_cfg=_score_config(a), imatrix=a.imatrix, verify=not a.no_verify,
-                progress=not a.quiet, encoder=a.encoder)
+    r = convert(job, write, verify=not a.no_verify)
     print(plan_types_table(r.plan))
     print(plan_summary(r.plan))
     check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
@@ -230,6 +269,8 @@ def cmd_convert(a) -> None:
     print(f"wrote {r.output}: {size:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
           f"{r.seconds:.0f} s")
     if modelfile is not None:
+        from lwq_gguf.write.ollama import modelfile_text
+
         text, notes = modelfile_text(r.output, a.model, modelfile)
         atomic_write_text(modelfile, text, a.force)
         for note in notes:
@@ -237,17 +278,23 @@ def cmd_convert(a) -> None:
         print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
 
 
-def cmd_eval(a) -> None:
-    import json
-
-    from lwq_gguf.evaluate import EvalConfig, evaluate
-    from lwq_gguf.llamacpp import find_llama_cpp
-    from lwq_gguf.report import table
+def _eval_config(a):
+    from lwq_gguf.evaluate.perplexity import EvalConfig
 
     if a.ctx < 16 or (a.chunks is not None and a.chunks < 1):
         raise LwqError("--ctx must be at least 16 and --chunks at least 1")
-    r = evaluate(a.quant, a.text, find_llama_cpp(), EvalConfig(a.ctx, a.chunks, a.device, a.threads),
-                 a.base, progress=not (a.quiet or a.json))
+    return EvalConfig(ctx=a.ctx, chunks=a.chunks, device=a.device, threads=a.threads)
+
+
+def cmd_eval(a) -> None:
+    import json
+
+    from lwq_gguf.evaluate.perplexity import evaluate
+    from lwq_gguf.llamacpp import find_llama_cpp
+    from lwq_gguf.report import table
+
+    r = evaluate(a.quant, a.text, find_llama_cpp(), _eval_config(a), a.base,
+                 progress=not (a.quiet or a.json))
     if a.json:
         print(json.dumps(r.to_dict()))
         return
@@ -263,21 +310,19 @@ def cmd_eval(a) -> None:
 def cmd_compare(a) -> None:
     import shlex
 
-    from lwq_gguf.compare import CompareConfig, run_compare, write_outputs
-    from lwq_gguf.evaluate import EvalConfig
-    from lwq_gguf.quants import parse_mixes
+    from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs
+    from lwq_gguf.quant.imatrix import ImatrixChoice
+    from lwq_gguf.quant.types import parse_mixes
     from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
 
-    if a.ctx < 16 or (a.chunks is not None and a.chunks < 1):
-        raise LwqError("--ctx must be at least 16 and --chunks at least 1")
     if a.scores:
         raise LwqError("compare scores the model once itself (OUT/scores.json): drop --scores")
     targets = tuple(dict.fromkeys(a.avg_bits or ()))
-    out = a.output or Path(f"compare-{a.model.resolve().name}")
-    plan = _plan_config(argparse.Namespace(**{**vars(a), "avg_bits": targets[0] if targets else 4.0}))
-    cfg = CompareConfig(a.model, out, a.text, targets, plan, parse_mixes(a.baselines), a.imatrix,
-                        _score_config(a), EvalConfig(a.ctx, a.chunks, a.device, a.threads),
-                        a.threads)
+    cfg = CompareConfig(model=a.model, out_dir=a.output or Path(f"compare-{a.model.resolve().name}"),
+                        text=a.text, targets=targets,
+                        plan=_plan_config(a, targets[0] if targets else 4.0),
+                        baselines=parse_mixes(a.baselines), imatrix=ImatrixChoice.parse(a.imatrix),
+                        score=_score_config(a), eval=_eval_config(a), threads=a.threads)
     res = run_compare(cfg, progress=not a.quiet)
     paths = write_outputs(cfg, res, "lwq-gguf " + shlex.join(a.argv))
     print(table(COMPARE_HEADERS, compare_rows(res.rows)))
@@ -287,10 +332,22 @@ def cmd_compare(a) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
+# ---- the error contract ------------------------------------------------------------------------
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OSError that escaped the stages: disk full only for a disk-full cause."""
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"{where}: disk full or file size limit reached ({e.strerror}): free space and "
+                "run again; no partial output was kept")
+    return f"{where}: {e.strerror or e}: check the path, its permissions and the disk"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = build_parser().parse_args(argv)
     a.argv = [str(x) for x in argv]
+    debug = a.debug or os.environ.get("LWQ_DEBUG") == "1"
     try:
         {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert,
          "eval": cmd_eval, "compare": cmd_compare}[a.command](a)
@@ -300,4 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lwq-gguf: interrupted; no output was written", file=sys.stderr)
         return 130
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"lwq-gguf: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else "; run again with --debug (or LWQ_DEBUG=1) for the traceback"
+        print(f"lwq-gguf: internal error (a bug in lwq-gguf, not in your input): "
+              f"{type(e).__name__}: {str(e)[:200]}{hint}; please report it", file=sys.stderr)
+        return EX_BUG
     return 0

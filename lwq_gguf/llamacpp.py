@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -54,7 +55,33 @@ def find_llama_cpp() -> LlamaCpp:
     lc = LlamaCpp(Path(root))
     if not (lc.root / ".done").exists() or not (lc.src / "convert_hf_to_gguf.py").is_file():
         raise ToolError(f"{lc.root}: incomplete llama.cpp install: {_HOW}")
+    try:
+        from gguf.lazy import LazyChunkedTensor  # noqa: F401 - only the pinned gguf-py has it
+    except ImportError:
+        raise ToolError(f"the installed gguf package is not the pinned llama.cpp's gguf-py: run "
+                        f"`pip install {lc.src / 'gguf-py'}` (or `make setup`)") from None
     return lc
+
+
+_FULL = re.compile(r"No space left|ENOSPC|File too large|EFBIG|Disk quota exceeded", re.I)
+_WRITE_FAILED = re.compile(r"failed to write|write error|requested and \d+ written", re.I)
+
+
+def _disk_full(out: str, rc: int, cmd: list[str], cwd: Path | None) -> bool:
+    """A disk-full cause, and only that: the tool says so (or died of SIGXFSZ), or it says a
+    write failed and a folder it writes to has (almost) no free space left."""
+    if _FULL.search(out) or rc == -25:  # -25: SIGXFSZ (file size limit)
+        return True
+    if not _WRITE_FAILED.search(out):
+        return False
+    folders = {Path(a).parent for a in cmd[1:] if "/" in a} | ({cwd} if cwd else set())
+    for d in folders:
+        try:
+            if d.is_dir() and shutil.disk_usage(d).free < (16 << 20):
+                return True
+        except OSError:
+            pass
+    return False
 
 
 def run_tool(cmd: list[str], *, what: str, on_line: Callable[[str], None] | None = None,
@@ -88,9 +115,7 @@ def run_tool(cmd: list[str], *, what: str, on_line: Callable[[str], None] | None
         raise
     out = "\n".join(lines)
     if rc != 0:
-        if re.search(r"No space left|ENOSPC|File too large|EFBIG|failed to write|write error|"
-                     r"requested and \d+ written",
-                     out, re.I) or rc == -25:  # -25: SIGXFSZ (file size limit)
+        if _disk_full(out, rc, cmd, cwd):
             raise OSError(28, "No space left on device (or file size limit reached)")
         tail = [ln for ln in lines if ln.strip()][-3:]
         raise ToolError(f"{what} failed (exit {rc}): {' | '.join(tail)[-400:]}")

@@ -1,89 +1,117 @@
-"""The stages composed: score, plan and convert as the CLI (and tests) run them."""
+"""The stages composed, once: model -> score -> plan -> write.
+
+A :class:`Job` is what one command asks for one model, built once by the CLI (or a test, or
+``compare``). :func:`prepare` opens the model, lists its GGUF tensors, gets the scores it needs
+(from ``--scores``, the score cache, or measured) and plans; :func:`convert` then writes and
+checks the file. ``score``, ``plan``, ``convert`` and ``compare`` all go through these two.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, PlanError
-from lwq_gguf.hfconvert import converter_inventory
-from lwq_gguf.kquant import damage_key, split_damage_key
-from lwq_gguf.imatrix import Imatrix, imatrix_from_dict, imatrix_to_dict, read_imatrix, write_imatrix
-from lwq_gguf.load import HFModel, open_model
+from lwq_gguf.files import atomic_output, check_output
 from lwq_gguf.llamacpp import find_llama_cpp
-from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig, check_reach, make_plan
-from lwq_gguf.quants import AUTO_LADDER
-from lwq_gguf.score import ScoreConfig, Scores, score_model, zd_scores
-from lwq_gguf.scorecache import ScoreCache, cached_inventory
-from lwq_gguf.verify import CheckResult, check_file, read_back
-from lwq_gguf.write import (WriteConfig, check_output, check_plan_matches, cleanup,
-                            publish, work_paths, write_gguf)
+from lwq_gguf.model.load import HFModel, open_model
+from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
+from lwq_gguf.quant.encoder import damage_key, split_damage_key
+from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_dict, write_imatrix
+from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
+from lwq_gguf.score.cache import ScoreCache, model_sha256
+from lwq_gguf.score.layers import score_model, zd_scores
+from lwq_gguf.score.scores import ScoreConfig, Scores
+from lwq_gguf.write.converter import model_tensors
+from lwq_gguf.write.verify import CheckResult, check_file, read_back
+from lwq_gguf.write.writer import WriteConfig, check_plan_matches, cleanup, work_paths, write_gguf
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One command's intent for one model, parsed once."""
+
+    model: Path
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    imatrix: ImatrixChoice = field(default_factory=ImatrixChoice)
+    plan: PlanConfig | None = None  # plan with these settings ...
+    plan_file: Path | None = None  # ... or use a saved plan (convert --plan)
+    encoder: str | None = None  # with plan_file: replaces the plan's encoder
+    scores_file: Path | None = None  # --scores: reuse `lwq-gguf score`'s output
+    measure: tuple[str, ...] | None = None  # (score) imatrix settings to measure sensitivity
+    # for; None: what the plan and --imatrix need
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Prepared:
+    model: HFModel
+    tensors: tuple[GGUFTensor, ...]
+    scores: Scores | None
+    plan: Plan | None
 
 
 def load_scores(path: Path, model: HFModel) -> Scores:
+    """A scores file, accepted only for the model (architecture, depth and weights) it was made on."""
     try:
         text = path.read_text()
-    except OSError as e:
-        raise LwqError(f"{path}: cannot read scores ({e.strerror}): make them with `lwq-gguf score`")
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not text"
+        raise LwqError(f"{path}: cannot read scores ({why}): make them with `lwq-gguf score`") \
+            from None
     scores = Scores.from_json(text, str(path))
-    scores.check_model(model, str(path))
+    scores.check_model(model, model_sha256(model), str(path))
     return scores
 
 
-def imatrix_choice(spec: str | Path | None) -> tuple[str, dict[str, Imatrix]]:
-    """--imatrix none|auto|FILE -> (damage key, {key: Imatrix} for a file)."""
-    spec = "none" if spec is None else str(spec)
-    if spec in ("none", "auto"):
-        return spec, {}
-    path = Path(spec)
-    if not path.is_file():
-        raise LwqError(f"{path}: imatrix file not found: make one with llama-imatrix, or use "
-                       "--imatrix auto (computed from the calibration text) or none")
-    key = "file:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return key, {key: read_imatrix(path)}
+def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not text"
+        raise PlanError(f"{path}: cannot read plan ({why}): make one with `lwq-gguf plan`") from None
+    plan = Plan.from_json(text, str(path))
+    check_plan_matches(plan, tensors, str(path))
+    return plan
 
 
-def _has_sensitivity(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
+def _has(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
     sens = scores.sensitivity or {}
     return (scores.damage(key) is not None and set(ladder) <= set(sens.get("ladder", ()))
             and (split_damage_key(key)[0] != "auto" or scores.imatrix is not None))
 
 
-def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig, progress: bool,
-               tensors: tuple[GGUFTensor, ...] | None = None, ladder: tuple[str, ...] = (),
-               imatrix_key: str | tuple[str, ...] | None = None,
-               given: dict[str, Imatrix] | None = None, encoder: str = "lwq") -> Scores:
-    """Scores from ``scores_file``, else from the score cache, else measured (and cached).
+def get_scores(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...],
+               ladder: tuple[str, ...], keys: tuple[str, ...]) -> Scores:
+    """Scores from ``job.scores_file``, else the score cache, else measured (and cached), with the
+    sensitivity tables ``keys`` (damage keys) over ``ladder`` added when missing.
 
-    The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means
-    the bytes are those already checked). With ``imatrix_key`` (one or several: strategy auto,
-    or --imatrix auto) the sensitivity analysis and the imatrix are added when the scores do not
-    hold them for that key, ``encoder`` and ladder.
+    The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means the
+    bytes are those already checked).
     """
     cache, fresh = None, False
-    if scores_file is None:
-        cache = ScoreCache(model, score_cfg)
-        scores = None if score_cfg.rescore else cache.load()
+    if job.scores_file is None:
+        digest = model_sha256(model)
+        cache = ScoreCache(model, digest, job.score)
+        scores = None if job.score.rescore else cache.load()
         if scores is None:
-            scores = score_model(model, score_cfg, progress)
+            scores = score_model(model, job.score, digest, job.progress)
             fresh = True
-        elif progress:
+        elif job.progress:
             print(f"scores: reusing {cache.path} (--rescore to measure again)", file=sys.stderr)
     else:
-        scores = load_scores(scores_file, model)
-        zd_scores(model, progress)  # the NaN/Inf check still reads every weight
-    keys = (imatrix_key,) if isinstance(imatrix_key, str) else tuple(imatrix_key or ())
-    keys = tuple(damage_key(k, encoder) for k in keys)
-    missing = tuple(k for k in keys if not _has_sensitivity(scores, k, ladder))
+        scores = load_scores(job.scores_file, model)
+        zd_scores(model, job.progress)  # the NaN/Inf check still reads every weight
+    missing = tuple(k for k in keys if not _has(scores, k, ladder))
     if missing:
-        from lwq_gguf.sensitivity import measure_sensitivity
+        from lwq_gguf.score.sensitivity import SensitivityRequest, measure_sensitivity
 
-        sens, im = measure_sensitivity(model, tensors or model_tensors(model), ladder,
-                                       find_llama_cpp(), score_cfg, missing, given, progress)
+        req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
+        sens, im = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
+                                       job.progress)
         old = scores.sensitivity or {}
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}
@@ -94,32 +122,38 @@ def get_scores(model: HFModel, scores_file: Path | None, score_cfg: ScoreConfig,
     return scores
 
 
-def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
-    """The GGUF tensor list, from the pinned converter itself (cached by model content)."""
-    lc = find_llama_cpp()
-
-    def run() -> list[dict]:
-        with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
-            return converter_inventory(lc, model.path, Path(tmp) / "inventory.json")
-
-    rows = cached_inventory(model, lc.src / "convert_hf_to_gguf.py", run)
-    return tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"]) for r in rows)
-
-
-def plan_tensors(tensors: tuple[GGUFTensor, ...], model: HFModel, cfg: PlanConfig,
-                 scores: Scores | None, imatrix_key: str = "none") -> Plan:
-    return make_plan(tensors, model.n_layers, cfg, scores.lim if scores else None,
-                     scores.zd if scores else None,
-                     scores.damage(damage_key(imatrix_key, cfg.encoder)) if scores else None)
+def _needs(job: Job, plan: Plan | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ladder, damage keys) the job's scores must hold; no keys: layer scores only."""
+    if job.plan is not None:
+        cfg = job.plan
+        need = cfg.strategy == "auto" or job.imatrix.mode == "auto"
+        return cfg.ladder, (damage_key(job.imatrix.key, cfg.encoder),) if need else ()
+    encoder = plan.config.encoder if plan is not None else DEFAULT_ENCODER
+    keys = job.measure if job.measure is not None else (
+        ("auto",) if job.imatrix.mode == "auto" else ())
+    return AUTO_LADDER, tuple(damage_key(k, encoder) for k in keys)
 
 
-def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
-    try:
-        plan = Plan.from_json(path.read_text(), str(path))
-    except OSError as e:
-        raise PlanError(f"{path}: cannot read plan ({e.strerror})") from None
-    check_plan_matches(plan, tensors, str(path))
-    return plan
+def prepare(job: Job) -> Prepared:
+    """Open the model, list its tensors, score what the job needs and plan (when it plans)."""
+    model = open_model(job.model)
+    tensors = model_tensors(model)
+    plan = None
+    if job.plan_file is not None:
+        plan = read_plan(job.plan_file, tensors)
+        if job.encoder is not None:
+            plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
+    elif job.plan is not None:  # the budget and type names are checked before the slow scoring
+        check_reach(tensors, job.plan)
+    ladder, keys = _needs(job, plan)
+    scores = None
+    if job.plan_file is None or job.scores_file is not None or keys:
+        scores = get_scores(job, model, tensors, ladder, keys)
+    if job.plan is not None:
+        cfg = job.plan
+        plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,
+                         scores.damage(damage_key(job.imatrix.key, cfg.encoder)))
+    return Prepared(model, tensors, scores, plan)
 
 
 @dataclass(frozen=True)
@@ -131,60 +165,44 @@ class ConvertResult:
     seconds: float
 
 
-def convert(model_dir: Path, write_cfg: WriteConfig, *, plan_cfg: PlanConfig | None = None,
-            plan_file: Path | None = None, scores_file: Path | None = None,
-            score_cfg: ScoreConfig = ScoreConfig(), imatrix: str | Path | None = "auto",
-            verify: bool = True, progress: bool = True, encoder: str | None = None
-            ) -> ConvertResult:
-    """HF folder -> planned GGUF at ``write_cfg.output``; nothing is left there on failure.
+def _encoder(job: Job) -> str:
+    """The encoder the file will be written with (known before any slow step)."""
+    if job.plan is not None:
+        return job.plan.encoder
+    if job.encoder is not None or job.plan_file is None:
+        return job.encoder or DEFAULT_ENCODER
+    try:
+        return Plan.from_json(job.plan_file.read_text(), str(job.plan_file)).config.encoder
+    except (OSError, UnicodeDecodeError):
+        return DEFAULT_ENCODER  # read_plan says what is wrong with it, in order
 
-    ``imatrix``: "auto" (computed from the calibration text, used for planning and quantizing),
-    "none", or an imatrix file (llama-imatrix's GGUF format). ``encoder`` replaces the plan
-    file's (with ``plan_cfg`` it is ``plan_cfg.encoder``).
-    """
+
+def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
+    """HF folder -> planned GGUF at ``write.output``; nothing is left there on failure."""
     t0 = time.time()
-    out = write_cfg.output
-    check_output(out, write_cfg.force)
+    out = write.output
+    check_output(out, write.force)
     lc = find_llama_cpp()
     cleanup(out)  # what a killed earlier run may have left beside the target
-    model = open_model(model_dir)
-    key, given = imatrix_choice(imatrix)
     try:
-        tensors = model_tensors(model)
-        if plan_file is not None:
-            plan = read_plan(plan_file, tensors)
-            if encoder is not None:
-                plan = replace(plan, config=replace(plan.config, encoder=encoder))
-        else:  # the budget and type names are checked before the (slow) scoring
-            check_reach(tensors, plan_cfg)
-        encoder = plan.config.encoder if plan_file is not None else plan_cfg.encoder
-        if write_cfg.two_step and encoder != "ggml":
+        if write.two_step and _encoder(job) != "ggml":
             raise PlanError("--two-step runs llama-quantize, which encodes Q4_K its own way: add "
                             "--encoder ggml, or drop --two-step")
-        need = key == "auto" or (plan_file is None and plan_cfg.strategy == "auto")
-        scores = None
-        if plan_file is None or scores_file is not None or need:
-            ladder = plan_cfg.ladder if plan_cfg else AUTO_LADDER
-            scores = get_scores(model, scores_file, score_cfg, progress, tensors, ladder,
-                                key if need else None, given, encoder)
-        elif write_cfg.two_step:  # the single-pass writer checks every weight as it goes
-            zd_scores(model, progress)  # the NaN/Inf check reads every weight
-        if plan_file is None:
-            plan = plan_tensors(tensors, model, plan_cfg, scores, key)
-        im_path = Path(imatrix) if given else None
-        if key == "auto":
+        p = prepare(job)
+        if write.two_step and p.scores is None:  # the single pass checks every weight as it goes
+            zd_scores(p.model, job.progress)  # the NaN/Inf check reads every weight
+        im_path = job.imatrix.path
+        if job.imatrix.mode == "auto":
             work = work_paths(out)[0]
             work.mkdir(exist_ok=True)
             im_path = work / "imatrix.gguf"
-            write_imatrix(imatrix_from_dict(scores.imatrix), im_path)
-        partial = write_gguf(lc, model.path, plan, scores, replace(write_cfg, imatrix=im_path),
-                             progress)
-        if verify:
-            check = check_file(lc, partial, plan, score_cfg.calib_file, shown_as=out)
-        else:
-            check = CheckResult(read_back(partial).bpw, None)
-        publish(partial, out)
-    except BaseException:
-        cleanup(out)
-        raise
-    return ConvertResult(out, plan, scores, check, time.time() - t0)
+            write_imatrix(imatrix_from_dict(p.scores.imatrix), im_path)
+        with atomic_output(out) as partial:
+            written = write_gguf(lc, p.model.path, p.plan, p.scores,
+                                 replace(write, imatrix=im_path), job.progress)
+            assert written == partial, (written, partial)
+            check = (check_file(lc, partial, p.plan, job.score.calib_file, shown_as=out) if verify
+                     else CheckResult(read_back(partial).bpw, None))
+    finally:
+        cleanup(out)  # the work folder (and a partial file, never the target)
+    return ConvertResult(out, p.plan, p.scores, check, time.time() - t0)

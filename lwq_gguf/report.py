@@ -1,11 +1,13 @@
-"""Stage 6 - report: the short summary tables printed at the end of each command."""
+"""Report: the short summary tables printed at the end of each command, and the plots."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from lwq_gguf.plan import Plan, tensor_nbytes
+from lwq_gguf.files import atomic_output
+from lwq_gguf.plan.plan import Plan
+from lwq_gguf.quant.tensors import tensor_nbytes
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -132,7 +134,6 @@ def plot_compare(rows, png: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.parent / f".{png.name}.partial.png"
-    fig.savefig(tmp)
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(png)

@@ -17,6 +17,19 @@ K256 = ROOT / "models" / "smollm2-135m-k256"
 from tiny import make_tiny  # noqa: E402
 
 
+KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def follows_ranking(plan, scores) -> None:
+    """For every tensor kind, layers with more bits never rank below layers with fewer."""
+    from lwq_gguf.quant.types import QUANT_TYPES
+
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    for kind in KINDS:
+        bits = [QUANT_TYPES[plan.type_of(f"blk.{i}.{kind}.weight")].bpw for i in order]
+        assert bits == sorted(bits, reverse=True), (kind, bits)
+
+
 def run_cli(*args, check: bool = False, **kw) -> subprocess.CompletedProcess:
     """``python -m lwq_gguf ARGS`` in a child process, as a user runs it."""
     env = dict(kw.pop("env", os.environ), PYTHONUNBUFFERED="1")

@@ -1,10 +1,12 @@
 """Fuzz: truncated and garbled safetensors headers, index files, GGUF files, scores and plans.
 
 Every reader must end in one of our errors (LwqError: one clear line at the CLI) or accept the
-input; never another exception, a hang, or a crash of the process (llama.cpp aborts included).
+input; never another exception, a hang, or a crash of the process (llama.cpp aborts included);
+and an input known to be corrupt (a truncation, JSON of the wrong shape) must be refused.
 Mutations are seeded, so a failure reproduces.
 """
 
+import json
 import random
 import shutil
 import signal
@@ -16,13 +18,14 @@ from gguf import GGUFReader
 
 from conftest import error_line, run_cli
 from lwq_gguf.errors import LwqError
-from lwq_gguf.hfconvert import converter_write
-from lwq_gguf.imatrix import read_imatrix
+from lwq_gguf.write.converter import write_16bit
+from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.llamacpp import find_llama_cpp
-from lwq_gguf.load import open_model
-from lwq_gguf.plan import GGUFTensor, Plan, PlanConfig
-from lwq_gguf.score import Scores, default_calibration
-from lwq_gguf.verify import read_back
+from lwq_gguf.model.load import open_model
+from lwq_gguf.plan.plan import Plan, PlanConfig
+from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.score.scores import Scores, default_calibration
+from lwq_gguf.write.verify import read_back
 
 N = 40  # mutants per file kind
 
@@ -60,21 +63,29 @@ def mutants(data: bytes, seed: int, n: int = N, head: int | None = None):
         yield i, bytes(b)
 
 
-def only_our_errors(fn, *args):
-    """fn(*args) either works or raises LwqError; anything else fails the test."""
+def only_our_errors(fn, *args, reject: bool = False):
+    """fn(*args) either works or raises LwqError (one line); anything else fails the test.
+    ``reject``: the input is known to be corrupt (a truncation), so it must be refused."""
     with deadline():
         try:
             fn(*args)
         except LwqError as e:
             assert str(e) and "\n" not in str(e)
+            return
+    assert not reject, f"{fn.__name__} accepted a corrupted input"
+
+
+def truncated(i: int, b: bytes, data: bytes, padding: int = 0) -> bool:
+    """Mutants 0 and 3 (mod 4) are truncations: corrupt unless they cut only the ``padding``
+    bytes a GGUF may end with (the last tensor's alignment)."""
+    return i % 4 in (0, 3) and len(b) < len(data) - padding
 
 
 @pytest.fixture(scope="module")
 def small_gguf(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz-gguf")
-    (d / "kv.json").write_text("{}")
     path = d / "tiny-f16.gguf"
-    converter_write(find_llama_cpp(), tiny("llama", 1, tied=True), path, "f16", d / "kv.json")
+    write_16bit(find_llama_cpp(), tiny("llama", 1, tied=True), path, "f16")
     return path
 
 
@@ -103,17 +114,18 @@ def synthetic_gguf(path):
 
 def test_gguf_readers_on_garbled_files(tmp_path):
     data = synthetic_gguf(tmp_path / "ok.gguf").read_bytes()
-    assert read_imatrix(tmp_path / "ok.gguf").counts == {"blk.0.ffn_up.weight": 8}
+    assert {k: v.tolist() for k, v in read_imatrix(tmp_path / "ok.gguf").counts.items()} == {
+        "blk.0.ffn_up.weight": [8.0]}
     info, ref = read_back(tmp_path / "ok.gguf"), GGUFReader(str(tmp_path / "ok.gguf"))
     assert info.types == {t.name: t.tensor_type.name.lower() for t in ref.tensors}
     assert info.nbytes == sum(int(t.n_bytes) for t in ref.tensors) == 300 * 64 * 2 + 64 * 4 + 4
     assert info.metadata == {"general.architecture": "llama", "general.name": "fuzz",
                              "lwq.plan": '{"x": 1}'}
     f = tmp_path / "x.gguf"
-    for _i, b in mutants(data, seed=1, n=4 * N, head=len(data) - 1000):
+    for i, b in mutants(data, seed=1, n=4 * N, head=len(data) - 1000):
         f.write_bytes(b)
-        only_our_errors(read_back, f)
-        only_our_errors(read_imatrix, f)
+        only_our_errors(read_back, f, reject=truncated(i, b, data, padding=32))
+        only_our_errors(read_imatrix, f, reject=truncated(i, b, data, padding=32))
 
 
 def test_safetensors_and_index_on_garbled_files(tiny, tmp_path):
@@ -122,27 +134,43 @@ def test_safetensors_and_index_on_garbled_files(tiny, tmp_path):
     shutil.copytree(src, model)
     shard = sorted(model.glob("model-*.safetensors"))[0]
     original = shard.read_bytes()
-    for _i, b in mutants(original, seed=2, head=struct.unpack("<Q", original[:8])[0] + 8):
+    for i, b in mutants(original, seed=2, head=struct.unpack("<Q", original[:8])[0] + 8):
         shard.write_bytes(b)
-        only_our_errors(open_model, model)
+        only_our_errors(open_model, model, reject=truncated(i, b, original))
     shard.write_bytes(original)
     index = model / "model.safetensors.index.json"
     text = index.read_bytes()
-    for _i, b in mutants(text, seed=3, head=len(text)):
+    for i, b in mutants(text, seed=3, head=len(text)):
         index.write_bytes(b)
-        only_our_errors(open_model, model)
+        only_our_errors(open_model, model, reject=i % 4 == 0)  # cut JSON is never valid
+    for wrong in ("[1, 2]", '{"weight_map": [1]}', '{"weight_map": {"a": 3}}', "null"):
+        index.write_text(wrong)  # valid JSON of the wrong shape
+        only_our_errors(open_model, model, reject=True)
 
 
 def test_scores_and_plan_json_garbled(tmp_path):
-    scores = Scores("LlamaForCausalLM", 2, (0.1, 0.2), (0.3, 0.4), "c.txt", "0" * 64, 100, "cpu")
-    for _i, b in mutants(scores.to_json().encode(), seed=4, head=10_000):
-        only_our_errors(Scores.from_json, b.decode("utf-8", "replace"), "s.json")
+    scores = Scores("LlamaForCausalLM", 2, (0.1, 0.2), (0.3, 0.4), "c.txt", "0" * 64, 100, "cpu",
+                    "1" * 64)
+    assert Scores.from_json(scores.to_json()) == scores
+    for i, b in mutants(scores.to_json().encode(), seed=4, head=10_000):
+        only_our_errors(Scores.from_json, b.decode("utf-8", "replace"), "s.json",
+                        reject=i % 4 == 0)
+    good = json.loads(scores.to_json())
+    for wrong in ("[1, 2]", "null", '"x"', json.dumps({**good, "lim": [0.1]}),
+                  json.dumps({**good, "lim": ["a", "b"]}), json.dumps({**good, "sensitivity": [1]}),
+                  json.dumps({**good, "imatrix": {"entries": [1]}})):
+        only_our_errors(Scores.from_json, wrong, "s.json", reject=True)
     tensors = (GGUFTensor("token_embd.weight", (256, 1000), "f16"),
                GGUFTensor("blk.0.attn_q.weight", (256, 256), "f16"))
-    plan = Plan(PlanConfig(4.0), tensors, ("q6_k", "q4_k"), (0,), ("q4_k", "q5_k")).to_json()
+    plan = Plan(PlanConfig(avg_bits=4.0), tensors, ("q6_k", "q4_k"), (0,),
+                ("q4_k", "q5_k")).to_json()
     assert Plan.from_json(plan).types == ("q6_k", "q4_k")
-    for _i, b in mutants(plan.encode(), seed=5, head=10_000):
-        only_our_errors(Plan.from_json, b.decode("utf-8", "replace"), "p.json")
+    for i, b in mutants(plan.encode(), seed=5, head=10_000):
+        only_our_errors(Plan.from_json, b.decode("utf-8", "replace"), "p.json", reject=i % 4 == 0)
+    good = json.loads(plan)
+    for wrong in ("[1, 2]", "null", json.dumps({**good, "config": [1]}),
+                  json.dumps({**good, "tensors": [{"name": 1}]}), json.dumps({**good, "tensors": []})):
+        only_our_errors(Plan.from_json, wrong, "p.json", reject=True)
 
 
 def test_eval_on_a_gguf_llama_cpp_aborts_on(small_gguf, tmp_path):

@@ -10,7 +10,7 @@
 #   bin/        llama-quantize, llama-perplexity, llama-imatrix and the shared libraries
 #   sdist.tar.gz  the sdist itself (the Python bindings are installed from it)
 #   .done       stamp written last
-# Environment: LWQ_CACHE (default ~/.cache/lwq-gguf), LWQ_CUDA=auto|0|1 (auto: on when nvcc is found
+# Environment: LWQ_CACHE (default $XDG_CACHE_HOME/lwq-gguf, else ~/.cache/lwq-gguf), LWQ_CUDA=auto|0|1 (auto: on when nvcc is found
 # and nvidia-smi lists a GPU), LWQ_CUDA_ARCH (default native; 90 for H100/H200), LWQ_JOBS (default:
 # number of cores), LWQ_LLAMA_SRC=FILE.tar.gz: build from a trimmed source tarball made by
 # vendor/pack_llama_src.sh instead of downloading the sdist (machines without a registry; no

@@ -1,0 +1,155 @@
+"""Files, one helper each: atomic outputs, refusing outputs early, hashing, the cache folder and
+the digest of lwq-gguf's own code (what cache entries are keyed by).
+
+Every output lwq-gguf writes goes through :func:`atomic_output`: written beside the target under a
+temporary name and renamed onto it only when complete, so a failed, interrupted or killed run
+never leaves a partial or clobbered file at the target path.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lwq_gguf.errors import OutputError
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+PACKAGE = Path(__file__).resolve().parent
+
+
+def is_disk_full(e: OSError) -> bool:
+    return e.errno in _DISK_FULL
+
+
+def disk_full(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"{path}: disk full or file size limit reached while writing "
+                       f"({e.strerror}): free space in {path.parent} and run again; nothing was "
+                       "left behind")
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse before any work: an existing target without --force, a missing or unwritable folder."""
+    folder = output.parent
+    if output.is_dir():
+        raise OutputError(f"{output}: is a folder: give a file name such as {output}/model.gguf")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists: pass --force to replace it")
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: output folder does not exist: create it first")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{folder}: output folder is not writable ({e.strerror}): choose another "
+                          "path") from None
+
+
+def partial_path(path: Path) -> Path:
+    """Where :func:`atomic_output` writes ``path`` before the rename (beside it)."""
+    return path.parent / f".{path.name}.partial"
+
+
+@contextmanager
+def atomic_output(path: Path, *, unique: bool = False) -> Iterator[Path]:
+    """``with atomic_output(p) as tmp: write tmp`` -> ``p`` appears complete, or not at all.
+
+    ``unique``: a per-process temporary name (for shared caches several runs may fill at once).
+    A full disk becomes one :class:`OutputError` naming ``path``; the temporary file is removed
+    on every failure.
+    """
+    tmp = (path.with_name(f".{path.name}.{os.getpid()}.tmp") if unique else partial_path(path))
+    try:
+        tmp.unlink(missing_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, e) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str, force: bool = True) -> None:
+    """A small text output (JSON, tensor-type file), written atomically; refused like any output."""
+    check_output(path, force)
+    try:
+        with atomic_output(path) as tmp:
+            tmp.write_text(text)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror}): choose another path") from None
+
+
+def write_cache_text(path: Path, text: str) -> bool:
+    """A cache entry, written atomically; False (and nothing left) when the cache is unwritable
+    or full: a cache only ever costs time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path, unique=True) as tmp:
+            tmp.write_text(text)
+        return True
+    except (OSError, OutputError):
+        return False
+
+
+def sha256_file(path: Path, memo: Path | None = None) -> str:
+    """sha256 of a file's bytes; with ``memo`` (a folder) remembered by (path, size, mtime), so a
+    large file is read in full once."""
+    st = path.stat()
+    entry = None
+    if memo is not None:
+        ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        entry = memo / hashlib.sha256(ident.encode()).hexdigest()[:32]
+        try:
+            known = entry.read_text().strip()
+            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+                return known
+        except OSError:
+            pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    if entry is not None:
+        write_cache_text(entry, digest)
+    return digest
+
+
+def cache_root() -> Path:
+    """lwq-gguf's cache folder: ``$LWQ_CACHE``, else ``$XDG_CACHE_HOME/lwq-gguf``, else
+    ``~/.cache/lwq-gguf`` (the same rule as the Makefile and vendor/build_llama_cpp.sh)."""
+    if os.environ.get("LWQ_CACHE"):
+        return Path(os.environ["LWQ_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lwq-gguf"
+
+
+def scores_cache_dir() -> Path:
+    """The score cache and the converter's tensor lists: ``$LWQ_SCORES_CACHE``, else
+    ``cache_root()/scores``."""
+    env = os.environ.get("LWQ_SCORES_CACHE")
+    return Path(env) if env else cache_root() / "scores"
+
+
+def code_digest(*parts: str) -> str:
+    """sha256 (16 hex) of lwq-gguf's source files under ``parts`` (sub-packages or files of the
+    package, e.g. ``"score"``, ``"quant"``): a cache entry keyed by it is never reused once the
+    code that made it changes."""
+    h = hashlib.sha256()
+    for part in parts:
+        root = PACKAGE / part
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for f in files:
+            if f.is_file() and f.suffix in (".py", ".c"):
+                h.update(f"{f.relative_to(PACKAGE)}\n".encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,210 @@
+"""A Hugging Face decoder run one piece at a time, straight from its safetensors files.
+
+The model's skeleton is built on PyTorch's ``meta`` device (no memory); a piece (the embedding,
+one decoder layer, the final norm + head) gets real weights read from the byte ranges of the
+shards (``load.read_tensor``) only while it runs, then goes back to ``meta``. Host and device
+memory stay at one layer plus the calibration activations, whatever the model's size, and the
+arithmetic is the model's own modules', so the results equal a whole-model forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from lwq_gguf.errors import ModelInputError
+from lwq_gguf.model.load import HFModel, read_tensor
+
+ROW_BLOCK = 1 << 24  # weights read and converted at a time while loading (64 MiB as float32)
+MMAP_THRESHOLD = 1 << 20  # glibc: allocations from this size on are mapped, and unmapped on free
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the allocator's own policy stands
+        return None
+
+
+def _fixed_mmap_threshold() -> None:
+    """Make glibc map every allocation of 1 MiB or more (M_MMAP_THRESHOLD = -3).
+
+    By default glibc raises this threshold to the size of each mapped block freed (up to 32 MiB),
+    so after the first layer is unloaded, the next layer's weights land in the heap between the
+    saved activations and are never given back: an 8B model's heap grew by gigabytes that way."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, MMAP_THRESHOLD)
+
+
+def _row_blocks(ref, step: int):
+    n = ref.shape[0]
+    for i in range(0, n, step):
+        yield i, read_tensor(ref, (i, min(n, i + step)))
+
+
+def gpu_placement(lm, max_memory: dict) -> dict[str, str]:
+    """Which pieces (embedding, decoder layers, norm, head) stay resident on which GPU.
+
+    accelerate's ``infer_auto_device_map`` fills the GPUs in ``max_memory`` ({index: bytes}, room
+    for the streamed work already taken off) in layer order, a decoder layer never split; what
+    it leaves to the host is streamed through the main device instead."""
+    import warnings
+
+    from accelerate import infer_auto_device_map
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its advice on offloaded buffers: we stream those
+        dmap = infer_auto_device_map(lm, max_memory={**max_memory, "cpu": 1 << 60},
+                                     no_split_module_classes=[type(lm.model.layers[0]).__name__])
+    pieces = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(len(lm.model.layers))),
+              "model.norm", "lm_head"]
+    out = {}
+    for piece in pieces:  # the most specific entry covering the piece ("" covers all)
+        keys = [k for k in dmap if k == "" or piece == k or piece.startswith(k + ".")]
+        dev = dmap[max(keys, key=len)] if keys else None
+        if isinstance(dev, int):
+            out[piece] = f"cuda:{dev}"
+    return out
+
+
+def auto_gpu_placement(lm, seq_len: int, device: str) -> dict[str, str]:
+    """--device-map auto: every visible GPU's free memory, less room for one streamed layer
+    (weights, gradients and Fisher: 3x the largest layer) and the activations, to accelerate.
+    No GPU (or ``device`` cpu): nothing placed, every piece streams."""
+    import torch
+
+    n = torch.cuda.device_count() if device != "cpu" else 0
+    if n == 0:
+        return {}
+    layer = max(sum(p.numel() for p in m.parameters()) for m in lm.model.layers) * 4
+    acts = 64 * seq_len * lm.config.hidden_size * 4
+    room = {}
+    for i in range(n):
+        free = torch.cuda.mem_get_info(i)[0]
+        room[i] = max(0, int(0.9 * free) - (3 * layer + acts if i == 0 else 0))
+    return gpu_placement(lm, room)
+
+
+class LayerStream:
+    """The model's pieces, materialised on ``device`` one at a time.
+
+    ``placement`` ({piece: device}, or "auto": :func:`auto_gpu_placement`, ``--device-map auto``):
+    those pieces are loaded on their device once and stay there; activations follow them."""
+
+    def __init__(self, model: HFModel, device: str, seq_len: int,
+                 placement: str | dict[str, str] | None = None) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.torch, self.model, self.device = torch, model, device
+        _fixed_mmap_threshold()
+        conf = AutoConfig.from_pretrained(str(model.path))
+        window = getattr(conf, "sliding_window", None)
+        if window and getattr(conf, "use_sliding_window", True) and seq_len > window:
+            raise ModelInputError(f"{model.path}: calibration windows of {seq_len} tokens exceed "
+                                  f"the model's sliding window ({window}): use shorter windows")
+        with torch.device("meta"):
+            self.lm = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa",
+                                                       dtype=torch.float32)
+        self.lm.eval()
+        self.refs = {r.name: r for r in model.tensors}
+        self.rotary = type(self.lm.model.rotary_emb)(config=conf, device=device)
+        self.tied = bool(getattr(conf, "tie_word_embeddings", False))
+        self._positions: dict[tuple, tuple] = {}  # (window length, device) -> (mask, rope, ids)
+        if placement == "auto":
+            placement = auto_gpu_placement(self.lm, seq_len, device)
+        self.placement = dict(placement) if isinstance(placement, dict) else {}  # "none": {}
+        if self.placement.get("model.norm") != self.placement.get("lm_head"):  # one device
+            self.placement.pop("model.norm", None)
+            self.placement.pop("lm_head", None)
+        self._prefix = {id(m): name for name, m in self.lm.named_modules()}
+        self._resident: set[str] = set()  # placed pieces already loaded
+
+    @property
+    def layers(self):
+        return self.lm.model.layers
+
+    def _ref(self, name: str):
+        ref = self.refs.get(name) or self.refs.get(name.removeprefix("model."))
+        if ref is None and name == "lm_head.weight" and self.tied:
+            ref = self.refs.get("model.embed_tokens.weight") or self.refs.get("embed_tokens.weight")
+        if ref is None:
+            raise ModelInputError(f"{self.model.path}: tensor {name!r} is not in the safetensors "
+                                  "files: the checkpoint is incomplete; re-download it")
+        return ref
+
+    def load(self, module, prefix: str, half=None):
+        """Give ``module`` (named ``prefix`` in the checkpoint) its weights on the device.
+
+        ``half``: round the weights through this 16-bit dtype (what the base GGUF holds)."""
+        torch = self.torch
+        if prefix in self._resident:
+            return module
+        module.to_empty(device=self.placement.get(prefix, self.device))
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                ref = self._ref(f"{prefix}.{name}")
+                step = max(1, ROW_BLOCK // max(1, p.numel() // ref.shape[0]))
+                for i, a in _row_blocks(ref, step):  # in row blocks: no whole float32 copies
+                    w = torch.from_numpy(a if a.flags.writeable else a.copy())
+                    if half is not None and w.dim() == 2:
+                        w = w.to(half).float()
+                    p[i:i + step].copy_(w)
+        if prefix in self.placement:
+            self._resident.add(prefix)
+        return module
+
+    def read_rows(self, name: str, keep: np.ndarray, half=None):
+        """Rows ``keep`` (sorted) of weight ``name``, rounded through ``half``, on the device;
+        read in row blocks, so a vocabulary-sized tensor is never whole in memory."""
+        torch = self.torch
+        ref = self._ref(name)
+        step = max(1, ROW_BLOCK // max(1, int(np.prod(ref.shape[1:]))))
+        parts = []
+        for i, a in _row_blocks(ref, step):
+            sel = keep[(keep >= i) & (keep < i + len(a))]
+            if len(sel):
+                parts.append(torch.from_numpy(a[sel - i]))  # fancy indexing: a copy
+        w = torch.cat(parts)
+        return (w.to(half).float() if half is not None else w).to(self.device)
+
+    def unload(self, module) -> None:
+        if self._prefix.get(id(module)) not in self._resident:
+            module.to("meta")
+
+    def device_of(self, module):
+        return next(module.parameters()).device
+
+    def position(self, h):
+        """(mask, position embeddings, position ids) for a [1, T, H] window (made once per T)."""
+        from transformers.masking_utils import create_causal_mask
+
+        key = (h.shape[1], str(h.device))
+        if key not in self._positions:
+            torch = self.torch
+            pos = torch.arange(h.shape[1], device=h.device)
+            with torch.no_grad():
+                mask = create_causal_mask(config=self.lm.config, input_embeds=h,
+                                          attention_mask=None, cache_position=pos,
+                                          past_key_values=None, position_ids=pos.unsqueeze(0))
+                rope = self.rotary(h, pos.unsqueeze(0).to(self.device))  # on the main device
+            self._positions[key] = (mask, tuple(r.to(h.device) for r in rope), pos.unsqueeze(0))
+        return self._positions[key]
+
+    def run_layer(self, layer, h):
+        h = h.to(self.device_of(layer))
+        mask, rope, pos = self.position(h)
+        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope,
+                    use_cache=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def embed(self, windows: list[list[int]], half=None) -> list:
+        """The embedding of every window ([1, T, H] each); the embedding is unloaded after."""
+        torch = self.torch
+        emb = self.load(self.lm.model.embed_tokens, "model.embed_tokens", half)
+        with torch.no_grad():
+            hs = [emb(torch.tensor([w], device=self.device_of(emb))) for w in windows]
+        self.unload(emb)
+        return hs

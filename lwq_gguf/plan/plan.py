@@ -1,0 +1,335 @@
+"""Plan: a bit budget (+ layer scores or sensitivity tables) -> one quantization type per tensor.
+
+The budget is llama.cpp's BPW over the whole file: sum(tensor bytes) * 8 / sum(tensor elements),
+every tensor counted (embeddings, output and the F32 norms included) with its real block size.
+
+Method (the paper's, at tensor granularity at the boundary): the ladder gives levels L0 < L1 < ...
+Every planned tensor at level j costs the bytes of the type it can really take at that level
+(``quant.types.legal_type``: a 576-wide row cannot hold Q4_K, so it is counted as llama.cpp's Q5_0
+fallback). Token embedding and output (``auto`` policy) are placed first, at the upper of the two
+adjacent levels whose all-tensor BPW brackets the target (else at the nearest level that still
+lets the layers reach it). For the layer tensors, the two adjacent levels that bracket the rest of
+the budget are chosen; walking them in priority order (layers from most to least important, inside
+a layer attn_v, ffn_down, attn_output, attn_k, attn_q, ffn_gate, ffn_up), each is raised to the
+upper level while that stays within the budget. Every tensor kind therefore gets its upper type
+in a prefix of the importance ranking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from lwq_gguf import __version__
+from lwq_gguf.errors import PlanError
+from lwq_gguf.plan.knapsack import min_damage
+from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.quant.types import (DEFAULT_ENCODER, ENCODERS, QUANT_TYPES, default_ladder,
+                                  legal_type, parse_ladder, quant_type)
+
+TOLERANCE = 0.02
+STRATEGIES = ("auto", "lim", "zd", "random")
+PLAN_FORMAT, PLAN_VERSION = "lwq-gguf.plan", 1
+_KIND_PRIORITY = ("attn_v", "ffn_down", "attn_output", "attn_k", "attn_q", "ffn_gate", "ffn_up")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """What the user asked the planner for; checked when built."""
+
+    avg_bits: float
+    ladder: tuple[str, ...] = ()  # () = the strategy's default (quants.default_ladder)
+    strategy: str = "auto"
+    seed: int = 0
+    token_embedding_type: str = "auto"  # "auto" = planned first, or a type name
+    output_tensor_type: str = "auto"
+    overrides: tuple[tuple[str, str], ...] = ()  # (regex, type): first match wins, like llama-quantize
+    encoder: str = DEFAULT_ENCODER  # who encodes the blocks: lwq (own Q4_K) or ggml (llama-quantize's)
+
+    def __post_init__(self):
+        if not isinstance(self.avg_bits, (int, float)) or not 1 <= self.avg_bits <= 32:
+            raise PlanError(f"--avg-bits {self.avg_bits!r}: give bits per weight between 1 and 32, "
+                            "e.g. --avg-bits 4.5")
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if self.encoder not in ENCODERS:
+            raise PlanError(f"unknown encoder {self.encoder!r}: use one of {', '.join(ENCODERS)}")
+        object.__setattr__(self, "ladder", parse_ladder(self.ladder or default_ladder(self.strategy)))
+        for t in (self.token_embedding_type, self.output_tensor_type):
+            if t != "auto":
+                quant_type(t)
+        for pattern, t in self.overrides:
+            quant_type(t)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise PlanError(f"bad --tensor-type pattern {pattern!r}: {e}")
+
+
+def parse_override(spec: str) -> tuple[str, str]:
+    """'REGEX=TYPE' as llama-quantize --tensor-type takes it."""
+    pattern, sep, t = spec.rpartition("=")
+    if not sep or not pattern:
+        raise PlanError(f"bad --tensor-type {spec!r}: write it as REGEX=TYPE, e.g. attn_v=q6_k")
+    return pattern.lower(), quant_type(t).name
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: PlanConfig
+    tensors: tuple[GGUFTensor, ...]
+    types: tuple[str, ...]  # the type each tensor has in the output file
+    layer_order: tuple[int, ...]  # most important first
+    pair: tuple[str, str]
+    tool_version: str = field(default=__version__, compare=False)
+
+    def type_of(self, name: str) -> str:
+        return self.types[[t.name for t in self.tensors].index(name)]
+
+    def bpw(self, layers_only: bool = False) -> float:
+        bits = elems = 0
+        for t, ty in zip(self.tensors, self.types):
+            if layers_only and t.layer is None:
+                continue
+            bits += tensor_nbytes(ty, t.shape) * 8
+            elems += t.numel
+        return bits / elems
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(ty, t.shape) for t, ty in zip(self.tensors, self.types))
+
+    def to_dict(self) -> dict:
+        cfg = asdict(self.config)
+        cfg["overrides"] = [list(o) for o in self.config.overrides]
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "tool_version": self.tool_version,
+            "config": cfg, "layer_order": list(self.layer_order), "pair": list(self.pair),
+            "summary": {"bpw": round(self.bpw(), 4), "bpw_layers": round(self.bpw(True), 4),
+                        "bytes": self.nbytes, "elements": sum(t.numel for t in self.tensors)},
+            "tensors": [{"name": t.name, "shape": list(t.shape), "src_type": t.src_type, "type": ty}
+                        for t, ty in zip(self.tensors, self.types)],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        """Parse and check a plan JSON; anything else is one PlanError naming ``source``."""
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT \
+                    or d.get("version") != PLAN_VERSION:
+                raise PlanError(f"{source}: not a version-{PLAN_VERSION} lwq-gguf plan: "
+                                "make it with `lwq-gguf plan`")
+            c = d["config"]
+            cfg = PlanConfig(avg_bits=float(c["avg_bits"]), ladder=tuple(c["ladder"]),
+                             strategy=c["strategy"], seed=int(c["seed"]),
+                             token_embedding_type=c["token_embedding_type"],
+                             output_tensor_type=c["output_tensor_type"],
+                             overrides=tuple((str(p), str(t)) for p, t in c["overrides"]),
+                             # plans from before the lwq encoder existed were written by ggml's
+                             encoder=c.get("encoder", "ggml"))
+            tensors = tuple(GGUFTensor(str(r["name"]), tuple(int(x) for x in r["shape"]),
+                                       str(r["src_type"])) for r in d["tensors"])
+            types = tuple(quant_type(r["type"]).name for r in d["tensors"])
+            if not tensors:
+                raise ValueError("no tensors")
+            return cls(cfg, tensors, types, tuple(int(i) for i in d["layer_order"]),
+                       tuple(str(t) for t in d["pair"]), str(d.get("tool_version", "?")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PlanError(f"{source}: corrupt plan file ({e}): make a new one with "
+                            "`lwq-gguf plan`") from None
+
+    def tensor_type_file(self) -> str:
+        """``llama-quantize --tensor-type-file`` lines: one exact pattern per quantized tensor."""
+        return "".join(f"^{re.escape(t.name)}$={ty}\n"
+                       for t, ty in zip(self.tensors, self.types) if t.quantizable)
+
+
+def layer_order(strategy: str, n_layers: int, lim: Sequence[float] | None,
+                zd: Sequence[float] | None, seed: int = 0) -> tuple[int, ...]:
+    """Layers from most to least important under ``strategy``."""
+    if strategy == "random":
+        order = list(range(n_layers))
+        random.Random(seed).shuffle(order)
+        return tuple(order)
+    score = lim if strategy == "lim" else zd
+    if score is None or len(score) != n_layers:
+        raise PlanError(f"strategy {strategy!r} needs {strategy.upper()} scores for {n_layers} "
+                        "layers: run `lwq-gguf score` on this model (or pass --strategy random)")
+    return tuple(sorted(range(n_layers), key=lambda i: (-score[i], i)))
+
+
+def _fixed_type(t: GGUFTensor, cfg: PlanConfig) -> str | None:
+    """The type a tensor gets regardless of the budget, or None when the planner decides."""
+    if not t.quantizable:
+        return t.src_type
+    for pattern, ty in cfg.overrides:
+        if re.search(pattern, t.name):
+            return legal_type(ty, t.shape[0])
+    policy = {"token_embd.weight": cfg.token_embedding_type,
+              "output.weight": cfg.output_tensor_type}.get(t.name, "auto")
+    return None if policy == "auto" else legal_type(policy, t.shape[0])
+
+
+_EMBED = ("token_embd.weight", "output.weight")
+
+
+def _priority(t: GGUFTensor, rank: dict[int, int]) -> tuple:
+    if t.layer is None:
+        return (0, 0, 0, t.name)
+    k = t.kind
+    kp = _KIND_PRIORITY.index(k) if k in _KIND_PRIORITY else len(_KIND_PRIORITY)
+    return (1, rank[t.layer], kp, t.name)
+
+
+def _two_level(units: list[int], levels: list[list[str]], shapes: list[tuple], budget: float
+               ) -> tuple[dict[int, str], int]:
+    """Types for ``units`` (in priority order) whose bits come closest to ``budget``.
+
+    All units start at the highest level whose total fits; then each, in priority order, is raised
+    one level while the budget allows; finally one more raise if it lands closer to the budget.
+    Returns (types, level index of the lower of the two levels used).
+    """
+    def cost(i: int, j: int) -> int:
+        return tensor_nbytes(levels[i][j], shapes[i]) * 8
+
+    n_levels = len(levels[units[0]]) if units else 1
+    totals = [sum(cost(i, j) for i in units) for j in range(n_levels)]
+    j = max([k for k in range(n_levels) if totals[k] <= budget] or [0])
+    hi = min(j + 1, n_levels - 1)
+    chosen = {i: levels[i][j] for i in units}
+    bits, skipped = totals[j], []
+    for i in units:
+        step = cost(i, hi) - cost(i, j)
+        if step <= 0:
+            continue
+        if bits + step <= budget:
+            chosen[i] = levels[i][hi]
+            bits += step
+        else:
+            skipped.append((i, step))
+    if skipped:
+        i, step = min(skipped, key=lambda s: abs(bits + s[1] - budget))
+        if abs(bits + step - budget) < abs(bits - budget):
+            chosen[i] = levels[i][hi]
+    return chosen, j
+
+
+def _check_reach(cfg: PlanConfig, lo_bpw: float, hi_bpw: float) -> None:
+    if not lo_bpw - TOLERANCE <= cfg.avg_bits <= hi_bpw + TOLERANCE:
+        raise PlanError(
+            f"--avg-bits {cfg.avg_bits:g} is outside what ladder {','.join(cfg.ladder)} reaches on "
+            f"this model: {lo_bpw:.3f} to {hi_bpw:.3f} BPW (whole file, embeddings included): pick "
+            "a target in that range or widen the ladder")
+
+
+def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig) -> None:
+    """Refuse a target the ladder cannot reach on these tensors (before any slow work)."""
+    total = sum(t.numel for t in tensors)
+    lo = hi = 0
+    for t in tensors:
+        fixed = _fixed_type(t, cfg)
+        sizes = [tensor_nbytes(fixed or legal_type(q, t.shape[0]), t.shape)
+                 for q in (cfg.ladder if fixed is None else (fixed,))]
+        lo, hi = lo + min(sizes), hi + max(sizes)
+    _check_reach(cfg, lo * 8 / total, hi * 8 / total)
+
+
+def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: PlanConfig,
+               damage: Mapping[str, Mapping[str, float]] | None) -> Plan:
+    """Least total expected KLD within the byte budget (multiple-choice knapsack, exact DP)."""
+    if damage is None:
+        raise PlanError("strategy auto needs the sensitivity analysis (made by `lwq-gguf score` "
+                        "or on the fly by plan/convert): re-score, or pass --strategy lim")
+    total = sum(t.numel for t in tensors)
+    fixed = [_fixed_type(t, cfg) for t in tensors]
+    fixed_bytes = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, fixed) if ty)
+    free = [i for i, ty in enumerate(fixed) if ty is None]
+    choices, options = [], []
+    for i in free:
+        t = tensors[i]
+        types = sorted({legal_type(q, t.shape[0]) for q in cfg.ladder},
+                       key=lambda ty: (tensor_nbytes(ty, t.shape), ty))
+        d = damage.get(t.name, {})
+        if any(ty not in d for ty in types):
+            raise PlanError(f"the sensitivity analysis has no damage for {t.name} as "
+                            f"{[ty for ty in types if ty not in d][0]}: re-score with this ladder")
+        choices.append(types)
+        options.append([(tensor_nbytes(ty, t.shape), d[ty]) for ty in types])
+    _check_reach(cfg, (fixed_bytes + sum(o[0][0] for o in options)) * 8 / total,
+                 (fixed_bytes + sum(o[-1][0] for o in options)) * 8 / total)
+    def size(bpw: float) -> int:
+        return int(bpw * total / 8) - fixed_bytes
+
+    # never above the target when the tensors allow it, else anywhere within the tolerance
+    pick = min_damage(options, size(cfg.avg_bits), size(cfg.avg_bits - TOLERANCE / 2))
+    if pick is None or sum(o[j][0] for o, j in zip(options, pick)) < size(cfg.avg_bits - TOLERANCE):
+        pick = min_damage(options, size(cfg.avg_bits + TOLERANCE),
+                          size(cfg.avg_bits - TOLERANCE)) or [0] * len(options)
+    types = list(fixed)
+    for k, i in enumerate(free):
+        types[i] = choices[k][pick[k]]
+    used = sorted({choices[k][pick[k]] for k in range(len(free))} or {"f16"},
+                  key=lambda ty: QUANT_TYPES[ty].bpw)
+    plan = Plan(cfg, tensors, tuple(types), order, (used[0], used[-1]))
+    if abs(plan.bpw() - cfg.avg_bits) > TOLERANCE:
+        raise PlanError(f"--avg-bits {cfg.avg_bits:g}: the closest this model's tensors allow is "
+                        f"{plan.bpw():.3f} BPW: choose a nearby target")
+    return plan
+
+
+def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,
+              lim: Sequence[float] | None = None, zd: Sequence[float] | None = None,
+              damage: Mapping[str, Mapping[str, float]] | None = None) -> Plan:
+    """Plan every tensor; see the module docstring for the method.
+
+    Embedding and output under the ``auto`` policy are placed first (each on its own): at the
+    upper of the two levels the whole model would use, else the nearest levels that still let the
+    layers reach the target (output.weight kept higher when only one can be).
+    """
+    tensors = tuple(tensors)
+    if cfg.strategy == "auto":
+        order = layer_order("lim", n_layers, lim, zd) if lim else tuple(range(n_layers))
+        return _plan_auto(tensors, order, cfg, damage)
+    order = layer_order(cfg.strategy, n_layers, lim, zd, cfg.seed)
+    rank = {layer: i for i, layer in enumerate(order)}
+    total_elems = sum(t.numel for t in tensors)
+    fixed = [_fixed_type(t, cfg) for t in tensors]
+    fixed_bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(tensors, fixed) if ty)
+    free = [i for i, ty in enumerate(fixed) if ty is None]
+    emb = [i for i in free if tensors[i].name in _EMBED]
+    units = sorted((i for i in free if i not in emb), key=lambda i: _priority(tensors[i], rank))
+    levels = [[legal_type(q, t.shape[0]) for q in cfg.ladder] for t in tensors]
+    shapes = [t.shape for t in tensors]
+    n_levels = len(cfg.ladder)
+
+    all_bpw = [(fixed_bits + sum(tensor_nbytes(levels[i][j], shapes[i]) * 8 for i in free))
+               / total_elems for j in range(n_levels)]  # every free tensor at level j
+    target = cfg.avg_bits
+    _check_reach(cfg, all_bpw[0], all_bpw[-1])
+    j = max([k for k in range(n_levels) if all_bpw[k] <= target] or [0])
+    hi = min(j + 1, n_levels - 1)
+    prefs = [hi] + list(range(j, -1, -1)) + list(range(hi + 1, n_levels))
+    emb.sort(key=lambda i: tensors[i].name != "output.weight")  # output first: it matters more
+    combos = sorted(itertools.product(range(len(prefs)), repeat=len(emb)), key=lambda c: (sum(c), c))
+    best = None
+    for combo in combos:
+        e_level = {i: prefs[k] for i, k in zip(emb, combo)}
+        emb_bits = sum(tensor_nbytes(levels[i][e], shapes[i]) * 8 for i, e in e_level.items())
+        chosen, lo = _two_level(units, levels, shapes, target * total_elems - fixed_bits - emb_bits)
+        chosen.update({i: levels[i][e] for i, e in e_level.items()})
+        types = tuple(fixed[i] or chosen[i] for i in range(len(tensors)))
+        plan = Plan(cfg, tensors, types, order, (cfg.ladder[lo], cfg.ladder[min(lo + 1, n_levels - 1)]))
+        if abs(plan.bpw() - target) <= TOLERANCE:
+            return plan
+        if best is None or abs(plan.bpw() - target) < abs(best.bpw() - target):
+            best = plan
+    raise PlanError(f"--avg-bits {target:g}: the closest this model's tensors allow is "
+                    f"{best.bpw():.3f} BPW (tensor steps too coarse): choose a nearby target")

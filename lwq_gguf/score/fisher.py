@@ -1,0 +1,262 @@
+"""The Fisher diagonal and the importance matrix, streamed one decoder layer at a time.
+
+What it computes (per calibration window of ``seq_len`` tokens, labels ``y`` sampled from the
+model itself): the gradient ``g`` of ``sum_t -log p(y_t)`` with respect to every matmul weight,
+accumulated as ``F = sum_windows g^2 / tokens`` (the diagonal Fisher information per token); and,
+as llama-imatrix does, the per-column sum of squared inputs of every matmul (the imatrix).
+
+How (bounded memory, :class:`lwq_gguf.stream.LayerStream`): a forward pass layer by layer keeps
+each layer's input activations (tokens x hidden per layer, on the host) and collects the imatrix;
+the head (final norm + output) samples the labels and starts the backward; then the layers are
+reloaded from last to first, each recomputes its forward from its saved input and back-propagates
+the gradient it receives, window by window. So one layer's weights, gradients and Fisher are in
+memory at a time, plus the activations, whatever the model's size. The weights are rounded
+through the 16-bit type the base GGUF holds, so the Fisher is taken where the quantizer starts.
+
+A tied embedding gets both gradients per window (as input lookup and as output projection)
+before squaring: the output part is kept for the window's own token rows only, so no
+vocabulary-sized per-window tensor is ever stored.
+
+``max_rows``: the sensitivity needs only a fixed sample of each tensor's rows (rows quantize
+independently); the Fisher of the output and the embedding is then formed for those rows only,
+and the embedding's weight rows are read without loading it, so at 8B scale neither of the two
+2 GB (float32) vocabulary tensors is held twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from lwq_gguf.quant.imatrix import Imatrix
+from lwq_gguf.model.load import HFModel
+from lwq_gguf.score.layers import calibration_ids, resolve_device
+from lwq_gguf.score.scores import ScoreConfig
+
+
+HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
+
+
+def gguf_names(lm, n_layers: int) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, for the 2-D weights the converter writes."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    out = {}
+    for name, p in lm.named_parameters(remove_duplicate=True):
+        if p.dim() == 2:
+            g = tmap.get_name(name, try_suffixes=(".weight",))
+            if g:
+                out[name] = g
+    return out
+
+
+def kept_rows(n: int, max_rows: int | None) -> np.ndarray:
+    """The rows of an n-row tensor kept for the sensitivity: all, or a fixed sorted sample."""
+    if max_rows is None or n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))
+
+
+@dataclass(frozen=True)
+class FisherTensor:
+    name: str  # GGUF tensor name
+    weight: np.ndarray  # the kept rows of the weight, rounded through the 16-bit type (float32)
+    fisher: np.ndarray  # their Fisher diagonal per token
+    rows: int  # the tensor's row count (weight holds kept_rows(rows, max_rows) of them)
+
+
+@dataclass
+class FisherRun:
+    """What the forward pass left: the imatrix (complete) and the per-tensor stream to come."""
+
+    imatrix: Imatrix
+    tokens: int
+    tensors: Iterator[FisherTensor]
+
+
+def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
+                    max_rows: int | None = None) -> FisherRun:
+    """Run the forward pass now; the returned iterator runs the backward, layer by layer."""
+    import torch
+
+    from lwq_gguf.model.stream import LayerStream
+
+    device = resolve_device(cfg.device)
+    ids = calibration_ids(model, cfg)
+    s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
+    lm = s.lm
+    names = gguf_names(lm, model.n_layers)
+    half = torch.bfloat16 if any(t.dtype == "BF16" for t in model.tensors) else torch.float16
+    windows = [w for w in (ids[i: i + cfg.seq_len] for i in range(0, len(ids), cfg.seq_len))
+               if len(w) > 1]
+    n_tok = sum(len(w) for w in windows)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(gname):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[gname] = sums.get(gname, 0) + (x * x).sum(0)
+            counts[gname] = counts.get(gname, 0) + x.shape[0]
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(names[n + ".weight"]))
+               for n, mod in lm.named_modules()
+               if isinstance(mod, torch.nn.Linear) and n + ".weight" in names]
+    head_name = names.get("lm_head.weight", "token_embd.weight")  # tied: llama.cpp's token_embd
+    if "lm_head.weight" not in names:  # tied: the output's inputs count for token_embd
+        handles.append(lm.lm_head.register_forward_pre_hook(hook_for(head_name)))
+    bar = tqdm(total=2 * model.n_layers + 3, desc=f"Fisher + imatrix ({device})", unit="step",
+               disable=not progress, leave=False)
+    inputs: list[list[torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            hs = s.embed(windows, half)
+            bar.update()
+            for i, layer in enumerate(s.layers):
+                s.load(layer, f"model.layers.{i}", half)
+                inputs.append([h.cpu() for h in hs])
+                hs = [s.run_layer(layer, h) for h in hs]
+                s.unload(layer)
+                bar.update()
+        head = _head_backward(s, hs, windows, half, max_rows)
+        bar.update()
+    finally:
+        for h in handles:
+            h.remove()
+    im = Imatrix({k: v.cpu().numpy() for k, v in sums.items()},
+                 {k: np.array([c]) for k, c in counts.items()},
+                 cfg.calib_file.name, cfg.seq_len, len(windows))
+    run = _Pass(s, windows, half, names, n_tok, max_rows)
+    return FisherRun(im, n_tok, _backward(run, inputs, head, bar))
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What the backward pass shares: the stream, the windows, the 16-bit type, the GGUF names,
+    the token count and the row sample size."""
+
+    s: object  # LayerStream
+    windows: list
+    half: object  # torch dtype
+    names: dict
+    n_tok: int
+    max_rows: int | None
+
+
+@dataclass
+class _Head:
+    grads: list  # d loss / d h (last layer's output), per window, on the host
+    fisher: object  # output weight's sum of g^2 on the kept rows (tied: kept for the embedding)
+    weight: object  # the output weight's kept rows
+    keep: object  # the kept rows (a sorted index tensor)
+    n_rows: int  # the output's row count
+    rows: list  # tied: per window (token rows, the output gradient on those rows)
+
+
+def _head_backward(s, hs, windows, half, max_rows) -> _Head:
+    """Final norm + output: sample labels, start the backward; the output weight's Fisher.
+
+    The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) on the
+    kept rows only, in blocks of rows, so no vocabulary x hidden gradient is ever whole in
+    memory (an 8B model's output is 2 GB in float32)."""
+    torch = s.torch
+    norm = s.load(s.lm.model.norm, "model.norm")
+    head = s.load(s.lm.lm_head, "lm_head", half)
+    w = head.weight
+    dev = w.device
+    keep = torch.from_numpy(kept_rows(w.shape[0], max_rows)).to(dev)
+    fisher = torch.zeros(len(keep), w.shape[1], device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    grads, rows = [], []
+    block = max(1, HEAD_BLOCK // w.shape[1])
+    for h, win in zip(hs, windows):
+        h = h.detach().to(dev).requires_grad_(True)
+        hn = norm(h)[0]
+        with torch.no_grad():
+            x = hn.detach()
+            d = torch.softmax(head(x).float(), -1)  # (through the module: its imatrix hook)
+            y = torch.multinomial(d, 1, generator=gen)[:, 0]
+            d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
+            for i in range(0, len(keep), block):
+                g = d[:, keep[i:i + block]].T @ x
+                fisher[i:i + block].addcmul_(g, g)
+            if s.tied:
+                tok = torch.tensor(sorted(set(win)), device=dev)
+                rows.append((tok.to(s.device), (d[:, tok].T @ x).to(s.device)))
+            dx = d @ w
+            del d
+        hn.backward(dx)
+        norm.weight.grad = None
+        grads.append(h.grad.cpu())
+    weight = w.detach()[keep]
+    s.unload(norm)
+    s.unload(head)
+    return _Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows)
+
+
+def _backward(run: _Pass, inputs, head: _Head, bar) -> Iterator[FisherTensor]:
+    s, half, names, n_tok, max_rows = run.s, run.half, run.names, run.n_tok, run.max_rows
+    torch = s.torch
+
+    def out(gname, w, f, keep):
+        return FisherTensor(gname, w.detach()[keep].cpu().numpy(),
+                            f[keep].div_(n_tok).cpu().numpy(), w.shape[0])
+
+    if not s.tied:
+        yield FisherTensor(names["lm_head.weight"], head.weight.cpu().numpy(),
+                           head.fisher.div_(n_tok).cpu().numpy(), head.n_rows)
+        head.fisher = head.weight = None
+    grads = head.grads
+    for i in reversed(range(len(inputs))):
+        layer = s.load(s.layers[i], f"model.layers.{i}", half)
+        params = {f"model.layers.{i}.{n}": p for n, p in layer.named_parameters()}
+        fisher = {n: torch.zeros_like(p) for n, p in params.items() if n in names}
+        dev = s.device_of(layer)
+        for j, g in enumerate(grads):
+            x = inputs[i][j].to(dev).requires_grad_(True)
+            s.run_layer(layer, x).backward(g.to(dev))
+            for n, f in fisher.items():
+                f.addcmul_(params[n].grad, params[n].grad)
+            layer.zero_grad(set_to_none=True)
+            grads[j] = x.grad.cpu()
+        inputs[i] = None
+        for n, f in fisher.items():
+            keep = torch.from_numpy(kept_rows(f.shape[0], max_rows)).to(dev)
+            yield out(names[n], params[n], f, keep)
+        del fisher, params
+        s.unload(layer)
+        bar.update()
+    yield _embedding(run, head, grads)
+    bar.update()
+    bar.close()
+
+
+def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
+    """Fisher of the token embedding's kept rows: sum over windows of its gradient squared
+    (+ the output's, when tied); its weight rows are read, not the whole embedding loaded."""
+    s, windows, half, names, n_tok = run.s, run.windows, run.half, run.names, run.n_tok
+    max_rows = run.max_rows
+    torch = s.torch
+    hf = "model.embed_tokens.weight"
+    n_rows = s._ref(hf).shape[0]
+    keep = head.keep if s.tied else torch.from_numpy(kept_rows(n_rows, max_rows)).to(s.device)
+    w = s.read_rows(hf, keep.cpu().numpy(), half)
+    fisher = head.fisher if s.tied else torch.zeros_like(w)
+    for j, (g, win) in enumerate(zip(grads, windows)):
+        tok = torch.tensor(win, device=s.device)
+        rows = torch.unique(tok)  # sorted, as the tied output rows were kept
+        ge = torch.zeros(len(rows), w.shape[1], device=s.device)
+        ge.index_add_(0, torch.searchsorted(rows, tok), g[0].to(s.device))
+        if s.tied:  # (g_out + g_in)^2 = g_out^2 (already in) + 2 g_out g_in + g_in^2
+            add = 2 * head.rows[j][1] * ge + ge * ge
+        else:
+            add = ge * ge
+        at = torch.searchsorted(keep, rows).clamp(max=len(keep) - 1)
+        hit = keep[at] == rows  # the window's tokens among the kept rows
+        fisher[at[hit]] += add[hit]
+    return FisherTensor(names[hf], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows)

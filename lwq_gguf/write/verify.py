@@ -1,0 +1,170 @@
+"""Stage 5 - verify: read a written GGUF back and let llama.cpp run it.
+
+``read_back`` lists each tensor's type and the file's BPW from the GGUF header (llama.cpp's
+definition: tensor bytes * 8 / tensor elements). ``check_file`` compares the types with the plan
+and runs a short ``llama-perplexity`` (4 chunks of 128 tokens of the calibration text), which must
+be finite.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from lwq_gguf.errors import LwqError, VerifyError
+from lwq_gguf.llamacpp import LlamaCpp, run_tool
+from lwq_gguf.plan.plan import Plan
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    types: dict[str, str]  # tensor name -> lower-case type name
+    nbytes: int
+    nelements: int
+    metadata: dict[str, object]
+
+    @property
+    def bpw(self) -> float:
+        return self.nbytes * 8 / self.nelements
+
+
+# GGUF value types (gguf.GGUFValueType) -> struct format; 8 = string, 9 = array
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_META = ("lwq.", "general.", "quantize.")
+
+
+class _Header:
+    """A bounds-checked cursor over a GGUF file's header (little- or big-endian)."""
+
+    def __init__(self, buf):
+        self.buf, self.pos, self.end = buf, 0, "<"
+
+    def take(self, fmt: str):
+        size = struct.calcsize(self.end + fmt)
+        if self.pos + size > len(self.buf):
+            raise struct.error("unexpected end of file")
+        v = struct.unpack_from(self.end + fmt, self.buf, self.pos)
+        self.pos += size
+        return v[0] if len(v) == 1 else v
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise struct.error("unexpected end of file")
+        self.pos += n
+
+    def string(self, keep: bool = True) -> str | None:
+        n = self.take("Q")
+        start = self.pos
+        self.skip(n)
+        return bytes(self.buf[start:self.pos]).decode("utf-8", "replace") if keep else None
+
+    def value(self, vtype: int, keep: bool):
+        if vtype in _SCALAR:
+            return self.take(_SCALAR[vtype])
+        if vtype == 8:
+            return self.string(keep)
+        if vtype != 9:
+            raise struct.error(f"unknown value type {vtype}")
+        etype, count = self.take("I"), self.take("Q")
+        if etype in _SCALAR:
+            self.skip(count * struct.calcsize(_SCALAR[etype]))
+        else:
+            for _ in range(count):
+                self.value(etype, False)
+        return None
+
+
+def read_back(path: Path) -> FileInfo:
+    """Tensor types, byte and element counts, and lwq./general./quantize. metadata of a GGUF.
+
+    Reads only the header (gguf-py's GGUFReader parses every vocab string into numpy views,
+    seconds per file); sizes come from gguf's GGML_QUANT_SIZES, so BPW is llama.cpp's.
+    """
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(_Header(buf))
+    except (struct.error, ValueError, OSError, OverflowError, KeyError) as e:
+        raise LwqError(f"{path}: not a readable GGUF file ({e}): re-create it")
+
+
+def _parse(h: _Header) -> FileInfo:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if h.take("4s") != b"GGUF":
+        raise ValueError("no GGUF magic")
+    if h.take("I") & 0xFFFF == 0:  # written on a big-endian machine
+        h.end = ">"
+    h.pos = 8
+    n_tensors, n_kv = h.take("Q"), h.take("Q")
+    meta, align = {}, 32
+    for _ in range(n_kv):
+        key = h.string()
+        vtype = h.take("I")
+        v = h.value(vtype, keep=key.startswith(_META) or key == "general.alignment")
+        if key == "general.alignment":
+            align = int(v) if isinstance(v, int) and v > 0 else 32
+        if v is not None and key.startswith(_META):
+            meta[key] = v
+    types, nbytes, nel, extent = {}, 0, 0, 0
+    for _ in range(n_tensors):
+        name = h.string()
+        n_dims = h.take("I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [h.take("Q") for _ in range(n_dims)]
+        ty, offset = GGMLQuantizationType(h.take("I")), h.take("Q")
+        block, size = GGML_QUANT_SIZES[ty]
+        n = math.prod(dims)
+        if n % block:
+            raise ValueError(f"tensor {name!r}: {n} elements is not whole {ty.name} blocks")
+        types[name] = ty.name.lower()
+        nbytes += n // block * size
+        nel += n
+        extent = max(extent, offset + n // block * size)
+    data_start = -(-h.pos // align) * align
+    if data_start + extent > len(h.buf):
+        raise ValueError(f"truncated: tensor data needs {data_start + extent} bytes, file has {len(h.buf)}")
+    return FileInfo(types, nbytes, nel, meta)
+
+
+def short_perplexity(lc: LlamaCpp, gguf: Path, text: Path, ctx: int = 128, chunks: int = 4,
+                     threads: int = 0) -> float:
+    """A few chunks of llama-perplexity on the CPU; returns the final PPL estimate."""
+    cmd = [str(lc.tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", str(ctx),
+           "-b", str(ctx), "--chunks", str(chunks), "-ngl", "0"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    out = run_tool(cmd, what=f"llama-perplexity on {gguf.name}")
+    m = re.search(r"Final estimate: PPL = ([0-9.eE+\-naif]+)", out)
+    if not m:
+        raise VerifyError(f"{gguf}: llama-perplexity printed no estimate: run it by hand to see why")
+    return float(m.group(1))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    bpw: float
+    ppl: float | None
+
+
+def check_file(lc: LlamaCpp, path: Path, plan: Plan, text: Path | None, shown_as: Path) -> CheckResult:
+    info = read_back(path)
+    want = dict(zip((t.name for t in plan.tensors), plan.types))
+    if set(info.types) != set(want):
+        odd = sorted(set(info.types) ^ set(want))[0]
+        raise VerifyError(f"{shown_as}: tensor {odd!r} is not where the plan says: report this bug")
+    for name, ty in want.items():
+        if info.types[name] != ty:
+            raise VerifyError(f"{shown_as}: tensor {name!r} is {info.types[name]}, plan says {ty}: "
+                              "report this bug (or pass --no-verify to keep the file)")
+    ppl = None
+    if text is not None:
+        ppl = short_perplexity(lc, path, text)
+        if not math.isfinite(ppl):
+            raise VerifyError(f"{shown_as}: llama.cpp perplexity is {ppl}: the file is broken; "
+                              "pass --no-verify to keep it for inspection")
+    return CheckResult(info.bpw, ppl)

@@ -1,0 +1,199 @@
+"""Streamed (one layer at a time) scoring equals the whole-model forward."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lwq_gguf.model.load import open_model
+from lwq_gguf.score.layers import calibration_ids, lim_scores
+from lwq_gguf.score.scores import ScoreConfig, default_calibration
+
+
+def whole_model_lim(path, ids, seq_len):
+    """The reference: LIM from forward hooks on the whole transformers model."""
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    sums, count = [0.0] * len(lm.model.layers), [0]
+
+    def hook_for(i):
+        def hook(_mod, args, kwargs, out):
+            h_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            h_out = out[0] if isinstance(out, (tuple, list)) else out
+            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
+            sums[i] += float(cos.double().sum())
+            count[0] += cos.numel() if i == 0 else 0
+        return hook
+
+    for i, layer in enumerate(lm.model.layers):
+        layer.register_forward_hook(hook_for(i), with_kwargs=True)
+    with torch.no_grad():
+        for s in range(0, len(ids), seq_len):
+            lm.model(input_ids=torch.tensor([ids[s: s + seq_len]]), use_cache=False)
+    return [-x / count[0] for x in sums]
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", True), ("mistral", False)])
+def test_streamed_lim_equals_whole_model(tiny, arch, tied):
+    path = tiny(arch, 3, tied=tied)
+    model = open_model(path)
+    cfg = ScoreConfig(calib_tokens=700, device="cpu")  # a full window and a short one
+    ids = calibration_ids(model, cfg)
+    streamed, device = lim_scores(model, cfg, ids, progress=False)
+    assert device == "cpu" and len(streamed) == 3
+    reference = whole_model_lim(path, ids, cfg.seq_len)
+    assert max(abs(a - b) for a, b in zip(streamed, reference)) < 1e-4, (streamed, reference)
+
+
+def whole_model_fisher(path, model, cfg):
+    """The reference: Fisher diagonal + imatrix sums from one whole-model forward/backward."""
+    from lwq_gguf.score.fisher import gguf_names
+
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    names = gguf_names(lm, model.n_layers)
+    params = dict(lm.named_parameters())
+    with torch.no_grad():
+        for hf in names:
+            params[hf].copy_(params[hf].to(torch.float16).float())
+    ids = calibration_ids(model, cfg)
+    windows = [ids[s: s + cfg.seq_len] for s in range(0, len(ids), cfg.seq_len)]
+    fisher = {hf: torch.zeros_like(params[hf]) for hf in names}
+    gen = torch.Generator().manual_seed(0)
+    for w in windows:
+        lm.zero_grad(set_to_none=True)
+        logits = lm(input_ids=torch.tensor([w]), use_cache=False).logits[0]
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        with torch.no_grad():
+            for hf in names:
+                fisher[hf] += params[hf].grad ** 2
+    n = sum(len(w) for w in windows)
+    return {names[hf]: (f / n).numpy() for hf, f in fisher.items()}
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True)])
+def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
+    import numpy as np
+
+    from lwq_gguf.score.fisher import streamed_fisher
+
+    path = tiny(arch, 2, tied=tied)
+    model = open_model(path)
+    cfg = ScoreConfig(calib_tokens=700, device="cpu")
+    run = streamed_fisher(model, cfg, progress=False)
+    got = {t.name: t.fisher for t in run.tensors}
+    ref = whole_model_fisher(path, model, cfg)
+    assert got.keys() == ref.keys() and ("output.weight" in got) != tied
+    for name, f in ref.items():
+        err = np.abs(got[name] - f).sum() / np.abs(f).sum()
+        assert err < 1e-3, (name, err)
+    assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_q.weight",
+                                                           "token_embd.weight" if tied else
+                                                           "output.weight"}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, tied):
+    """With max_rows, only a sample of rows is formed (the output and embedding without their
+    full Fisher); the sample's weights and Fisher are the whole run's rows."""
+    import numpy as np
+
+    from lwq_gguf.score.fisher import kept_rows, streamed_fisher
+
+    model = open_model(tiny("llama", 2, tied=tied))
+    cfg = ScoreConfig(calib_tokens=300, device="cpu")
+    whole = {t.name: t for t in streamed_fisher(model, cfg, progress=False).tensors}
+    part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, max_rows=40).tensors}
+    assert part.keys() == whole.keys() and "token_embd.weight" in part
+    sampled = 0
+    for name, t in part.items():
+        w = whole[name]
+        keep = kept_rows(w.rows, 40)
+        sampled += len(keep) < w.rows
+        assert t.rows == w.rows and t.weight.shape[0] == len(keep), name
+        np.testing.assert_array_equal(t.weight, w.weight[keep], err_msg=name)
+        np.testing.assert_allclose(t.fisher, w.fisher[keep], rtol=1e-4, atol=1e-12 +
+                                   1e-5 * np.abs(w.fisher).max(), err_msg=name)
+    assert sampled >= 3
+
+
+@pytest.mark.parametrize("n", [16, 700, 20000])
+def test_prefix_tokenization_equals_whole_text(demo_models, tiny, n):
+    from transformers import AutoTokenizer
+
+    from lwq_gguf.score.layers import prefix_ids
+
+    text = default_calibration().read_text(encoding="utf-8")
+    for path in (demo_models[0], tiny("llama", 2)):
+        tok = AutoTokenizer.from_pretrained(str(path))
+        whole = tok(text[:400_000], add_special_tokens=False, verbose=False)["input_ids"]
+        assert prefix_ids(tok, text[:400_000], n) == whole[:n]
+    short = "a short text\nof two lines"
+    assert prefix_ids(tok, short, n) == tok(short, add_special_tokens=False)["input_ids"][:n]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])
+def test_reading_rows_equals_reading_the_whole_tensor(tiny, dtype):
+    """Weights are loaded in row blocks (bounded memory): each block is the whole's rows."""
+    import numpy as np
+
+    from lwq_gguf.model.load import read_tensor
+
+    model = open_model(tiny("llama", 2, dtype=dtype))
+    ref = next(r for r in model.tensors if r.name.endswith("embed_tokens.weight"))
+    whole = read_tensor(ref)
+    assert whole.dtype == np.float32 and whole.shape == tuple(ref.shape)
+    n = ref.shape[0]
+    for a, b in [(0, 1), (3, 17), (n - 5, n), (0, n)]:
+        assert np.array_equal(read_tensor(ref, (a, b)), whole[a:b])
+
+
+def test_gpu_placement_fills_the_gpus_in_layer_order(monkeypatch):
+    """--device-map auto: accelerate's placement of the pieces over two (pretended) GPUs; what
+    does not fit is left to be streamed."""
+    from lwq_gguf.model.stream import auto_gpu_placement, gpu_placement
+    from models.tiny import tiny_config
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(tiny_config("llama", 4, False), dtype=torch.float32)
+    emb = lm.model.embed_tokens.weight.numel() * 4
+    layer = sum(p.numel() for p in lm.model.layers[0].parameters()) * 4
+    assert auto_gpu_placement(lm, 512, "cpu") == {}  # no GPU: everything streams
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # accelerate asks torch
+    got = gpu_placement(lm, {0: 2 * emb + 2 * layer, 1: 2 * layer})
+    assert got == {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0",
+                   "model.layers.1": "cuda:0", "model.layers.2": "cuda:1",
+                   "model.layers.3": "cuda:1"}  # norm + head: streamed
+    everything = gpu_placement(lm, {0: 10 * emb, 1: 10 * emb})
+    assert set(everything.values()) == {"cuda:0"} and len(everything) == 7
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resident_pieces_give_the_same_scores(tiny, monkeypatch, tied):
+    """Pieces kept resident (as --device-map auto keeps them on GPUs; here on the CPU) are
+    loaded once, and LIM and the Fisher come out the same as when every piece streams."""
+    import numpy as np
+
+    import lwq_gguf.model.stream as stream
+    from lwq_gguf.score.fisher import streamed_fisher
+
+    model = open_model(tiny("llama", 3, tied=tied))
+    cfg = ScoreConfig(calib_tokens=300, device="cpu")
+    ids = calibration_ids(model, cfg)
+    base_lim = lim_scores(model, cfg, ids, progress=False)[0]
+    base = {t.name: t.fisher for t in streamed_fisher(model, cfg, progress=False).tensors}
+    resident = {"model.embed_tokens": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+                "lm_head": "cpu"}
+    monkeypatch.setattr(stream, "auto_gpu_placement", lambda *_: dict(resident))
+    loads = []
+    real_to_empty = torch.nn.Module.to_empty
+    monkeypatch.setattr(torch.nn.Module, "to_empty",
+                        lambda self, **kw: loads.append(id(self)) or real_to_empty(self, **kw))
+    mapped = ScoreConfig(calib_tokens=300, device="cpu", device_map="auto")
+    assert lim_scores(model, mapped, ids, progress=False)[0] == base_lim
+    got = {t.name: t.fisher for t in streamed_fisher(model, mapped, progress=False).tensors}
+    assert got.keys() == base.keys()
+    for name, f in base.items():
+        np.testing.assert_array_equal(got[name], f, err_msg=name)
+    # LIM: embedding + layers 0-2; Fisher: embedding, layers 0-2, norm, head, then the backward
+    # reloads only the streamed layers 2 and 0 (all streamed: 13 loads)
+    assert len(loads) == 4 + 6 + 2

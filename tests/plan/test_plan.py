@@ -1,0 +1,200 @@
+"""Planning on synthetic tensor inventories (shapes of the demo models); no llama.cpp needed."""
+
+import json
+import random
+import re
+
+import pytest
+
+from conftest import KINDS, follows_ranking
+from lwq_gguf.errors import PlanError
+from lwq_gguf.plan.plan import Plan, PlanConfig, make_plan, parse_override
+from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.plan.knapsack import min_damage
+from lwq_gguf.quant.types import AUTO_LADDER, QUANT_TYPES, legal_type
+
+def inventory(n_layers=30, hidden=768, ffn=1536, kv=192, vocab=49152, tied=True):
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden, kv), "attn_v": (hidden, kv),
+              "attn_output": (hidden, hidden), "ffn_gate": (hidden, ffn), "ffn_up": (hidden, ffn),
+              "ffn_down": (ffn, hidden)}
+    t = [GGUFTensor("token_embd.weight", (hidden, vocab), "f16")]
+    for i in range(n_layers):
+        t.append(GGUFTensor(f"blk.{i}.attn_norm.weight", (hidden,), "f32"))
+        t += [GGUFTensor(f"blk.{i}.{k}.weight", shapes[k], "f16") for k in KINDS]
+        t.append(GGUFTensor(f"blk.{i}.ffn_norm.weight", (hidden,), "f32"))
+    t.append(GGUFTensor("output_norm.weight", (hidden,), "f32"))
+    if not tied:
+        t.append(GGUFTensor("output.weight", (hidden, vocab), "f16"))
+    return t
+
+
+LIM = [round(random.Random(1).uniform(-1, 0), 4) for _ in range(30)]
+ZD = [round(random.Random(2).uniform(0.1, 0.2), 4) for _ in range(30)]
+
+
+@pytest.mark.parametrize("target", [3.0, 3.5, 4.25, 5.0, 6.0, 7.5])
+def test_k256_shapes_hit_every_target_and_follow_lim(target):
+    plan = make_plan(inventory(), 30, PlanConfig(avg_bits=target, strategy="lim"), lim=LIM, zd=ZD)
+    assert abs(plan.bpw() - target) <= 0.02
+    follows_ranking(plan, LIM)
+    assert plan.layer_order[0] == max(range(30), key=lambda i: LIM[i])
+
+
+def test_zd_and_random_strategies():
+    zd = make_plan(inventory(), 30, PlanConfig(avg_bits=4.0, strategy="zd"), lim=LIM, zd=ZD)
+    follows_ranking(zd, ZD)
+    r1 = make_plan(inventory(), 30, PlanConfig(avg_bits=4.0, strategy="random", seed=1))
+    r1b = make_plan(inventory(), 30, PlanConfig(avg_bits=4.0, strategy="random", seed=1))
+    r2 = make_plan(inventory(), 30, PlanConfig(avg_bits=4.0, strategy="random", seed=2))
+    assert r1 == r1b and r1.layer_order != r2.layer_order
+    assert abs(r2.bpw() - 4.0) <= 0.02
+
+
+def test_bpw_counts_real_bytes_of_every_tensor():
+    plan = make_plan(inventory(n_layers=4), 4, PlanConfig(avg_bits=4.5, strategy="lim"), lim=LIM[:4])
+    bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(plan.tensors, plan.types))
+    assert plan.bpw() == bits / sum(t.numel for t in plan.tensors)
+    assert all(plan.type_of(t.name) == "f32" for t in plan.tensors if "norm" in t.name)
+    assert plan.bpw(layers_only=True) != plan.bpw()
+
+
+def test_unaligned_rows_get_types_they_can_take():
+    inv = inventory(hidden=576, kv=192)
+    with pytest.raises(PlanError, match=r"outside .* reaches on this model: 4\.\d+ to 8\.\d+ BPW"):
+        make_plan(inv, 30, PlanConfig(avg_bits=3.5, strategy="lim"), lim=LIM)
+    for target in (4.5, 5.0, 6.0):
+        plan = make_plan(inv, 30, PlanConfig(avg_bits=target, strategy="lim"), lim=LIM)
+        assert abs(plan.bpw() - target) <= 0.02
+        for t, ty in zip(plan.tensors, plan.types):
+            assert QUANT_TYPES[ty].fits(t.shape[0]), (t.name, ty)
+        assert {plan.type_of(f"blk.{i}.attn_q.weight") for i in range(30)} <= {"q4_0", "q5_0", "q5_1", "q8_0"}
+
+
+def test_out_of_range_and_bad_names():
+    with pytest.raises(PlanError, match=r"--avg-bits 2 is outside .* 2\.\d+ to 8\.\d+ BPW"):
+        make_plan(inventory(), 30, PlanConfig(avg_bits=2.0, strategy="lim"), lim=LIM)
+    with pytest.raises(PlanError, match="--avg-bits 9 is outside"):
+        make_plan(inventory(), 30, PlanConfig(avg_bits=9.0, strategy="lim"), lim=LIM)
+    with pytest.raises(PlanError, match="unknown quantization type 'q9_k'"):
+        PlanConfig(avg_bits=4.0, ladder=("q2_k", "q9_k"))
+    with pytest.raises(PlanError, match="unknown strategy"):
+        PlanConfig(avg_bits=4.0, strategy="magic")
+    with pytest.raises(PlanError, match="needs LIM scores"):
+        make_plan(inventory(), 30, PlanConfig(avg_bits=4.0, strategy="lim"))
+
+
+def test_default_ladder_follows_the_strategy_and_plans_record_it():
+    from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_LADDER
+
+    auto, lim = PlanConfig(avg_bits=4.0), PlanConfig(avg_bits=4.0, strategy="lim")
+    assert set(auto.ladder) == set(AUTO_LADDER) and {"q4_0", "q4_1", "q5_0", "q5_1"} <= set(auto.ladder)
+    assert lim.ladder == DEFAULT_LADDER  # the paper's strategies: K-quants only
+    assert PlanConfig(avg_bits=4.0, ladder=("q8_0", "q4_k")).ladder == ("q4_k", "q8_0")  # as given, sorted
+    plan = make_plan(inventory(), 30, lim, lim=LIM)
+    again = Plan.from_json(plan.to_json())
+    assert again.config == lim and again.config.encoder == "lwq"
+    old = json.loads(plan.to_json())
+    del old["config"]["encoder"]  # a plan written before encoders existed: ggml's bytes
+    assert Plan.from_json(json.dumps(old)).config.encoder == "ggml"
+
+
+def test_embedding_policy_and_overrides_are_respected_within_budget():
+    cfg = PlanConfig(avg_bits=4.0, token_embedding_type="q6_k", overrides=(parse_override("attn_v=q8_0"),),
+                     strategy="lim")
+    plan = make_plan(inventory(), 30, cfg, lim=LIM)
+    assert plan.type_of("token_embd.weight") == "q6_k"
+    assert all(plan.type_of(f"blk.{i}.attn_v.weight") == "q8_0" for i in range(30))
+    assert abs(plan.bpw() - 4.0) <= 0.02
+    auto = make_plan(inventory(tied=False), 30, PlanConfig(avg_bits=5.0, strategy="lim"), lim=LIM)
+    assert auto.type_of("output.weight") in ("q5_k", "q6_k")  # planned first: the upper level
+    with pytest.raises(PlanError, match="REGEX=TYPE"):
+        parse_override("attn_v")
+
+
+def test_plan_json_round_trip_and_tensor_type_file():
+    plan = make_plan(inventory(n_layers=6), 6, PlanConfig(avg_bits=3.7, strategy="random", seed=3))
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.to_json() == plan.to_json()
+    lines = plan.tensor_type_file().splitlines()
+    quantizable = [t for t in plan.tensors if t.quantizable]
+    assert len(lines) == len(quantizable)
+    names = [t.name for t in plan.tensors]
+    for line, t in zip(lines, quantizable):
+        pattern, ty = line.split("=")
+        assert [n for n in names if re.search(pattern, n)] == [t.name]
+        assert ty == plan.type_of(t.name)
+    with pytest.raises(PlanError, match="corrupt plan"):
+        Plan.from_json('{"format": "lwq-gguf.plan", "version": 1}')
+    with pytest.raises(PlanError, match="not a version-1"):
+        Plan.from_json('{"format": "x"}')
+
+
+def synthetic_damage(tensors, seed=0):
+    """damage = sensitivity * elements * 4^-bpw: halving the step size quarters the error; the
+    round-to-nearest types (q4_0 ... q5_1) 1.3x worse than a K-quant of their size."""
+    rnd = random.Random(seed)
+    out = {}
+    for t in tensors:
+        if t.quantizable:
+            w = rnd.uniform(0.1, 10) * (5 if t.layer is None else 1)
+            out[t.name] = {}
+            for q in AUTO_LADDER:
+                ty = legal_type(q, t.shape[0])
+                out[t.name][ty] = (w * t.numel * 4 ** -QUANT_TYPES[ty].bpw
+                                   * (1 if ty.endswith("_k") or ty == "q8_0" else 1.3))
+    return out
+
+
+def total_damage(plan, damage):
+    return sum(damage[t.name][ty] for t, ty in zip(plan.tensors, plan.types) if t.quantizable)
+
+
+@pytest.mark.parametrize("target", [3.0, 3.7, 4.4, 5.5])
+def test_auto_strategy_beats_two_level_plans_within_budget(target):
+    inv = inventory(tied=False)
+    damage = synthetic_damage(inv)
+    auto = make_plan(inv, 30, PlanConfig(avg_bits=target), lim=LIM, damage=damage)
+    assert auto.config.strategy == "auto"
+    assert target - 0.02 <= auto.bpw() <= target + 1e-9  # never above the target here
+    for strategy in ("lim", "zd", "random"):
+        other = make_plan(inv, 30, PlanConfig(avg_bits=target, strategy=strategy), lim=LIM, zd=ZD)
+        assert total_damage(auto, damage) <= total_damage(other, damage) * (1 + 1e-9)
+        if other.bpw() <= auto.bpw():
+            assert total_damage(auto, damage) < total_damage(other, damage)
+    # the embedding and output are in the same budget: a fixed type is respected
+    if target > 4:
+        fixed = make_plan(inv, 30, PlanConfig(avg_bits=target, output_tensor_type="q8_0"), damage=damage)
+        assert fixed.type_of("output.weight") == "q8_0" and abs(fixed.bpw() - target) <= 0.02
+
+
+def test_auto_strategy_needs_sensitivity_for_every_type():
+    inv = inventory()
+    with pytest.raises(PlanError, match="sensitivity analysis"):
+        make_plan(inv, 30, PlanConfig(avg_bits=4.0), lim=LIM)
+    damage = synthetic_damage(inv)
+    del damage["blk.3.attn_v.weight"]["q6_k"]
+    with pytest.raises(PlanError, match="blk.3.attn_v.weight"):
+        make_plan(inv, 30, PlanConfig(avg_bits=4.0), lim=LIM, damage=damage)
+
+
+def test_knapsack_is_exact_on_small_problems():
+    import itertools
+
+    rnd = random.Random(7)
+    for _ in range(300):
+        opts = [[(rnd.randint(1, 50), rnd.random()) for _ in range(rnd.randint(1, 3))]
+                for _ in range(rnd.randint(1, 5))]
+        budget = rnd.randint(5, 150)
+        floor = rnd.randint(0, budget)
+        got = min_damage(opts, budget, floor, resolution=1 << 12)
+        combos = [(sum(opts[i][j][1] for i, j in enumerate(c)), sum(opts[i][j][0] for i, j in
+                   enumerate(c))) for c in itertools.product(*[range(len(o)) for o in opts])]
+        if not any(b <= budget for _, b in combos):
+            assert got is None
+            continue
+        cost = sum(opts[i][j][0] for i, j in enumerate(got))
+        dmg = sum(opts[i][j][1] for i, j in enumerate(got))
+        assert cost <= budget
+        inside = [d for d, b in combos if floor <= b <= budget]
+        if inside:
+            assert cost >= floor and dmg <= min(inside) + 1e-9
