@@ -42,7 +42,7 @@ models/.stamp: models/make_smollm2.py
 	touch $@
 
 test: setup models
-	$(PY) -m pytest -q --durations=40 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # make demo [DEMO_TEXT=FILE]: compare on the aligned demo model, 40 chunks of 512 tokens.
 # Text: DEMO_TEXT when given, else WikiText-2 test from ../shared when present, else (announced)

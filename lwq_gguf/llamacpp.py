@@ -55,11 +55,11 @@ def find_llama_cpp() -> LlamaCpp:
     lc = LlamaCpp(Path(root))
     if not (lc.root / ".done").exists() or not (lc.src / "convert_hf_to_gguf.py").is_file():
         raise ToolError(f"{lc.root}: incomplete llama.cpp install: {_HOW}")
-    try:
-        from gguf.lazy import LazyChunkedTensor  # noqa: F401 - only the pinned gguf-py has it
-    except ImportError:
+    import gguf.lazy
+
+    if not hasattr(gguf.lazy, "LazyChunkedTensor"):  # only the pinned gguf-py has it
         raise ToolError(f"the installed gguf package is not the pinned llama.cpp's gguf-py: run "
-                        f"`pip install {lc.src / 'gguf-py'}` (or `make setup`)") from None
+                        f"`pip install {lc.src / 'gguf-py'}` (or `make setup`)")
     return lc
 
 

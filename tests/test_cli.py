@@ -140,7 +140,8 @@ def test_disk_full_while_writing(model, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
-    p = run_cli("-q", "convert", model, "--avg-bits", "4", "-o", out, preexec_fn=limit)
+    p = run_cli("-q", "convert", model, "--avg-bits", "4", "-o", out, "--strategy", "lim",
+                "--imatrix", "none", "--calib-tokens", "64", preexec_fn=limit)
     assert "disk full" in error_line(p)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["model"]
 
@@ -166,7 +167,6 @@ def test_scores_file_of_the_wrong_shape(model, tmp_path, text):
     bad.write_bytes(text.encode("latin-1"))
     line = error_line(run_cli("plan", model, "--avg-bits", "4", "--scores", bad))
     assert str(bad) in line and "lwq-gguf score" in line
-    assert str(bad) in convert_fails(model, tmp_path, "--scores", bad)
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '{"format": "lwq-gguf.plan", "version": 1}', "7"])

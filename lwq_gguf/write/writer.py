@@ -101,7 +101,8 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None,
                progress: bool = True) -> Path:
     """Write the planned GGUF to ``.NAME.partial`` beside the target and return that path.
 
-    The caller verifies it and then calls :func:`publish`; on any failure it calls :func:`cleanup`.
+    The caller (:func:`lwq_gguf.pipeline.convert`) writes it inside
+    ``files.atomic_output(target)``, verifies it there, and calls :func:`cleanup` afterwards.
     """
     work, partial = work_paths(cfg.output)
     check_imatrix(cfg.imatrix, plan)
@@ -162,10 +163,6 @@ def _two_step(lc: LlamaCpp, plan: Plan, cfg: WriteConfig, job: ConverterJob, pro
     with tqdm(total=n, desc="quantize", unit="tensor", disable=not progress, leave=False) as bar:
         run_tool(cmd, what="llama-quantize", cwd=work,
                  on_line=lambda ln: bar.update(1) if step.match(ln) else None)
-
-
-def publish(partial: Path, output: Path) -> None:
-    os.replace(partial, output)
 
 
 def cleanup(output: Path) -> None:

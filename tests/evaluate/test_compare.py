@@ -9,7 +9,7 @@ from lwq_gguf.score.scores import default_calibration
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TEXT = WIKI if WIKI.is_file() else default_calibration()
 ARGS = ("--baselines", "Q4_K_M,Q8_0", "--chunks", "2", "--ctx", "128", "--text", TEXT,
-        "--calib-tokens", "512")
+        "--calib-tokens", "256")
 
 
 @pytest.mark.slow
@@ -39,32 +39,11 @@ def test_compare_outputs_and_cache(tiny, tmp_path):
     assert [r["label"] for r in doc2["rows"] if not r["cached"]] == ["lwq 6"]
     assert doc2["rows"][:4] == [dict(r, cached=True) for r in doc["rows"]]
 
-    # --rescore: the scores are measured again and the layer-wise files rebuilt; the mixes stay
+    # --rescore: the scores are measured again and the layer-wise file rebuilt, the mixes stay;
+    # a malformed evaluation entry (valid JSON of the wrong shape) is measured again
     before = (out / "scores.json").stat().st_mtime_ns
-    p = run_cli("-q", "compare", model, "--avg-bits", "4.5", "6", "-o", out, *ARGS, "--rescore",
+    sorted((out / ".cache" / "eval").glob("*.json"))[0].write_text("[1, 2]")
+    p = run_cli("-q", "compare", model, "--avg-bits", "4.5", "-o", out, *ARGS, "--rescore",
                 check=True)
-    assert "2 file(s) built" in p.stdout and (out / "scores.json").stat().st_mtime_ns != before
-
-    # a malformed cache entry (valid JSON of the wrong shape) is measured again, not a traceback
-    entry = sorted((out / ".cache" / "eval").glob("*.json"))[0]
-    entry.write_text("[1, 2]")
-    p = run_cli("-q", "compare", model, "--avg-bits", "4.5", "6", "-o", out, *ARGS, check=True)
-    assert "0 file(s) built, 1 evaluated" in p.stdout and "Traceback" not in p.stderr
-
-
-def test_compare_bad_input(tiny, tmp_path):
-    model = tiny("llama", 2)
-    line = error_line(run_cli("compare", model, "--avg-bits", "4", "-o", "/proc/cmp", *ARGS))
-    assert "/proc/cmp" in line and "-o" in line
-    line = error_line(run_cli("compare", model, "--avg-bits", "4", "-o", tmp_path / "no" / "x", *ARGS))
-    assert "does not exist" in line
-    line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "Q3_K_X"))
-    assert "Q3_K_X" in line
-    line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "IQ2_XS",
-                              "--imatrix", "none"))
-    assert "--imatrix" in line
-    short = tmp_path / "short.txt"
-    short.write_text("A few words only.")
-    line = error_line(run_cli("compare", model, "--avg-bits", "4", "-o", tmp_path / "c",
-                              "--baselines", "none", "--text", short))
-    assert "too short" in line and not list((tmp_path / "c").glob("*.json"))
+    assert "1 file(s) built, 1 evaluated" in p.stdout and "Traceback" not in p.stderr
+    assert (out / "scores.json").stat().st_mtime_ns != before
