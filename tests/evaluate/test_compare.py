@@ -47,3 +47,21 @@ def test_compare_outputs_and_cache(tiny, tmp_path):
                 check=True)
     assert "1 file(s) built, 1 evaluated" in p.stdout and "Traceback" not in p.stderr
     assert (out / "scores.json").stat().st_mtime_ns != before
+
+
+def test_compare_bad_input(tiny, tmp_path):
+    model = tiny("llama", 2)
+    line = error_line(run_cli("compare", model, "--avg-bits", "4", "-o", "/proc/cmp", *ARGS))
+    assert "/proc/cmp" in line and "-o" in line
+    line = error_line(run_cli("compare", model, "--avg-bits", "4", "-o", tmp_path / "no" / "x", *ARGS))
+    assert "does not exist" in line
+    line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "Q3_K_X"))
+    assert "Q3_K_X" in line
+    line = error_line(run_cli("compare", model, "-o", tmp_path / "b", *ARGS, "--baselines", "IQ2_XS",
+                              "--imatrix", "none"))
+    assert "--imatrix" in line
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    line = error_line(run_cli("compare", model, "--avg-bits", "4", "-o", tmp_path / "c",
+                              "--baselines", "none", "--text", short))
+    assert "too short" in line and not list((tmp_path / "c").glob("*.json"))
