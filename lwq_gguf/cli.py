@@ -10,7 +10,6 @@ non-zero exit; an unexpected one in one line saying it is a bug (traceback with 
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import traceback
@@ -336,10 +335,11 @@ def cmd_compare(a) -> None:
 
 def _os_error_line(e: OSError) -> str:
     """One line for an OSError that escaped the stages: disk full only for a disk-full cause."""
-    where = e.filename or "a file"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return (f"{where}: disk full or file size limit reached ({e.strerror}): free space and "
-                "run again; no partial output was kept")
+    from lwq_gguf.files import disk_full, is_disk_full
+
+    where = Path(e.filename) if e.filename else Path("a file")
+    if is_disk_full(e):
+        return str(disk_full(where, e))
     return f"{where}: {e.strerror or e}: check the path, its permissions and the disk"
 
 

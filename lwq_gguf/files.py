@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lwq_gguf.errors import OutputError
+from lwq_gguf.errors import LwqError, OutputError
 
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 PACKAGE = Path(__file__).resolve().parent
@@ -88,6 +88,15 @@ def atomic_write_text(path: Path, text: str, force: bool = True) -> None:
         raise OutputError(f"{path}: cannot write ({e.strerror}): choose another path") from None
 
 
+def read_user_text(path: Path, what: str, fix: str, error: type[LwqError] = LwqError) -> str:
+    """The text of a file the user named; unreadable or not text -> one ``error`` line."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not text"
+        raise error(f"{path}: cannot read {what} ({why}): {fix}") from None
+
+
 def write_cache_text(path: Path, text: str) -> bool:
     """A cache entry, written atomically; False (and nothing left) when the cache is unwritable
     or full: a cache only ever costs time."""
@@ -138,6 +147,11 @@ def scores_cache_dir() -> Path:
     ``cache_root()/scores``."""
     env = os.environ.get("LWQ_SCORES_CACHE")
     return Path(env) if env else cache_root() / "scores"
+
+
+def sha256_memo() -> Path:
+    """Where file digests are remembered by (path, size, mtime) (see :func:`sha256_file`)."""
+    return scores_cache_dir() / "sha256"
 
 
 def code_digest(*parts: str) -> str:

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lwq_gguf.errors import LwqError, PlanError
-from lwq_gguf.files import atomic_output, check_output
+from lwq_gguf.errors import PlanError
+from lwq_gguf.files import atomic_output, check_output, read_user_text
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
@@ -56,23 +56,14 @@ class Prepared:
 
 def load_scores(path: Path, model: HFModel) -> Scores:
     """A scores file, accepted only for the model (architecture, depth and weights) it was made on."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or "not text"
-        raise LwqError(f"{path}: cannot read scores ({why}): make them with `lwq-gguf score`") \
-            from None
+    text = read_user_text(path, "scores", "make them with `lwq-gguf score`")
     scores = Scores.from_json(text, str(path))
     scores.check_model(model, model_sha256(model), str(path))
     return scores
 
 
 def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or "not text"
-        raise PlanError(f"{path}: cannot read plan ({why}): make one with `lwq-gguf plan`") from None
+    text = read_user_text(path, "plan", "make one with `lwq-gguf plan`", PlanError)
     plan = Plan.from_json(text, str(path))
     check_plan_matches(plan, tensors, str(path))
     return plan

@@ -42,12 +42,16 @@ from lwq_gguf.plan.plan import PlanConfig, check_reach
 from lwq_gguf.quant.encoder import damage_key, encoder_tag
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, write_imatrix
 from lwq_gguf.quant.types import DEFAULT_BASELINES, mix_needs_imatrix
+from lwq_gguf.score.cache import CODE as SCORE_CODE
 from lwq_gguf.score.scores import ScoreConfig
 from lwq_gguf.write.converter import model_tensors, write_16bit
 from lwq_gguf.write.writer import WriteConfig
 
 COMPARE_FORMAT, COMPARE_VERSION = "lwq-gguf.compare", 1
-BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py")  # what makes the files
+# the lwq-gguf code each kind of entry is made by (its digest is part of the entry's recipe)
+BASE_CODE = ("write/converter.py",)  # the 16-bit base (then llama-quantize for the mixes)
+# scores.json and the imatrix computed with them: SCORE_CODE, the score cache's own key
+BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py")  # layer-wise files
 EVAL_CODE = ("evaluate/perplexity.py", "evaluate/runner.py")  # what measures them
 
 
@@ -101,8 +105,10 @@ def _fingerprint(model: HFModel) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _recipe(**kw) -> str:
-    return json.dumps({"code": code_digest(*BUILD_CODE), **kw}, sort_keys=True, default=str)
+def _recipe(code: str | None, **kw) -> str:
+    """Canonical JSON of what an entry is made from, with the digest of the lwq-gguf code that
+    makes it (None for llama.cpp's mixes: their base's and imatrix's recipes carry it)."""
+    return json.dumps({"code": code, **kw}, sort_keys=True, default=str)
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -166,9 +172,9 @@ def build_mix(lc: LlamaCpp, base: Path, e: Entry, imatrix: Path | None, threads:
         run_tool(cmd, what=f"llama-quantize {e.label}")
 
 
-def _eval_key(sha: str, base_sha: str, text_sha: str, cfg: EvalConfig, device: str) -> str:
-    blob = json.dumps([sha, base_sha, text_sha, cfg.ctx, cfg.chunks, device,
-                       code_digest(*EVAL_CODE)])
+def _eval_key(sha: str, base_sha: str, text_sha: str, cfg: EvalConfig, setting: str) -> str:
+    """``setting``: the device and the evaluation code's digest."""
+    blob = json.dumps([sha, base_sha, text_sha, cfg.ctx, cfg.chunks, setting])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -194,20 +200,22 @@ def plan_entries(cfg: CompareConfig, model: HFModel, lc: LlamaCpp) -> tuple[list
     gg = cfg.out_dir / "gguf"
     imat = cfg.imatrix.key
     if imat == "auto":  # made from the calibration text with the scores
-        imat = "auto:" + _recipe(model=fp, score=cfg.score)
+        imat = "auto:" + _recipe(code_digest(*SCORE_CODE), model=fp, score=cfg.score)
     sfx = "" if cfg.imatrix.mode == "none" else "-imat"
     base = Entry(outtype.upper(), "base", gg / f"{name}-{outtype.upper()}.gguf",
-                 _recipe(kind="base", model=fp, outtype=outtype, llama_cpp=str(lc.root.name)))
+                 _recipe(code_digest(*BASE_CODE), kind="base", model=fp, outtype=outtype,
+                         llama_cpp=str(lc.root.name)))
     out = [base]
     for mix in cfg.baselines:
         out.append(Entry(mix, "llama.cpp", gg / f"{name}-{mix}{sfx}.gguf",
-                         _recipe(kind="mix", base=base.recipe, mix=mix, imatrix=imat)))
+                         _recipe(None, kind="mix", base=base.recipe, mix=mix, imatrix=imat)))
+    build = code_digest(*BUILD_CODE)
     for bits in cfg.targets:
         pc = replace(cfg.plan, avg_bits=bits)
         out.append(Entry(f"lwq {bits:g}", "lwq-gguf",
                          gg / f"{name}-lwq-{pc.strategy}-{bits:g}{sfx}.gguf",
-                         _recipe(kind="lwq", model=fp, plan=pc, imatrix=imat, score=cfg.score,
-                                 encoder=encoder_tag(pc.encoder)), bits))
+                         _recipe(build, kind="lwq", model=fp, plan=pc, imatrix=imat,
+                                 score=cfg.score, encoder=encoder_tag(pc.encoder)), bits))
     return out, outtype
 
 
@@ -235,7 +243,8 @@ def _scores_file(cfg: CompareConfig, model: HFModel, files: _Files, progress: bo
     while model, settings and code match (--rescore: measured again); OUT/imatrix.gguf is the
     imatrix both sides get with auto."""
     path = cfg.out_dir / "scores.json"
-    e = Entry("scores", "scores", path, _recipe(kind="scores", model=_fingerprint(model),
+    e = Entry("scores", "scores", path, _recipe(code_digest(*SCORE_CODE), kind="scores",
+                                                model=_fingerprint(model),
                                                 score=cfg.score, ladder=cfg.plan.ladder,
                                                 key=cfg.imatrix.key,
                                                 encoder=encoder_tag(cfg.plan.encoder)))
@@ -289,7 +298,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
 
     text_sha = sha256_file(cfg.text)
     base_sha = files.sha256(entries[0])
-    keys = [_eval_key(files.sha256(e), base_sha, text_sha, cfg.eval, device) for e in entries]
+    setting = f"{device}:{code_digest(*EVAL_CODE)}"
+    keys = [_eval_key(files.sha256(e), base_sha, text_sha, cfg.eval, setting) for e in entries]
     cache = cfg.out_dir / ".cache" / "eval"
     results = [_cached_result(cache / f"{k}.json") for k in keys]
     todo = [i for i, r in enumerate(results) if r is None]

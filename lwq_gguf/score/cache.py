@@ -17,25 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-
 from lwq_gguf.errors import LwqError
-from lwq_gguf.files import code_digest, scores_cache_dir, sha256_file, write_cache_text
+from lwq_gguf.files import (code_digest, scores_cache_dir, sha256_file, sha256_memo,
+                            write_cache_text)
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.score.scores import SCORES_VERSION, ScoreConfig, Scores
 
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                 "special_tokens_map.json", "vocab.json", "merges.txt")
 CODE = ("score", "model", "quant")  # the code whose output the cache holds
-
-
-def cache_dir() -> Path:
-    return scores_cache_dir()
-
-
-def memo_dir() -> Path:
-    """Where file digests are remembered by (path, size, mtime)."""
-    return cache_dir() / "sha256"
 
 
 def model_sha256(model: HFModel) -> str:
@@ -45,7 +35,7 @@ def model_sha256(model: HFModel) -> str:
     h = hashlib.sha256()
     for n in names:
         try:
-            h.update(f"{n}:{sha256_file(model.path / n, memo_dir())}\n".encode())
+            h.update(f"{n}:{sha256_file(model.path / n, sha256_memo())}\n".encode())
         except OSError as e:
             raise LwqError(f"{model.path / n}: cannot read ({e.strerror}): check the model "
                            "folder's permissions") from None
@@ -54,7 +44,7 @@ def model_sha256(model: HFModel) -> str:
 
 def scores_key(model_digest: str, cfg: ScoreConfig, code: str) -> str:
     try:
-        calib = sha256_file(cfg.calib_file, memo_dir())
+        calib = sha256_file(cfg.calib_file, sha256_memo())
     except OSError as e:
         raise LwqError(f"{cfg.calib_file}: cannot read the calibration text ({e.strerror}): pass "
                        "--calib FILE") from None
@@ -72,7 +62,7 @@ class ScoreCache:
                  code: str | None = None) -> None:
         self.model, self.model_digest = model, model_digest
         key = scores_key(model_digest, cfg, code if code is not None else code_digest(*CODE))
-        self.path = cache_dir() / f"{key}.json"
+        self.path = scores_cache_dir() / f"{key}.json"
 
     def load(self) -> Scores | None:
         try:

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, ToolError
-from lwq_gguf.files import code_digest, scores_cache_dir, sha256_file, write_cache_text
+from lwq_gguf.files import (code_digest, scores_cache_dir, sha256_file, sha256_memo,
+                            write_cache_text)
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.tensors import GGUFTensor
@@ -165,7 +166,7 @@ def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
     root = scores_cache_dir()
     parts = {"config": model.config_json, "install": str(converter.resolve()),
              "tensors": [[t.name, t.dtype, list(t.shape)] for t in model.tensors],
-             "converter": sha256_file(converter, root / "sha256"),
+             "converter": sha256_file(converter, sha256_memo()),
              "code": code_digest("write/converter.py", "write/onepass.py")}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     path = root / "inventory" / f"{key}.json"
