@@ -1,9 +1,12 @@
-"""Tiny random test models (Llama, Mistral, Qwen2, Qwen3) made offline with transformers.
+"""Tiny random test models of every architecture lwq-gguf scores, made offline with transformers.
 
-    python models/tiny.py OUT_DIR --arch qwen3 --layers 3
+    python models/tiny.py OUT_DIR --arch qwen3moe --layers 3
 
-They reuse the demo model's tokenizer (models/smollm2-135m, known to llama.cpp's converter as
-``smollm``), so ``make models`` must have run. Hidden 256, so every row takes K-quants.
+Dense: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3; mixture-of-experts: mixtral, qwen2moe
+(with a shared expert), qwen3moe, olmoe (4 experts, 2 active). Hidden 256, so every row takes
+K-quants. They reuse the demo model's tokenizer (models/smollm2-135m, known to llama.cpp's
+converter as ``smollm``), so ``make models`` must have run; Gemma 2, which the converter reads only
+with a SentencePiece model, gets one trained here on the packaged calibration text.
 """
 
 from __future__ import annotations
@@ -17,20 +20,68 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 TOKENIZER_SOURCE = ROOT / "smollm2-135m"
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+CALIBRATION = ROOT.parent / "lwq_gguf" / "data" / "calibration.txt"
+SP_VOCAB = 2048
+DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
+ARCHS = DENSE + MOE
+N_EXPERTS, TOP_K = 4, 2
 
 
 def tiny_config(arch: str, layers: int, tied: bool):
     import transformers as tf
 
+    vocab = SP_VOCAB if arch == "gemma2" else 49152
     common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                   max_position_embeddings=1024, tie_word_embeddings=tied, bos_token_id=1,
                   eos_token_id=2, rms_norm_eps=1e-5)
-    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-           "qwen3": tf.Qwen3Config}[arch]
-    extra = {"head_dim": 64} if arch in ("qwen3", "mistral") else {}
-    return cls(**common, **extra)
+    moe = dict(num_experts=N_EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=256)
+    # sliding windows shorter than the 512-token calibration windows, so masks are exercised
+    local = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)]
+    extra = {
+        "llama": (tf.LlamaConfig, {}),
+        "mistral": (tf.MistralConfig, {"head_dim": 64}),
+        "qwen2": (tf.Qwen2Config, {}),
+        "qwen3": (tf.Qwen3Config, {"head_dim": 64}),
+        "gemma2": (tf.Gemma2Config, {"head_dim": 64, "query_pre_attn_scalar": 64,
+                                     "sliding_window": 128, "final_logit_softcapping": 30.0,
+                                     "attn_logit_softcapping": 50.0, "pad_token_id": 0}),
+        "gemma3": (tf.Gemma3TextConfig, {"head_dim": 64, "query_pre_attn_scalar": 64,
+                                         "sliding_window": 128, "layer_types": local,
+                                         "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                         "pad_token_id": 0}),
+        "phi3": (tf.Phi3Config, {"pad_token_id": 0}),
+        "mixtral": (tf.MixtralConfig, {"num_local_experts": N_EXPERTS, "intermediate_size": 256,
+                                       "num_experts_per_tok": TOP_K}),
+        "qwen2moe": (tf.Qwen2MoeConfig, {**moe, "shared_expert_intermediate_size": 512}),
+        "qwen3moe": (tf.Qwen3MoeConfig, {**moe, "head_dim": 64}),
+        # llama.cpp's OLMoE takes its k-norm over all heads: no grouped KV
+        "olmoe": (tf.OlmoeConfig, {"num_experts": N_EXPERTS, "num_experts_per_tok": TOP_K,
+                                   "intermediate_size": 256, "num_key_value_heads": 4}),
+    }
+    cls, kw = extra[arch]
+    return cls(**{**common, **kw})
+
+
+def _sentencepiece(out: Path) -> None:
+    """A SentencePiece tokenizer (tokenizer.model + its fast tokenizer.json), trained once on the
+    packaged calibration text and kept beside this script."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizerFast
+
+    cache = ROOT / f"sp-{SP_VOCAB}"
+    if not (cache / "tokenizer.json").is_file():
+        cache.mkdir(exist_ok=True)
+        spm.SentencePieceTrainer.train(
+            input=str(CALIBRATION), model_prefix=str(cache / "tokenizer"), vocab_size=SP_VOCAB,
+            model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True,
+            num_threads=1, minloglevel=2)
+        tok = GemmaTokenizerFast(vocab_file=str(cache / "tokenizer.model"))
+        tok.save_pretrained(str(cache))
+    for f in cache.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
 
 
 def make_tiny(out: Path, arch: str = "llama", layers: int = 2, *, dtype: str = "float16",
@@ -55,11 +106,21 @@ def make_tiny(out: Path, arch: str = "llama", layers: int = 2, *, dtype: str = "
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         size = f"{total // shards // 1000 + 1}KB"
     model.save_pretrained(out, safe_serialization=True, max_shard_size=size or "50GB")
-    for f in TOKENIZER_SOURCE.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, out / f.name)
+    if arch == "gemma2":
+        _sentencepiece(out)
+    else:
+        for f in TOKENIZER_SOURCE.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, out / f.name)
+    if arch == "phi3":  # the converter reads a Phi-3 vocabulary as BPE only when told so
+        tc = out / "tokenizer_config.json"
+        tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "GPT2Tokenizer"}))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"], cfg
+    if arch == "phi3":  # llama.cpp applies Phi-3's special-token rules to any model whose name
+        # (else its folder's) says phi3, and those tokens are not in this vocabulary
+        cfg["_name_or_path"] = "lwq-tiny-random"
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 

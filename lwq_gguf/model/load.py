@@ -18,18 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lwq_gguf.errors import ModelInputError, UnsupportedModelError
-
-# Architectures whose decoder layers lwq-gguf scores with LIM (transformers) and converts with
-# llama.cpp's converter. Others are refused rather than half-supported.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-)
+from lwq_gguf.errors import ModelInputError
+from lwq_gguf.model.arch import Arch, arch_of
 
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\..*?\bexperts\.(\d+)\.(.+)$")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -67,6 +63,11 @@ class HFModel:
     @property
     def config(self) -> dict:
         return json.loads(self.config_json)
+
+    @property
+    def arch(self) -> Arch | None:
+        """The architecture table's entry (None: converted with a plan from weight error)."""
+        return arch_of(self.architecture)
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorRef]:
@@ -166,10 +167,9 @@ def open_model(path: str | Path) -> HFModel:
                               "config.json") from None
     archs = config.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{cfg_file}: architecture {arch!r} is not supported: lwq-gguf converts "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if not isinstance(arch, str) or not arch:
+        raise ModelInputError(f"{cfg_file}: names no architecture (\"architectures\": [...]): "
+                              "restore the model's config.json")
     n_layers = config.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ModelInputError(f"{cfg_file}: num_hidden_layers missing or invalid")
@@ -199,7 +199,38 @@ def open_model(path: str | Path) -> HFModel:
         if not any(t.layer == layer for t in tensors.values()):
             raise ModelInputError(f"{path}: no tensors for layer {layer} of {n_layers}: a shard is "
                                   "missing; download every model-*.safetensors file")
-    return HFModel(path, arch, n_layers, tuple(tensors.values()), config_json)
+    model = HFModel(path, arch, n_layers, tuple(tensors.values()), config_json)
+    if model.arch is not None and model.arch.moe:
+        _check_experts(model, model.arch, config, cfg_file)
+    return model
+
+
+def _check_experts(model: HFModel, arch: Arch, config: dict, cfg_file: Path) -> None:
+    """Every MoE layer holds experts 0..n-1 of config.json's count, each with the same weights."""
+    n = config.get(arch.experts)
+    if not isinstance(n, int) or n < 1:
+        raise ModelInputError(f"{cfg_file}: {arch.experts} missing or invalid for a "
+                              f"mixture-of-experts {arch.hf}: restore the model's config.json")
+    layers: dict[int, dict[int, dict[str, TensorRef]]] = {}
+    for ref in model.tensors:
+        m = _EXPERT_RE.search(ref.name)
+        if m:
+            layer, expert = int(m.group(1)), int(m.group(2))
+            layers.setdefault(layer, {}).setdefault(expert, {})[m.group(3)] = ref
+    for layer, experts in sorted(layers.items()):
+        if max(experts) >= n:
+            ref = next(iter(experts[max(experts)].values()))
+            raise ModelInputError(
+                f"{cfg_file}: {arch.experts} is {n} but {ref.file.name} holds expert "
+                f"{max(experts)} of layer {layer} ({max(experts) + 1} or more experts): fix "
+                f"{arch.experts} in config.json or use the weights it was made with")
+        parts = set().union(*experts.values())
+        for expert in range(n):
+            missing = sorted(parts - set(experts.get(expert, {})))
+            if missing:
+                raise ModelInputError(
+                    f"{model.path}: layer {layer} expert {expert} has no {missing[0]} (the other "
+                    "experts do): a shard is incomplete; re-download the model's shards")
 
 
 def read_tensor(ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarray:

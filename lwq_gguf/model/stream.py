@@ -13,7 +13,8 @@ import ctypes
 
 import numpy as np
 
-from lwq_gguf.errors import ModelInputError
+from lwq_gguf.errors import ModelInputError, UnsupportedModelError
+from lwq_gguf.model.arch import SCORED, arch_of, layer_mask_kind
 from lwq_gguf.model.load import HFModel, read_tensor
 
 ROW_BLOCK = 1 << 24  # weights read and converted at a time while loading (64 MiB as float32)
@@ -101,18 +102,35 @@ class LayerStream:
         self.torch, self.model, self.device = torch, model, device
         _fixed_mmap_threshold()
         conf = AutoConfig.from_pretrained(str(model.path))
-        window = getattr(conf, "sliding_window", None)
-        if window and getattr(conf, "use_sliding_window", True) and seq_len > window:
-            raise ModelInputError(f"{model.path}: calibration windows of {seq_len} tokens exceed "
-                                  f"the model's sliding window ({window}): use shorter windows")
-        with torch.device("meta"):
-            self.lm = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa",
+        self.arch = arch_of(model.architecture)
+        if self.arch is None:
+            raise UnsupportedModelError(
+                f"{model.path}: lwq-gguf runs no forward pass of {model.architecture} (it does for "
+                f"{', '.join(SCORED)}): use --strategy zd, or auto for a plan from weight error")
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # weights on meta, buffers computed
+            self.lm = AutoModelForCausalLM.from_config(conf, attn_implementation=self.arch.attention,
                                                        dtype=torch.float32)
+        self.lm.tie_weights()  # (accelerate's context gave the tied output its own meta weight)
         self.lm.eval()
+        # the buffers (an embedding scale, rotary frequencies: no checkpoint holds them) as the
+        # model's constructor computed them, restored whenever a piece is loaded
+        self._buffers = {n: b.detach().clone() for n, b in self.lm.named_buffers()}
         self.refs = {r.name: r for r in model.tensors}
-        self.rotary = type(self.lm.model.rotary_emb)(config=conf, device=device)
+        # the rotary modules hold no weights: rebuilt on the device from their own configs
+        self.rope = {kw: type(m)(config=m.config, device=device) for kw, m in
+                     ((kw, getattr(self.lm.model, attr)) for kw, attr in self.arch.rope)}
+        self.mask_kinds = [layer_mask_kind(self.arch, self.lm.config, i)
+                           for i in range(len(self.lm.model.layers))]
+        self.softcap = getattr(conf, "final_logit_softcapping", None)  # logits = c tanh(z / c)
+        # what the embedding rows are multiplied by on the way in: a scale inside the module (a
+        # buffer, Gemma 3) and one applied after it (Gemma 2)
+        inside = self._buffers.get("model.embed_tokens.embed_scale")
+        self.embed_scale = (float(inside) if inside is not None else 1.0) * (
+            conf.hidden_size ** 0.5 if self.arch.embed_scale else 1.0)
         self.tied = bool(getattr(conf, "tie_word_embeddings", False))
-        self._positions: dict[tuple, tuple] = {}  # (window length, device) -> (mask, rope, ids)
+        self._positions: dict[tuple, tuple] = {}  # (window length, device) -> (masks, rope, ids)
         if placement == "auto":
             placement = auto_gpu_placement(self.lm, seq_len, device)
         self.placement = dict(placement) if isinstance(placement, dict) else {}  # "none": {}
@@ -120,6 +138,7 @@ class LayerStream:
             self.placement.pop("model.norm", None)
             self.placement.pop("lm_head", None)
         self._prefix = {id(m): name for name, m in self.lm.named_modules()}
+        self._index = {id(m): i for i, m in enumerate(self.lm.model.layers)}
         self._resident: set[str] = set()  # placed pieces already loaded
 
     @property
@@ -144,6 +163,8 @@ class LayerStream:
             return module
         module.to_empty(device=self.placement.get(prefix, self.device))
         with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(self._buffers[f"{prefix}.{name}"])
             for name, p in module.named_parameters():
                 ref = self._ref(f"{prefix}.{name}")
                 step = max(1, ROW_BLOCK // max(1, p.numel() // ref.shape[0]))
@@ -178,26 +199,31 @@ class LayerStream:
         return next(module.parameters()).device
 
     def position(self, h):
-        """(mask, position embeddings, position ids) for a [1, T, H] window (made once per T)."""
-        from transformers.masking_utils import create_causal_mask
+        """({mask kind: mask}, {layer keyword: rotary (cos, sin)}, position ids) for a [1, T, H]
+        window, made once per window length and device by transformers' own functions."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         key = (h.shape[1], str(h.device))
         if key not in self._positions:
             torch = self.torch
             pos = torch.arange(h.shape[1], device=h.device)
+            make = {"full_attention": create_causal_mask,
+                    "sliding_attention": create_sliding_window_causal_mask}
             with torch.no_grad():
-                mask = create_causal_mask(config=self.lm.config, input_embeds=h,
-                                          attention_mask=None, cache_position=pos,
-                                          past_key_values=None, position_ids=pos.unsqueeze(0))
-                rope = self.rotary(h, pos.unsqueeze(0).to(self.device))  # on the main device
-            self._positions[key] = (mask, tuple(r.to(h.device) for r in rope), pos.unsqueeze(0))
+                masks = {kind: make[kind](config=self.lm.config, input_embeds=h, attention_mask=None,
+                                          cache_position=pos, past_key_values=None,
+                                          position_ids=pos.unsqueeze(0))
+                         for kind in set(self.mask_kinds)}
+                rope = {kw: tuple(r.to(h.device) for r in m(h, pos.unsqueeze(0).to(self.device)))
+                        for kw, m in self.rope.items()}  # computed on the main device
+            self._positions[key] = (masks, rope, pos.unsqueeze(0))
         return self._positions[key]
 
     def run_layer(self, layer, h):
         h = h.to(self.device_of(layer))
-        mask, rope, pos = self.position(h)
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope,
-                    use_cache=False)
+        masks, rope, pos = self.position(h)
+        out = layer(h, attention_mask=masks[self.mask_kinds[self._index[id(layer)]]],
+                    position_ids=pos, use_cache=False, **rope)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def embed(self, windows: list[list[int]], half=None) -> list:
@@ -206,5 +232,7 @@ class LayerStream:
         emb = self.load(self.lm.model.embed_tokens, "model.embed_tokens", half)
         with torch.no_grad():
             hs = [emb(torch.tensor([w], device=self.device_of(emb))) for w in windows]
+            if self.arch.embed_scale:  # as the model's forward does, in the hidden states' dtype
+                hs = [h * torch.tensor(self.lm.config.hidden_size ** 0.5, dtype=h.dtype) for h in hs]
         self.unload(emb)
         return hs

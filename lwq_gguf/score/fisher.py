@@ -25,14 +25,16 @@ and the embedding's weight rows are read without loading it, so at 8B scale neit
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from lwq_gguf.quant.imatrix import Imatrix
+from lwq_gguf.model.arch import Arch
 from lwq_gguf.model.load import HFModel
+from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.score.layers import calibration_ids, resolve_device
 from lwq_gguf.score.scores import ScoreConfig
 
@@ -40,18 +42,38 @@ from lwq_gguf.score.scores import ScoreConfig
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 
 
-def gguf_names(lm, n_layers: int) -> dict[str, str]:
-    """HF parameter name -> GGUF tensor name, for the 2-D weights the converter writes."""
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def gguf_names(lm, arch: Arch, n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """HF parameter name -> (GGUF tensor name, expert index or None), for the 2-D weights the
+    converter writes; an expert's weight maps to the merged ``ffn_*_exps`` tensor of its layer."""
     import gguf
 
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf], n_layers)
     out = {}
     for name, p in lm.named_parameters(remove_duplicate=True):
         if p.dim() == 2:
-            g = tmap.get_name(name, try_suffixes=(".weight",))
+            m = _EXPERT.search(name)
+            merged = _EXPERT.sub(".experts.", name) if m else name
+            g = tmap.get_name(merged, try_suffixes=(".weight",))
             if g:
-                out[name] = g
+                out[name] = (g, int(m.group(1)) if m else None)
     return out
+
+
+def n_experts(names: dict[str, tuple[str, int | None]]) -> dict[str, int]:
+    """GGUF name -> how many experts it merges (1: a dense weight)."""
+    out: dict[str, int] = {}
+    for g, e in names.values():
+        out[g] = max(out.get(g, 1), (e or 0) + 1)
+    return out
+
+
+def merge_experts(parts: dict[int, np.ndarray]) -> np.ndarray:
+    """Experts' [rows, cols] arrays -> the merged tensor's rows ([experts * rows, cols]), expert 0
+    first, as the converter stacks them."""
+    return np.concatenate([parts[e] for e in range(len(parts))])
 
 
 def kept_rows(n: int, max_rows: int | None) -> np.ndarray:
@@ -67,6 +89,11 @@ class FisherTensor:
     weight: np.ndarray  # the kept rows of the weight, rounded through the 16-bit type (float32)
     fisher: np.ndarray  # their Fisher diagonal per token
     rows: int  # the tensor's row count (weight holds kept_rows(rows, max_rows) of them)
+    experts: int = 1  # merged experts: rows [e * rows / experts, (e + 1) * rows / experts) are e's
+
+    def expert_of_kept(self, max_rows: int | None) -> np.ndarray:
+        """The expert each kept row belongs to."""
+        return kept_rows(self.rows, max_rows) // (self.rows // self.experts)
 
 
 @dataclass
@@ -89,27 +116,32 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     ids = calibration_ids(model, cfg)
     s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
     lm = s.lm
-    names = gguf_names(lm, model.n_layers)
+    names = gguf_names(lm, s.arch, model.n_layers)
+    experts = n_experts(names)
     half = torch.bfloat16 if any(t.dtype == "BF16" for t in model.tensors) else torch.float16
     windows = [w for w in (ids[i: i + cfg.seq_len] for i in range(0, len(ids), cfg.seq_len))
                if len(w) > 1]
     n_tok = sum(len(w) for w in windows)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    sums: dict[str, torch.Tensor] = {}  # [experts, cols]: each expert sees the tokens routed to it
+    counts: dict[str, np.ndarray] = {}
 
-    def hook_for(gname):
+    def hook_for(gname, expert):
         def hook(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[gname] = sums.get(gname, 0) + (x * x).sum(0)
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
+            if gname not in sums:
+                sums[gname] = torch.zeros(experts[gname], x.shape[1], dtype=torch.float64,
+                                          device=x.device)
+                counts[gname] = np.zeros(experts[gname], dtype=np.int64)
+            sums[gname][expert or 0] += (x * x).sum(0)
+            counts[gname][expert or 0] += x.shape[0]
         return hook
 
-    handles = [mod.register_forward_pre_hook(hook_for(names[n + ".weight"]))
+    handles = [mod.register_forward_pre_hook(hook_for(*names[n + ".weight"]))
                for n, mod in lm.named_modules()
                if isinstance(mod, torch.nn.Linear) and n + ".weight" in names]
-    head_name = names.get("lm_head.weight", "token_embd.weight")  # tied: llama.cpp's token_embd
     if "lm_head.weight" not in names:  # tied: the output's inputs count for token_embd
-        handles.append(lm.lm_head.register_forward_pre_hook(hook_for(head_name)))
+        experts["token_embd.weight"] = 1
+        handles.append(lm.lm_head.register_forward_pre_hook(hook_for("token_embd.weight", None)))
     bar = tqdm(total=2 * model.n_layers + 3, desc=f"Fisher + imatrix ({device})", unit="step",
                disable=not progress, leave=False)
     inputs: list[list[torch.Tensor]] = []
@@ -128,8 +160,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     finally:
         for h in handles:
             h.remove()
-    im = Imatrix({k: v.cpu().numpy() for k, v in sums.items()},
-                 {k: np.array([c]) for k, c in counts.items()},
+    im = Imatrix({k: v.cpu().numpy().reshape(-1) for k, v in sums.items()}, counts,
                  cfg.calib_file.name, cfg.seq_len, len(windows))
     run = _Pass(s, windows, half, names, n_tok, max_rows)
     return FisherRun(im, n_tok, _backward(run, inputs, head, bar))
@@ -179,9 +210,16 @@ def _head_backward(s, hs, windows, half, max_rows) -> _Head:
         hn = norm(h)[0]
         with torch.no_grad():
             x = hn.detach()
-            d = torch.softmax(head(x).float(), -1)  # (through the module: its imatrix hook)
+            z = head(x).float()  # (through the module: its imatrix hook)
+            cap = s.softcap  # the model's logits are cap * tanh(z / cap)
+            t = torch.tanh(z / cap) if cap else None
+            d = torch.softmax(t * cap if cap else z, -1)
+            del z
             y = torch.multinomial(d, 1, generator=gen)[:, 0]
             d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
+            if cap:
+                d.mul_(1 - t * t)  # ... / d z
+                del t
             for i in range(0, len(keep), block):
                 g = d[:, keep[i:i + block]].T @ x
                 fisher[i:i + block].addcmul_(g, g)
@@ -203,12 +241,8 @@ def _backward(run: _Pass, inputs, head: _Head, bar) -> Iterator[FisherTensor]:
     s, half, names, n_tok, max_rows = run.s, run.half, run.names, run.n_tok, run.max_rows
     torch = s.torch
 
-    def out(gname, w, f, keep):
-        return FisherTensor(gname, w.detach()[keep].cpu().numpy(),
-                            f[keep].div_(n_tok).cpu().numpy(), w.shape[0])
-
     if not s.tied:
-        yield FisherTensor(names["lm_head.weight"], head.weight.cpu().numpy(),
+        yield FisherTensor(names["lm_head.weight"][0], head.weight.cpu().numpy(),
                            head.fisher.div_(n_tok).cpu().numpy(), head.n_rows)
         head.fisher = head.weight = None
     grads = head.grads
@@ -221,14 +255,27 @@ def _backward(run: _Pass, inputs, head: _Head, bar) -> Iterator[FisherTensor]:
             x = inputs[i][j].to(dev).requires_grad_(True)
             s.run_layer(layer, x).backward(g.to(dev))
             for n, f in fisher.items():
-                f.addcmul_(params[n].grad, params[n].grad)
+                if params[n].grad is not None:  # an expert no token was routed to has none
+                    f.addcmul_(params[n].grad, params[n].grad)
             layer.zero_grad(set_to_none=True)
             grads[j] = x.grad.cpu()
         inputs[i] = None
+        merged: dict[str, dict[int, tuple]] = {}
         for n, f in fisher.items():
-            keep = torch.from_numpy(kept_rows(f.shape[0], max_rows)).to(dev)
-            yield out(names[n], params[n], f, keep)
-        del fisher, params
+            gname, expert = names[n]
+            if expert is None:
+                keep = torch.from_numpy(kept_rows(f.shape[0], max_rows)).to(dev)
+                yield FisherTensor(gname, params[n].detach()[keep].cpu().numpy(),
+                                   f[keep].div_(n_tok).cpu().numpy(), f.shape[0])
+            else:
+                merged.setdefault(gname, {})[expert] = (params[n].detach().cpu().numpy(),
+                                                        f.div_(n_tok).cpu().numpy())
+        for gname, parts in merged.items():  # the converter's 3-D tensor, rows expert by expert
+            w = merge_experts({e: p[0] for e, p in parts.items()})
+            f = merge_experts({e: p[1] for e, p in parts.items()})
+            keep = kept_rows(len(w), max_rows)
+            yield FisherTensor(gname, w[keep], f[keep], len(w), len(parts))
+        del fisher, params, merged
         s.unload(layer)
         bar.update()
     yield _embedding(run, head, grads)
@@ -252,6 +299,8 @@ def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
         rows = torch.unique(tok)  # sorted, as the tied output rows were kept
         ge = torch.zeros(len(rows), w.shape[1], device=s.device)
         ge.index_add_(0, torch.searchsorted(rows, tok), g[0].to(s.device))
+        if s.embed_scale != 1.0:  # the rows were scaled on the way in
+            ge.mul_(s.embed_scale)
         if s.tied:  # (g_out + g_in)^2 = g_out^2 (already in) + 2 g_out g_in + g_in^2
             add = 2 * head.rows[j][1] * ge + ge * ge
         else:
@@ -259,4 +308,4 @@ def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
         at = torch.searchsorted(keep, rows).clamp(max=len(keep) - 1)
         hit = keep[at] == rows  # the window's tokens among the kept rows
         fisher[at[hit]] += add[hit]
-    return FisherTensor(names[hf], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows)
+    return FisherTensor(names[hf][0], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows)

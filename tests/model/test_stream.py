@@ -11,7 +11,9 @@ from lwq_gguf.score.scores import ScoreConfig, default_calibration
 
 def whole_model_lim(path, ids, seq_len):
     """The reference: LIM from forward hooks on the whole transformers model."""
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                              attn_implementation=open_model(path).arch.attention)
+    lm.eval()
     sums, count = [0.0] * len(lm.model.layers), [0]
 
     def hook_for(i):
@@ -31,7 +33,9 @@ def whole_model_lim(path, ids, seq_len):
     return [-x / count[0] for x in sums]
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen3", True), ("mistral", False)])
+@pytest.mark.parametrize("arch,tied", [
+    ("llama", False), ("qwen3", True), ("mistral", False), ("gemma2", True), ("gemma3", True),
+    ("phi3", False), ("mixtral", False), ("qwen2moe", False), ("qwen3moe", True), ("olmoe", False)])
 def test_streamed_lim_equals_whole_model(tiny, arch, tied):
     path = tiny(arch, 3, tied=tied)
     model = open_model(path)
@@ -45,10 +49,11 @@ def test_streamed_lim_equals_whole_model(tiny, arch, tied):
 
 def whole_model_fisher(path, model, cfg):
     """The reference: Fisher diagonal + imatrix sums from one whole-model forward/backward."""
-    from lwq_gguf.score.fisher import gguf_names
+    from lwq_gguf.score.fisher import gguf_names, merge_experts
 
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    names = gguf_names(lm, model.n_layers)
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                              attn_implementation=model.arch.attention).eval()
+    names = gguf_names(lm, model.arch, model.n_layers)
     params = dict(lm.named_parameters())
     with torch.no_grad():
         for hf in names:
@@ -65,12 +70,22 @@ def whole_model_fisher(path, model, cfg):
         torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
         with torch.no_grad():
             for hf in names:
-                fisher[hf] += params[hf].grad ** 2
+                if params[hf].grad is not None:  # an expert no token went to has none
+                    fisher[hf] += params[hf].grad ** 2
     n = sum(len(w) for w in windows)
-    return {names[hf]: (f / n).numpy() for hf, f in fisher.items()}
+    out, experts = {}, {}
+    for hf, f in fisher.items():
+        gname, e = names[hf]
+        if e is None:
+            out[gname] = (f / n).numpy()
+        else:
+            experts.setdefault(gname, {})[e] = (f / n).numpy()
+    return {**out, **{g: merge_experts(parts) for g, parts in experts.items()}}
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("arch,tied", [
+    ("llama", False), ("qwen2", True), ("gemma2", True), ("gemma3", False), ("phi3", False),
+    ("mixtral", False), ("qwen2moe", True), ("qwen3moe", False), ("olmoe", False)])
 def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
     import numpy as np
 
@@ -86,9 +101,16 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
     for name, f in ref.items():
         err = np.abs(got[name] - f).sum() / np.abs(f).sum()
         assert err < 1e-3, (name, err)
-    assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_q.weight",
+    assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_output.weight",
                                                            "token_embd.weight" if tied else
                                                            "output.weight"}
+    if model.arch.moe:  # each expert's imatrix row counts the tokens routed to it
+        from tiny import N_EXPERTS, TOP_K
+
+        counts = run.imatrix.counts["blk.1.ffn_down_exps.weight"]
+        assert len(counts) == N_EXPERTS and counts.sum() == TOP_K * 700 and counts.min() > 0
+        assert run.imatrix.sums["blk.1.ffn_down_exps.weight"].size == N_EXPERTS * 256
+        assert got["blk.1.ffn_down_exps.weight"].shape == (N_EXPERTS * 256, 256)
 
 
 @pytest.mark.parametrize("tied", [False, True])
