@@ -30,6 +30,8 @@ class Arch:
     experts: str | None = None  # config key of the routed expert count (mixture-of-experts)
     experts_used: str = "num_experts_per_tok"  # config key of the experts used per token
     shared_experts: bool = False  # ffn_*_shexp tensors beside the routed experts
+    own_output: bool = True  # False: llama.cpp reuses the token embedding as the output even when
+    # config.json unties them (the converter drops lm_head), so lwq-gguf runs the model that way
 
     @property
     def moe(self) -> bool:
@@ -45,7 +47,7 @@ ARCHS: tuple[Arch, ...] = (
     Arch(hf="Qwen2ForCausalLM", gguf="QWEN2", family="Qwen 2/2.5", masks="layer_types"),
     Arch(hf="Qwen3ForCausalLM", gguf="QWEN3", family="Qwen 3", masks="layer_types"),
     Arch(hf="Gemma2ForCausalLM", gguf="GEMMA2", family="Gemma 2", masks="layer_types",
-         embed_scale=True, attention="eager"),
+         embed_scale=True, attention="eager", own_output=False),
     Arch(hf="Gemma3ForCausalLM", gguf="GEMMA3", family="Gemma 3 (text)", masks="layer_types",
          rope=_GEMMA3_ROPE),
     Arch(hf="Phi3ForCausalLM", gguf="PHI3", family="Phi-3, Phi-4", masks="window"),

@@ -129,7 +129,7 @@ class LayerStream:
         inside = self._buffers.get("model.embed_tokens.embed_scale")
         self.embed_scale = (float(inside) if inside is not None else 1.0) * (
             conf.hidden_size ** 0.5 if self.arch.embed_scale else 1.0)
-        self.tied = bool(getattr(conf, "tie_word_embeddings", False))
+        self.tied = bool(getattr(conf, "tie_word_embeddings", False)) or not self.arch.own_output
         self._positions: dict[tuple, tuple] = {}  # (window length, device) -> (masks, rope, ids)
         if placement == "auto":
             placement = auto_gpu_placement(self.lm, seq_len, device)
@@ -146,9 +146,9 @@ class LayerStream:
         return self.lm.model.layers
 
     def _ref(self, name: str):
+        if name == "lm_head.weight" and self.tied:  # the output is the token embedding
+            name = "model.embed_tokens.weight"
         ref = self.refs.get(name) or self.refs.get(name.removeprefix("model."))
-        if ref is None and name == "lm_head.weight" and self.tied:
-            ref = self.refs.get("model.embed_tokens.weight") or self.refs.get("embed_tokens.weight")
         if ref is None:
             raise ModelInputError(f"{self.model.path}: tensor {name!r} is not in the safetensors "
                                   "files: the checkpoint is incomplete; re-download it")

@@ -139,7 +139,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     handles = [mod.register_forward_pre_hook(hook_for(*names[n + ".weight"]))
                for n, mod in lm.named_modules()
                if isinstance(mod, torch.nn.Linear) and n + ".weight" in names]
-    if "lm_head.weight" not in names:  # tied: the output's inputs count for token_embd
+    if s.tied:  # the output is the token embedding: its inputs count for token_embd
         experts["token_embd.weight"] = 1
         handles.append(lm.lm_head.register_forward_pre_hook(hook_for("token_embd.weight", None)))
     bar = tqdm(total=2 * model.n_layers + 3, desc=f"Fisher + imatrix ({device})", unit="step",

@@ -35,7 +35,7 @@ from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import legal_type
-from lwq_gguf.score.fisher import streamed_fisher
+from lwq_gguf.score.fisher import FisherTensor, streamed_fisher
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
 MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embedding has 49152):
@@ -44,8 +44,21 @@ BLOCK = 1 << 20  # weights per quantize/compare step
 
 
 def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: list[str],
-                  imatrix: np.ndarray | None) -> dict[str, float]:
-    """1/2 sum F (w - Q(w))^2 for each type (in row blocks: float64 sums, small temporaries)."""
+                  imatrix: np.ndarray | None, experts: np.ndarray | None = None
+                  ) -> dict[str, float]:
+    """1/2 sum F (w - Q(w))^2 for each type (in row blocks: float64 sums, small temporaries).
+
+    ``experts``: the expert each row of a merged ``ffn_*_exps`` tensor belongs to, when
+    ``imatrix`` holds one row per expert (each expert is quantized with its own)."""
+    if imatrix is not None and imatrix.size != w.shape[1]:
+        per_expert = imatrix.reshape(-1, w.shape[1])
+        total = dict.fromkeys(types, 0.0)
+        for e in np.unique(experts):
+            sel = experts == e
+            for ty, d in tensor_damage(quantizer, w[sel], fisher[sel], types,
+                                       per_expert[e]).items():
+                total[ty] += d
+        return total
     step = max(1, BLOCK // w.shape[1])
     out = {}
     for ty in types:
@@ -82,11 +95,13 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], req: Se
     quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
     todo = {t.name: t for t in tensors if t.quantizable}
 
-    def one(t: GGUFTensor, w: np.ndarray, f: np.ndarray, scale: float):
+    def one(t: GGUFTensor, ft: FisherTensor):
         types = sorted({legal_type(q, t.shape[0]) for q in ladder})
+        scale = ft.rows / ft.weight.shape[0]  # rows sampled: the estimate of the whole
+        experts = ft.expert_of_kept(MAX_ROWS) if ft.experts > 1 else None
         return t.name, {key: {ty: sig6(d * scale) for ty, d in tensor_damage(
-            quantizers[split_damage_key(key)[1]], w, f, types,
-            m.weights(t.name) if m is not None else None).items()}
+            quantizers[split_damage_key(key)[1]], ft.weight, ft.fisher, types,
+            m.weights(t.name) if m is not None else None, experts).items()}
             for key, m in modes.items()}
 
     damage: dict[str, dict] = {key: {} for key in modes}
@@ -104,8 +119,7 @@ def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], req: Se
         pending = set()
         for t in run.tensors:  # as the backward pass finishes each layer (rows sampled)
             if t.name in todo:
-                pending.add(pool.submit(one, todo[t.name], t.weight, t.fisher,
-                                        t.rows / t.weight.shape[0]))
+                pending.add(pool.submit(one, todo[t.name], t))
             del t
             while len(pending) > workers:  # bounded: a few tensors in memory at a time
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -64,7 +64,16 @@ def _model_instance(job: ConverterJob):
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "auto": gguf.LlamaFileType.GUESSED}
     model_dir = Path(job.model)
     hparams = ModelBase.load_hparams(model_dir, False)
-    cls = get_model_class(get_model_architecture(hparams, ModelType.TEXT), mmproj=False)
+    arch = get_model_architecture(hparams, ModelType.TEXT)
+    try:
+        cls = get_model_class(arch, mmproj=False)
+    except NotImplementedError:
+        from lwq_gguf.model.arch import SCORED
+
+        raise LwqError(f"{model_dir / 'config.json'}: architecture {arch!r} is not supported by "
+                       "llama.cpp's converter (convert_hf_to_gguf.py), so not by lwq-gguf either: "
+                       f"lwq-gguf scores {', '.join(SCORED)} and converts the converter's other "
+                       "architectures with a plan from weight error") from None
     return cls(model_dir, ftypes[job.outtype], Path(job.out))
 
 
@@ -79,6 +88,14 @@ def _add_kv(w, kv: dict) -> None:
 
 
 def _run(job: ConverterJob) -> int:
+    try:
+        return _convert(job)
+    except LwqError as e:
+        print(f"{ERROR_MARK}{e}", flush=True)
+        return 3
+
+
+def _convert(job: ConverterJob) -> int:
     import torch
 
     from lwq_gguf.write.onepass import requantize_writer
@@ -99,17 +116,13 @@ def _run(job: ConverterJob) -> int:
             return 0
         inst.prepare_tensors()
         inst.prepare_metadata(vocab_only=False)
-        try:
-            pool, ahead = requantize_writer(w, job.quantize,
-                                            lambda name: print(f"{WRITTEN_MARK}{name}", flush=True))
-            with pool, ahead:
-                w.write_header_to_file(path=Path(job.out))
-                w.write_kv_data_to_file()
-                w.write_tensors_to_file(progress=False)
-                w.close()
-        except LwqError as e:
-            print(f"{ERROR_MARK}{e}", flush=True)
-            return 3
+        pool, ahead = requantize_writer(w, job.quantize,
+                                        lambda name: print(f"{WRITTEN_MARK}{name}", flush=True))
+        with pool, ahead:
+            w.write_header_to_file(path=Path(job.out))
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=False)
+            w.close()
     return 0
 
 
