@@ -208,16 +208,20 @@ def cmd_score(a) -> None:
     if scores.imatrix:
         write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
     plot_scores(scores, png, f"{a.model.name}: layer importance")
-    order = sorted(range(scores.n_layers), key=lambda i: -scores.lim[i])
+    lim = scores.lim or (0.0,) * scores.n_layers  # (): no forward pass of this architecture
+    order = sorted(range(scores.n_layers), key=lambda i: -lim[i])
     rank = {layer: i + 1 for i, layer in enumerate(order)}
     print(table(("layer", "LIM", "LIM rank", "ZD"),
-                [(i, f"{scores.lim[i]:.4f}", rank[i], f"{scores.zd[i]:.4f}")
-                 for i in range(scores.n_layers)]))
+                [(i, f"{scores.lim[i]:.4f}" if scores.lim else "-", rank[i] if scores.lim else "-",
+                  f"{scores.zd[i]:.4f}") for i in range(scores.n_layers)]))
     sens = scores.sensitivity
     if sens:
-        print(f"sensitivity of {len(next(iter(sens['damage'].values())))} tensors x "
-              f"{len(sens['ladder'])} types (imatrix none and auto) in {sens['seconds']:.0f} s; "
-              f"imatrix written to {imatrix} (llama-quantize --imatrix)")
+        keys = " and ".join(k.rpartition("@")[0] for k in sens["damage"])
+        print(f"sensitivity ({sens.get('basis', 'expected KLD')}) of "
+              f"{len(next(iter(sens['damage'].values())))} tensors x {len(sens['ladder'])} types "
+              f"(imatrix {keys}) in {sens['seconds']:.0f} s"
+              + (f"; imatrix written to {imatrix} (llama-quantize --imatrix)"
+                 if scores.imatrix else ""))
     print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
 
 

@@ -25,6 +25,7 @@ from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
 from lwq_gguf.score.cache import ScoreCache, model_sha256
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
+from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
 from lwq_gguf.write.converter import model_tensors
 from lwq_gguf.write.verify import CheckResult, check_file, read_back
 from lwq_gguf.write.writer import WriteConfig, check_plan_matches, cleanup, work_paths, write_gguf
@@ -52,6 +53,7 @@ class Prepared:
     tensors: tuple[GGUFTensor, ...]
     scores: Scores | None
     plan: Plan | None
+    imatrix: ImatrixChoice  # the one used (--imatrix auto means none without a forward pass)
 
 
 def load_scores(path: Path, model: HFModel) -> Scores:
@@ -100,17 +102,62 @@ def get_scores(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...],
     if missing:
         from lwq_gguf.score.sensitivity import SensitivityRequest, measure_sensitivity
 
-        req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
-        sens, im = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
-                                       job.progress)
+        if model.arch is None:  # no forward pass: weight error, in the converter child
+            sens, im = _weight_sensitivity(job, model, tensors, ladder, missing), None
+        else:
+            req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
+            sens, im = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
+                                           job.progress)
+            sens["basis"] = BASIS_FISHER
         old = scores.sensitivity or {}
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}
-        scores = replace(scores, sensitivity=sens, imatrix=imatrix_to_dict(im))
+        scores = replace(scores, sensitivity=sens,
+                         imatrix=imatrix_to_dict(im) if im is not None else scores.imatrix)
         fresh = True
     if cache is not None and fresh:  # once, complete: a run killed before leaves the old entry
         cache.store(scores)
     return scores
+
+
+def _weight_sensitivity(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...],
+                        ladder: tuple[str, ...], keys: tuple[str, ...]) -> dict:
+    """Damage tables from weight error (score.weights), made by the converter child on the
+    tensors as it writes them."""
+    import json
+    import tempfile
+
+    from tqdm import tqdm
+
+    from lwq_gguf.score.weights import WeightDamageJob
+    from lwq_gguf.write.converter import WRITTEN_MARK, ConverterJob, run_job
+
+    t0, lc = time.time(), find_llama_cpp()
+    files = {job.imatrix.key: str(job.imatrix.path)} if job.imatrix.mode == "file" else {}
+    bar = tqdm(total=len(tensors), desc="weight error per type", unit="tensor",
+               disable=not job.progress, leave=False)
+    with tempfile.TemporaryDirectory(prefix="lwq-dmg-") as tmp:
+        out = Path(tmp) / "damage.json"
+        run_job(ConverterJob(mode="damage", src=str(lc.src), model=str(model.path), out=str(out),
+                             damage=WeightDamageJob(ladder=ladder, keys=keys, imatrix_files=files)),
+                on_line=lambda ln: bar.update() if ln.startswith(WRITTEN_MARK) else None)
+        damage = json.loads(out.read_text())
+    bar.close()
+    return {"tokens": 0, "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
+            "damage": damage, "basis": BASIS_WEIGHTS}
+
+
+def _effective(job: Job, model: HFModel) -> Job:
+    """--imatrix auto is computed by a forward pass: for an architecture lwq-gguf runs none of,
+    it means no imatrix (the plan is then from weight error, and says so)."""
+    if model.arch is not None or job.imatrix.mode != "auto":
+        return job
+    if job.progress:
+        print(f"{model.architecture}: lwq-gguf runs no forward pass of this architecture, so the "
+              "plan weighs weight error alone (pass --imatrix FILE made by llama-imatrix to weight "
+              "it by the activations)", file=sys.stderr)
+    measure = tuple(k for k in job.measure if k != "auto") if job.measure else job.measure
+    return replace(job, imatrix=ImatrixChoice.parse("none"), measure=measure)
 
 
 def _needs(job: Job, plan: Plan | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -129,6 +176,7 @@ def prepare(job: Job) -> Prepared:
     """Open the model, list its tensors, score what the job needs and plan (when it plans)."""
     model = open_model(job.model)
     tensors = model_tensors(model)
+    job = _effective(job, model)
     plan = None
     if job.plan_file is not None:
         plan = read_plan(job.plan_file, tensors)
@@ -144,7 +192,9 @@ def prepare(job: Job) -> Prepared:
         cfg = job.plan
         plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,
                          scores.damage(damage_key(job.imatrix.key, cfg.encoder)))
-    return Prepared(model, tensors, scores, plan)
+        if cfg.strategy == "auto":
+            plan = replace(plan, basis=scores.sensitivity.get("basis", BASIS_FISHER))
+    return Prepared(model, tensors, scores, plan, job.imatrix)
 
 
 @dataclass(frozen=True)
@@ -182,8 +232,8 @@ def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
         p = prepare(job)
         if write.two_step and p.scores is None:  # the single pass checks every weight as it goes
             zd_scores(p.model, job.progress)  # the NaN/Inf check reads every weight
-        im_path = job.imatrix.path
-        if job.imatrix.mode == "auto":
+        im_path = p.imatrix.path
+        if p.imatrix.mode == "auto":
             work = work_paths(out)[0]
             work.mkdir(exist_ok=True)
             im_path = work / "imatrix.gguf"

@@ -58,7 +58,8 @@ def plan_layers_table(plan: Plan, lim: Sequence[float] | None) -> str:
 
 def plan_summary(plan: Plan) -> str:
     return (f"BPW {plan.bpw():.3f} over the whole file (target {plan.config.avg_bits:g}, "
-            f"strategy {plan.config.strategy}, levels {plan.pair[0]}/{plan.pair[1]}); "
+            f"strategy {plan.config.strategy}{': ' + plan.basis if plan.basis else ''}, "
+            f"levels {plan.pair[0]}/{plan.pair[1]}); "
             f"{plan.bpw(layers_only=True):.3f} over the repeating layers alone; "
             f"{plan.nbytes / 2**20:.1f} MiB of tensors")
 

@@ -3,7 +3,8 @@
     python models/tiny.py OUT_DIR --arch qwen3moe --layers 3
 
 Dense: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3; mixture-of-experts: mixtral, qwen2moe
-(with a shared expert), qwen3moe, olmoe (4 experts, 2 active). Hidden 256, so every row takes
+(with a shared expert), qwen3moe, olmoe (4 experts, 2 active); and stablelm, which llama.cpp's
+converter knows but lwq-gguf runs no forward pass of (plans from weight error). Hidden 256, so every row takes
 K-quants. They reuse the demo model's tokenizer (models/smollm2-135m, known to llama.cpp's
 converter as ``smollm``), so ``make models`` must have run; Gemma 2, which the converter reads only
 with a SentencePiece model, gets one trained here on the packaged calibration text.
@@ -24,7 +25,8 @@ CALIBRATION = ROOT.parent / "lwq_gguf" / "data" / "calibration.txt"
 SP_VOCAB = 2048
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
-ARCHS = DENSE + MOE
+UNSCORED = ("stablelm",)  # the converter knows it, lwq-gguf's table does not: weight-error plans
+ARCHS = DENSE + MOE + UNSCORED
 N_EXPERTS, TOP_K = 4, 2
 
 
@@ -59,6 +61,7 @@ def tiny_config(arch: str, layers: int, tied: bool):
         # llama.cpp's OLMoE takes its k-norm over all heads: no grouped KV
         "olmoe": (tf.OlmoeConfig, {"num_experts": N_EXPERTS, "num_experts_per_tok": TOP_K,
                                    "intermediate_size": 256, "num_key_value_heads": 4}),
+        "stablelm": (tf.StableLmConfig, {"num_key_value_heads": 4}),
     }
     cls, kw = extra[arch]
     return cls(**{**common, **kw})

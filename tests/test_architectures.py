@@ -139,3 +139,30 @@ def test_bad_moe_and_architecture_input(tiny, tmp_path, case):
     p = run_cli("convert", model, "--avg-bits", "4", "-o", out)
     assert want in error_line(p), p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m"]  # nothing written
+
+
+@pytest.mark.slow
+def test_unscored_architecture_gets_a_labelled_weight_error_plan(tiny, tmp_path):
+    """An architecture the converter knows and lwq-gguf runs no forward pass of: the plan comes
+    from weight error (weighted by a llama-imatrix file when given), and says so everywhere."""
+    path = tiny("stablelm", 2)
+    out = tmp_path / "q.gguf"
+    p = run_cli("convert", path, "--avg-bits", "4.5", "-o", out, "--no-verify", check=True)
+    assert "no forward pass" in p.stderr and "weight error" in p.stdout
+    meta = GGUFReader(str(out)).get_field("lwq.plan").contents()
+    assert json.loads(meta)["basis"].startswith("weight error")
+    lim = run_cli("plan", path, "--avg-bits", "4.5", "--strategy", "lim")
+    assert "needs a forward pass" in error_line(lim)
+
+    lc = find_llama_cpp()
+    base, imat = tmp_path / "base.gguf", tmp_path / "imatrix.gguf"
+    write_16bit(lc, path, base, "f16")
+    run_tool([str(lc.tool("llama-imatrix")), "-m", str(base), "-f", str(default_calibration()),
+              "-c", "256", "--chunks", "2", "-o", str(imat)], what="llama-imatrix")
+    weighted = tmp_path / "w.json"
+    p = run_cli("plan", path, "--avg-bits", "3.5", "--imatrix", imat, "-o", weighted, check=True)
+    plain = tmp_path / "p.json"
+    run_cli("-q", "plan", path, "--avg-bits", "3.5", "--imatrix", "none", "-o", plain, check=True)
+    a, b = (json.loads(f.read_text()) for f in (weighted, plain))
+    assert a["basis"] == b["basis"] and a["basis"].startswith("weight error")
+    assert [t["type"] for t in a["tensors"]] != [t["type"] for t in b["tensors"]]

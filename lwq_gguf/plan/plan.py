@@ -85,6 +85,7 @@ class Plan:
     types: tuple[str, ...]  # the type each tensor has in the output file
     layer_order: tuple[int, ...]  # most important first
     pair: tuple[str, str]
+    basis: str = ""  # strategy auto: what the damage tables measure (score.weights.BASIS_*)
     tool_version: str = field(default=__version__, compare=False)
 
     def type_of(self, name: str) -> str:
@@ -109,6 +110,7 @@ class Plan:
         return {
             "format": PLAN_FORMAT, "version": PLAN_VERSION, "tool_version": self.tool_version,
             "config": cfg, "layer_order": list(self.layer_order), "pair": list(self.pair),
+            "basis": self.basis,
             "summary": {"bpw": round(self.bpw(), 4), "bpw_layers": round(self.bpw(True), 4),
                         "bytes": self.nbytes, "elements": sum(t.numel for t in self.tensors)},
             "tensors": [{"name": t.name, "shape": list(t.shape), "src_type": t.src_type, "type": ty}
@@ -141,7 +143,8 @@ class Plan:
             if not tensors:
                 raise ValueError("no tensors")
             return cls(cfg, tensors, types, tuple(int(i) for i in d["layer_order"]),
-                       tuple(str(t) for t in d["pair"]), str(d.get("tool_version", "?")))
+                       tuple(str(t) for t in d["pair"]), str(d.get("basis", "")),
+                       str(d.get("tool_version", "?")))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise PlanError(f"{source}: corrupt plan file ({e}): make a new one with "
                             "`lwq-gguf plan`") from None
@@ -160,6 +163,9 @@ def layer_order(strategy: str, n_layers: int, lim: Sequence[float] | None,
         random.Random(seed).shuffle(order)
         return tuple(order)
     score = lim if strategy == "lim" else zd
+    if strategy == "lim" and lim is not None and len(lim) == 0:
+        raise PlanError("strategy lim needs a forward pass, which lwq-gguf does not run for this "
+                        "architecture: use --strategy auto (weight error) or zd")
     if score is None or len(score) != n_layers:
         raise PlanError(f"strategy {strategy!r} needs {strategy.upper()} scores for {n_layers} "
                         "layers: run `lwq-gguf score` on this model (or pass --strategy random)")

@@ -132,9 +132,12 @@ def score_model(model: HFModel, cfg: ScoreConfig, model_sha256: str, progress: b
                 ) -> Scores:
     """LIM and ZD of ``model`` (whose content digest is ``model_sha256``)."""
     zd = zd_scores(model, progress)
+    file = cfg.calib_file
+    if model.arch is None:  # no forward pass: ZD only (plans from weight error, score.weights)
+        return Scores(model.architecture, model.n_layers, (), zd, file.name, sha256_file(file),
+                      0, "none", model_sha256)
     ids = calibration_ids(model, cfg)
     lim, device = lim_scores(model, cfg, ids, progress)
-    file = cfg.calib_file
     return Scores(model.architecture, model.n_layers, lim, zd, file.name, sha256_file(file),
                   len(ids), device, model_sha256)
 
@@ -147,8 +150,8 @@ def plot_scores(scores: Scores, png: Path, title: str = "") -> None:
 
     x = np.arange(scores.n_layers)
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    a.bar(x, scores.lim, color="tab:blue")
-    a.set_ylabel("LIM (-cos)")
+    a.bar(x, scores.lim or np.zeros(scores.n_layers), color="tab:blue")
+    a.set_ylabel("LIM (-cos)" if scores.lim else "LIM: no forward pass")
     a.set_title(title or f"layer importance, {scores.architecture}, {scores.calib_tokens} calib tokens")
     b.bar(x, scores.zd, color="tab:orange")
     b.set_ylabel("ZD (share z>1)")

@@ -68,7 +68,7 @@ def _floats(v, n: int, what: str) -> tuple[float, ...]:
 class Scores:
     architecture: str
     n_layers: int
-    lim: tuple[float, ...]
+    lim: tuple[float, ...]  # () for an architecture lwq-gguf runs no forward pass of
     zd: tuple[float, ...]
     calib_file: str
     calib_sha256: str
@@ -109,7 +109,8 @@ class Scores:
             _check_sensitivity(d.get("sensitivity"))
             if d.get("imatrix") is not None:
                 _check_imatrix(d["imatrix"])
-            return cls(d["architecture"], n, _floats(d["lim"], n, "lim"), _floats(d["zd"], n, "zd"),
+            lim = () if d["lim"] == [] else _floats(d["lim"], n, "lim")  # []: no forward pass
+            return cls(d["architecture"], n, lim, _floats(d["zd"], n, "zd"),
                        d["calib_file"], d["calib_sha256"], d["calib_tokens"], d["device"],
                        d["model_sha256"], str(d.get("tool_version", "?")), d.get("sensitivity"),
                        d.get("imatrix"))

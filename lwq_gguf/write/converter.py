@@ -8,13 +8,16 @@ leak into lwq-gguf. Jobs:
   computed lazily without writing anything (cached: :func:`model_tensors`);
 * ``write`` - the 16-bit GGUF, with extra metadata key/values (``kv``: lwq.*);
 * ``write`` with ``quantize`` set - single pass: the planned GGUF itself, each tensor quantized
-  as the writer reaches it (:mod:`lwq_gguf.write.onepass`).
+  as the writer reaches it (:mod:`lwq_gguf.write.onepass`);
+* ``damage`` - the weight-error damage tables (:mod:`lwq_gguf.score.weights`) of the tensors as
+  the converter makes them, for architectures lwq-gguf runs no forward pass of (JSON at ``out``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -25,7 +28,8 @@ from lwq_gguf.files import (code_digest, scores_cache_dir, sha256_file, sha256_m
                             write_cache_text)
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.model.load import HFModel
-from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.quant.tensors import GGUFTensor, as_16bit, as_f32, materialize
+from lwq_gguf.score.weights import WeightDamageJob
 from lwq_gguf.write.onepass import QuantizeSettings
 
 ERROR_MARK = "lwq-error: "  # a user error found in the child, passed on as one line
@@ -34,13 +38,14 @@ WRITTEN_MARK = "lwq-written "  # printed by the child as each tensor is written 
 
 @dataclass(frozen=True, kw_only=True)
 class ConverterJob:
-    mode: str  # inventory | write
+    mode: str  # inventory | write | damage
     src: str  # the pinned llama.cpp source folder (convert_hf_to_gguf.py, conversion/)
     model: str
     out: str
     outtype: str = "auto"  # auto | f16 | bf16 | f32, as convert_hf_to_gguf.py --outtype
     kv: dict = field(default_factory=dict)  # extra metadata: str, float or int values
     quantize: QuantizeSettings | None = None  # single pass: quantize as the writer goes
+    damage: WeightDamageJob | None = None  # mode damage: the tables to make
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -48,8 +53,10 @@ class ConverterJob:
     @classmethod
     def from_json(cls, text: str) -> ConverterJob:
         d = json.loads(text)
-        q = d.pop("quantize")
-        return cls(**d, quantize=QuantizeSettings(**q) if q else None)
+        q, dm = d.pop("quantize"), d.pop("damage")
+        return cls(**d, quantize=QuantizeSettings(**q) if q else None,
+                   damage=WeightDamageJob(ladder=tuple(dm["ladder"]), keys=tuple(dm["keys"]),
+                                          imatrix_files=dm["imatrix_files"]) if dm else None)
 
 
 def _model_instance(job: ConverterJob):
@@ -93,6 +100,15 @@ def _run(job: ConverterJob) -> int:
     except LwqError as e:
         print(f"{ERROR_MARK}{e}", flush=True)
         return 3
+    except ValueError as e:  # the converter's word for weights its architecture does not have
+        m = re.match(r"Can not map tensor '(.+)'", str(e))
+        if not m:
+            raise
+        arch = json.loads((Path(job.model) / "config.json").read_text())["architectures"][0]
+        print(f"{ERROR_MARK}{job.model}: {m.group(1)} is not a tensor of {arch} as llama.cpp's "
+              "converter knows it: config.json names the wrong architecture, or the weights are "
+              "of another model", flush=True)
+        return 3
 
 
 def _convert(job: ConverterJob) -> int:
@@ -109,6 +125,8 @@ def _convert(job: ConverterJob) -> int:
                     for shard in inst.gguf_writer.tensors for name, ti in shard.items()]
             Path(job.out).write_text(json.dumps(rows))
             return 0
+        if job.mode == "damage":
+            return _damage(inst, job)
         w = inst.gguf_writer
         _add_kv(w, job.kv)
         if job.quantize is None:
@@ -123,6 +141,23 @@ def _convert(job: ConverterJob) -> int:
             w.write_kv_data_to_file()
             w.write_tensors_to_file(progress=False)
             w.close()
+    return 0
+
+
+def _damage(inst, job: ConverterJob) -> int:
+    from lwq_gguf.score.weights import WeightDamage
+
+    inst.prepare_tensors()
+    tables = WeightDamage(job.damage, find_llama_cpp())
+    for shard in inst.gguf_writer.tensors:
+        for name, ti in shard.items():
+            t = GGUFTensor(name, tuple(int(d) for d in reversed(ti.shape)), ti.dtype.name.lower())
+            if t.quantizable:
+                data = as_16bit(materialize(name, ti.tensor), ti.dtype)
+                tables.add(t, as_f32(data, ti.dtype).reshape(tuple(int(d) for d in ti.shape)))
+                ti.tensor = None  # (the converter's lazy graph and data, freed)
+            print(f"{WRITTEN_MARK}{name}", flush=True)
+    Path(job.out).write_text(json.dumps(tables.tables))
     return 0
 
 

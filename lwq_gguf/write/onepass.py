@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lwq_gguf.errors import ModelInputError
+from lwq_gguf.quant.tensors import as_16bit, as_f32, materialize
 
 CHUNK_ELEMS = 1 << 22  # float32 elements per work item (16 MiB)
 
@@ -63,18 +64,6 @@ class _Shared:
     workers: int = field(default=1)
 
 
-def _as_f32(rows: np.ndarray, src_type) -> np.ndarray:
-    import gguf
-
-    Q = gguf.GGMLQuantizationType
-    if src_type == Q.BF16:
-        return (rows.astype(np.uint32) << 16).view(np.float32)
-    if src_type in (Q.F16, Q.F32):
-        return rows.astype(np.float32, copy=False)
-    raise ModelInputError(f"single-pass writer: source type {src_type.name} is not 16/32-bit float: "
-                          "use --two-step")
-
-
 class Planned:
     """Stands in for a converter tensor in GGUFWriter; quantizes when the writer asks for bytes."""
 
@@ -93,14 +82,8 @@ class Planned:
         return self.t.shape
 
     def _eager(self) -> np.ndarray:
-        from gguf.lazy import LazyNumpyTensor
-
         src, self.src = self.src, None  # drop the lazy graph (and its cached intermediates) after
-        data = LazyNumpyTensor.to_eager(src) if isinstance(src, LazyNumpyTensor) else src
-        if not isinstance(data, np.ndarray):
-            raise ModelInputError(f"tensor {self.name!r}: the converter streams it in chunks, which "
-                                  "the single-pass writer does not take: use --two-step")
-        return data
+        return materialize(self.name, src)
 
     def _check(self, f32: np.ndarray) -> None:
         if not np.isfinite(f32).all():
@@ -115,11 +98,10 @@ class Planned:
         if self.next is not None:  # the converter's work on the next tensor (reading, widening,
             # 16-bit rounding) overlaps the quantization of this one
             self.next.ahead = sh.prefetch.submit(self.next._eager)
-        if t.src_type.name == "BF16" and data.dtype == np.uint8:  # gguf-py hands BF16 as bytes
-            data = np.ascontiguousarray(data).view(np.uint16)
+        data = as_16bit(data, t.src_type)
         if t.dst_type is None:  # kept as the converter wrote it (norms, planned 16-bit)
             if t.src_type.name in ("F32", "F16", "BF16"):
-                self._check(_as_f32(data.reshape(-1), t.src_type))
+                self._check(as_f32(data.reshape(-1), t.src_type))
             data.tofile(fout)
             sh.on_done(self.name)
             return
@@ -134,7 +116,7 @@ class Planned:
 
         def work(job):
             rows, im = job
-            f32 = np.ascontiguousarray(_as_f32(rows, t.src_type))
+            f32 = np.ascontiguousarray(as_f32(rows, t.src_type))
             self._check(f32)
             return sh.quantizer.quantize(f32, t.dst_type, im)
 
