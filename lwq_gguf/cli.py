@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError
+from lwq_gguf.plan.budget import parse_size
 from lwq_gguf.plan.plan import STRATEGIES, PlanConfig, parse_override
 from lwq_gguf.quant.types import (AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_ENCODER, DEFAULT_LADDER,
                                   ENCODERS)
@@ -68,6 +69,12 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
                    help="type of output.weight, or auto: planned first (default auto)")
     g.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="fix matching tensors to TYPE, as llama-quantize does (repeatable)")
+    g.add_argument("--dense-size", metavar="SIZE",
+                   help="mixture-of-experts: at most SIZE (e.g. 3.5GiB) for every tensor but the "
+                   "routed experts (attention, shared experts, router, norms, embeddings, output: "
+                   "what stays on the GPU with -ot exps=CPU); the experts take the rest")
+    g.add_argument("--dense-bits", type=float, metavar="B",
+                   help="the same limit as bits per weight over those tensors")
     g.add_argument("--encoder", choices=ENCODERS,
                    help=f"{DEFAULT_ENCODER} (default; with --plan: the plan's): lwq-gguf's own Q4_K "
                    "encoder (same format, lower error), ggml's for the other types; ggml: "
@@ -175,7 +182,9 @@ def _plan_config(a, bits: float) -> PlanConfig:
                       token_embedding_type=a.token_embedding_type.lower(),
                       output_tensor_type=a.output_tensor_type.lower(),
                       overrides=tuple(parse_override(s) for s in a.tensor_type),
-                      encoder=a.encoder or DEFAULT_ENCODER)
+                      encoder=a.encoder or DEFAULT_ENCODER,
+                      dense_bytes=parse_size(a.dense_size) if a.dense_size else None,
+                      dense_bits=a.dense_bits)
 
 
 def _job(a, **kw):

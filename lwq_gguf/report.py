@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lwq_gguf.files import atomic_output
+from lwq_gguf.plan.budget import dense_budget
 from lwq_gguf.plan.plan import Plan
 from lwq_gguf.quant.tensors import tensor_nbytes
 
@@ -57,11 +58,18 @@ def plan_layers_table(plan: Plan, lim: Sequence[float] | None) -> str:
 
 
 def plan_summary(plan: Plan) -> str:
-    return (f"BPW {plan.bpw():.3f} over the whole file (target {plan.config.avg_bits:g}, "
+    line = (f"BPW {plan.bpw():.3f} over the whole file (target {plan.config.avg_bits:g}, "
             f"strategy {plan.config.strategy}{': ' + plan.basis if plan.basis else ''}, "
             f"levels {plan.pair[0]}/{plan.pair[1]}); "
             f"{plan.bpw(layers_only=True):.3f} over the repeating layers alone; "
             f"{plan.nbytes / 2**20:.1f} MiB of tensors")
+    dense = plan.dense_nbytes
+    if dense < plan.nbytes:  # a mixture of experts: both parts, as -ot exps=CPU places them
+        limit = dense_budget(plan.tensors, plan.config.dense_bytes, plan.config.dense_bits)
+        line += (f"\nnon-expert part {dense / 2**20:.1f} MiB"
+                 + (f" (limit {limit / 2**20:.1f} MiB)" if limit is not None else "")
+                 + f", routed experts {(plan.nbytes - dense) / 2**20:.1f} MiB")
+    return line
 
 
 def machine() -> str:

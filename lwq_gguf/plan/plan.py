@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
-from lwq_gguf.plan.knapsack import min_damage
+from lwq_gguf.plan.budget import dense_budget, gib, is_dense
+from lwq_gguf.plan.knapsack import min_damage, min_damage_split
 from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
 from lwq_gguf.quant.types import (DEFAULT_ENCODER, ENCODERS, QUANT_TYPES, default_ladder,
                                   legal_type, parse_ladder, quant_type)
@@ -49,6 +50,10 @@ class PlanConfig:
     output_tensor_type: str = "auto"
     overrides: tuple[tuple[str, str], ...] = ()  # (regex, type): first match wins, like llama-quantize
     encoder: str = DEFAULT_ENCODER  # who encodes the blocks: lwq (own Q4_K) or ggml (llama-quantize's)
+    # a mixture-of-experts model's non-expert part (plan.budget): at most this many bytes, or
+    # this many bits per weight over its tensors
+    dense_bytes: int | None = None
+    dense_bits: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.avg_bits, (int, float)) or not 1 <= self.avg_bits <= 32:
@@ -59,6 +64,15 @@ class PlanConfig:
         if self.encoder not in ENCODERS:
             raise PlanError(f"unknown encoder {self.encoder!r}: use one of {', '.join(ENCODERS)}")
         object.__setattr__(self, "ladder", parse_ladder(self.ladder or default_ladder(self.strategy)))
+        if self.dense_bytes is not None and self.dense_bits is not None:
+            raise PlanError("--dense-size and --dense-bits both bound the non-expert part: give one")
+        if self.dense_bits is not None and not 1 <= self.dense_bits <= 32:
+            raise PlanError(f"--dense-bits {self.dense_bits!r}: give bits per weight between 1 "
+                            "and 32, e.g. --dense-bits 5")
+        if (self.dense_bytes is not None or self.dense_bits is not None) \
+                and self.strategy != "auto":
+            raise PlanError("--dense-size/--dense-bits are planned by --strategy auto: drop "
+                            f"--strategy {self.strategy}")
         for t in (self.token_embedding_type, self.output_tensor_type):
             if t != "auto":
                 quant_type(t)
@@ -104,6 +118,12 @@ class Plan:
     def nbytes(self) -> int:
         return sum(tensor_nbytes(ty, t.shape) for t, ty in zip(self.tensors, self.types))
 
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of every tensor but the routed experts (plan.budget.is_dense)."""
+        return sum(tensor_nbytes(ty, t.shape) for t, ty in zip(self.tensors, self.types)
+                   if is_dense(t))
+
     def to_dict(self) -> dict:
         cfg = asdict(self.config)
         cfg["overrides"] = [list(o) for o in self.config.overrides]
@@ -136,7 +156,8 @@ class Plan:
                              output_tensor_type=c["output_tensor_type"],
                              overrides=tuple((str(p), str(t)) for p, t in c["overrides"]),
                              # plans from before the lwq encoder existed were written by ggml's
-                             encoder=c.get("encoder", "ggml"))
+                             encoder=c.get("encoder", "ggml"),
+                             dense_bytes=c.get("dense_bytes"), dense_bits=c.get("dense_bits"))
             tensors = tuple(GGUFTensor(str(r["name"]), tuple(int(x) for x in r["shape"]),
                                        str(r["src_type"])) for r in d["tensors"])
             types = tuple(quant_type(r["type"]).name for r in d["tensors"])
@@ -237,15 +258,30 @@ def _check_reach(cfg: PlanConfig, lo_bpw: float, hi_bpw: float) -> None:
 
 
 def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig) -> None:
-    """Refuse a target the ladder cannot reach on these tensors (before any slow work)."""
+    """Refuse a target the ladder cannot reach on these tensors (before any slow work), and a
+    non-expert limit (--dense-size/--dense-bits) that cannot be met with it."""
     total = sum(t.numel for t in tensors)
-    lo = hi = 0
+    lo = hi = dense_lo = dense_hi = 0
     for t in tensors:
         fixed = _fixed_type(t, cfg)
         sizes = [tensor_nbytes(fixed or legal_type(q, t.shape[0]), t.shape)
                  for q in (cfg.ladder if fixed is None else (fixed,))]
         lo, hi = lo + min(sizes), hi + max(sizes)
+        if is_dense(t):
+            dense_lo, dense_hi = dense_lo + min(sizes), dense_hi + max(sizes)
     _check_reach(cfg, lo * 8 / total, hi * 8 / total)
+    limit = dense_budget(tensors, cfg.dense_bytes, cfg.dense_bits)
+    if limit is None:
+        return
+    if limit < dense_lo:
+        raise PlanError(f"the non-expert part cannot fit in {gib(limit)}: with ladder "
+                        f"{','.join(cfg.ladder)} it takes {gib(dense_lo)} to {gib(dense_hi)}: "
+                        "raise --dense-size/--dense-bits or add lower types to the ladder")
+    top = (hi - dense_hi + min(dense_hi, limit)) * 8 / total
+    if cfg.avg_bits > top + TOLERANCE:
+        raise PlanError(f"--avg-bits {cfg.avg_bits:g}: with the non-expert part within "
+                        f"{gib(limit)}, this model reaches {lo * 8 / total:.3f} to {top:.3f} BPW: "
+                        "lower --avg-bits or raise --dense-size/--dense-bits")
 
 
 def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: PlanConfig,
@@ -274,11 +310,20 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
     def size(bpw: float) -> int:
         return int(bpw * total / 8) - fixed_bytes
 
-    # never above the target when the tensors allow it, else anywhere within the tolerance
-    pick = min_damage(options, size(cfg.avg_bits), size(cfg.avg_bits - TOLERANCE / 2))
-    if pick is None or sum(o[j][0] for o, j in zip(options, pick)) < size(cfg.avg_bits - TOLERANCE):
-        pick = min_damage(options, size(cfg.avg_bits + TOLERANCE),
-                          size(cfg.avg_bits - TOLERANCE)) or [0] * len(options)
+    limit = dense_budget(tensors, cfg.dense_bytes, cfg.dense_bits)
+    if limit is None:
+        # never above the target when the tensors allow it, else anywhere within the tolerance
+        pick = min_damage(options, size(cfg.avg_bits), size(cfg.avg_bits - TOLERANCE / 2))
+        if pick is None or sum(o[j][0] for o, j in zip(options, pick)) < size(
+                cfg.avg_bits - TOLERANCE):
+            pick = min_damage(options, size(cfg.avg_bits + TOLERANCE),
+                              size(cfg.avg_bits - TOLERANCE)) or [0] * len(options)
+    else:
+        check_reach(tensors, cfg)
+        fixed_dense = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, fixed)
+                          if ty and is_dense(t))
+        pick = min_damage_split(options, [is_dense(tensors[i]) for i in free],
+                                size(cfg.avg_bits), limit - fixed_dense) or [0] * len(options)
     types = list(fixed)
     for k, i in enumerate(free):
         types[i] = choices[k][pick[k]]

@@ -198,3 +198,76 @@ def test_knapsack_is_exact_on_small_problems():
         inside = [d for d, b in combos if floor <= b <= budget]
         if inside:
             assert cost >= floor and dmg <= min(inside) + 1e-9
+
+
+def test_split_knapsack_is_exact_on_small_problems():
+    """Least damage with the total within ``budget`` and the dense items within ``dense``."""
+    import itertools
+
+    from lwq_gguf.plan.knapsack import min_damage_split
+
+    rnd = random.Random(11)
+    for _ in range(300):
+        n = rnd.randint(2, 6)
+        opts = [sorted((rnd.randint(1, 40), rnd.random()) for _ in range(rnd.randint(1, 3)))
+                for _ in range(n)]
+        dense = [rnd.random() < 0.5 for _ in range(n)]
+        budget, limit = rnd.randint(5, 150), rnd.randint(0, 80)
+        got = min_damage_split(opts, dense, budget, limit, resolution=1 << 12)
+        ok = []
+        for c in itertools.product(*[range(len(o)) for o in opts]):
+            cost = sum(opts[i][j][0] for i, j in enumerate(c))
+            dcost = sum(opts[i][j][0] for i, j in enumerate(c) if dense[i])
+            if cost <= budget and dcost <= limit:
+                ok.append(sum(opts[i][j][1] for i, j in enumerate(c)))
+        if not ok:
+            assert got is None or sum(opts[i][j][0] for i, j in enumerate(got) if dense[i]) > limit
+            continue
+        assert got is not None
+        assert sum(opts[i][j][0] for i, j in enumerate(got)) <= budget
+        assert sum(opts[i][j][0] for i, j in enumerate(got) if dense[i]) <= limit
+        assert sum(opts[i][j][1] for i, j in enumerate(got)) <= min(ok) + 1e-9
+
+
+def moe_inventory(n_layers=8, hidden=768, experts=8, ffn=512, vocab=49152):
+    t = [GGUFTensor("token_embd.weight", (hidden, vocab), "f16"),
+         GGUFTensor("output.weight", (hidden, vocab), "f16")]
+    for i in range(n_layers):
+        t += [GGUFTensor(f"blk.{i}.attn_norm.weight", (hidden,), "f32"),
+              GGUFTensor(f"blk.{i}.ffn_gate_inp.weight", (hidden, experts), "f32")]
+        t += [GGUFTensor(f"blk.{i}.{k}.weight", (hidden, hidden), "f16")
+              for k in ("attn_q", "attn_k", "attn_v", "attn_output")]
+        t += [GGUFTensor(f"blk.{i}.ffn_{k}_exps.weight", (hidden, ffn, experts), "f16")
+              for k in ("gate", "up")]
+        t.append(GGUFTensor(f"blk.{i}.ffn_down_exps.weight", (ffn, hidden, experts), "f16"))
+    return t
+
+
+def test_dense_size_bounds_the_non_expert_part():
+    from lwq_gguf.plan.budget import dense_budget, is_dense, parse_size
+
+    inv = moe_inventory()
+    damage = synthetic_damage(inv)
+    free = make_plan(inv, 8, PlanConfig(avg_bits=4.0), damage=damage)
+    assert not all(is_dense(t) for t in inv) and free.config.dense_bytes is None
+    limit = int(free.dense_nbytes * 0.8)
+    split = make_plan(inv, 8, PlanConfig(avg_bits=4.0, dense_bytes=limit), damage=damage)
+    assert split.dense_nbytes <= limit and abs(split.bpw() - 4.0) <= 0.02
+    assert split.nbytes - split.dense_nbytes > free.nbytes - free.dense_nbytes  # experts got more
+    assert total_damage(split, damage) >= total_damage(free, damage)  # a constraint costs
+    bits = make_plan(inv, 8, PlanConfig(avg_bits=4.0, dense_bits=3.5), damage=damage)
+    assert bits.dense_nbytes <= dense_budget(inv, None, 3.5) and abs(bits.bpw() - 4.0) <= 0.02
+    assert Plan.from_json(split.to_json()).config.dense_bytes == limit
+    with pytest.raises(PlanError, match="non-expert part cannot fit in 1.0 MiB"):
+        make_plan(inv, 8, PlanConfig(avg_bits=4.0, dense_bytes=1 << 20), damage=damage)
+    with pytest.raises(PlanError, match="reaches .* to .* BPW"):
+        make_plan(inv, 8, PlanConfig(avg_bits=7.5, dense_bits=2.7), damage=damage)
+    with pytest.raises(PlanError, match="no routed experts"):
+        make_plan(inventory(), 30, PlanConfig(avg_bits=4.0, dense_bits=4),
+                  damage=synthetic_damage(inventory()))
+    with pytest.raises(PlanError, match="give one"):
+        PlanConfig(avg_bits=4.0, dense_bits=4, dense_bytes=1000)
+    assert parse_size("3.5GiB") == int(3.5 * 2**30) and parse_size("800MB") == 800_000_000
+    for bad in ("3.5 parsecs", "-1G", ""):
+        with pytest.raises(PlanError, match="--dense-size"):
+            parse_size(bad)
