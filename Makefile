@@ -65,4 +65,5 @@ demo: setup models
 	echo "demo: plot out/demo/compare.png, table out/demo/compare.md"
 
 clean:
-	rm -rf $(VENV) models/smollm2-135m models/smollm2-135m-k256 models/.stamp out
+	rm -rf $(VENV) models/smollm2-135m models/smollm2-135m-k256 models/smollm2-135m-moe6 \
+	  models/.stamp out

@@ -48,15 +48,15 @@ def size_target(mix_file: Path) -> float:
 
 
 def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix: str,
-        encoder: str = "lwq") -> list[dict]:
+        encoder: str = "lwq", model: Path = MODEL, mixes: tuple[str, ...] = MIXES) -> list[dict]:
     out = out_root / f"imatrix-{imatrix}"
     out_root.mkdir(parents=True, exist_ok=True)
-    cfg = CompareConfig(model=MODEL, out_dir=out, text=text, targets=(),
-                        plan=PlanConfig(avg_bits=4.0), baselines=MIXES,
+    cfg = CompareConfig(model=model, out_dir=out, text=text, targets=(),
+                        plan=PlanConfig(avg_bits=4.0), baselines=mixes,
                         imatrix=ImatrixChoice.parse(imatrix), score=ScoreConfig(device="cpu"),
                         eval=EvalConfig(ctx=512, chunks=chunks, device="cpu"))
-    mixes = {r.label: r for r in run_compare(cfg).rows if r.kind == "llama.cpp"}
-    targets = tuple(size_target(out / mixes[m].file) for m in MIXES)
+    built = {r.label: r for r in run_compare(cfg).rows if r.kind == "llama.cpp"}
+    targets = tuple(size_target(out / built[m].file) for m in mixes)
     rows = []
     for strategy in strategies:
         c = replace(cfg, targets=targets,
@@ -64,9 +64,10 @@ def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix:
         res = run_compare(c)
         write_outputs(c, res, f"bench/quality.py (imatrix {imatrix}, strategy {strategy})")
         ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
-        for m, bits in zip(MIXES, targets):
-            a, b = ours[f"lwq {bits:g}"], mixes[m]
+        for m, bits in zip(mixes, targets):
+            a, b = ours[f"lwq {bits:g}"], built[m]
             rows.append({"imatrix": imatrix, "strategy": strategy, "encoder": encoder, "mix": m,
+                         "target": bits,
                          "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
                          "ours_bytes": (out / a.file).stat().st_size, "mix_mib": b.size_mib,
                          "ours_mib": a.size_mib, "mix_kld": b.result.kld_mean,

@@ -7,7 +7,11 @@ writes
                       package's Q4_1 GGUF with transformers;
   smollm2-135m-k256/  the exactly equivalent model with 256-aligned rows: hidden 576 -> 768 and
                       9 -> 12 attention heads, padded with zeros (see pad_to_k256), so every weight
-                      row can take K-quants.
+                      row can take K-quants;
+  smollm2-135m-moe6/  the same function as a mixture of experts (MixtralForCausalLM): each layer's
+                      FFN split along its intermediate size into 6 experts of 256 rows, all 6
+                      active at equal weight (see split_experts), so the trained weights are
+                      planned and run as llama.cpp runs an MoE.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 HIDDEN, HIDDEN_K256 = 576, 768
+EXPERTS = 6
 
 
 def package_gguf() -> Path:
@@ -145,15 +150,65 @@ def pad_to_k256(src: Path, out: Path) -> None:
             shutil.copy(f, out / f.name)
 
 
+def split_experts(src: Path, out: Path) -> None:
+    """The k256 model as a MixtralForCausalLM with every expert active at equal weight.
+
+    Expert e of a layer holds rows [256e, 256(e+1)) of gate_proj and up_proj (w1, w3) and those
+    columns of down_proj (w2), times 6; the router is zero, so softmax gives each of the 6 experts
+    (all of them used per token) weight 1/6, and the sum of the experts is the dense FFN."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, MixtralConfig
+
+    cfg = AutoConfig.from_pretrained(src)
+    ffn = cfg.intermediate_size
+    assert ffn % EXPERTS == 0, "intermediate size not divisible by the expert count"
+    rows = ffn // EXPERTS
+    state = {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if ".mlp." not in name:
+            state[name] = w
+            continue
+        prefix, proj = name.split(".mlp.")
+        moe = f"{prefix}.block_sparse_moe"
+        for e in range(EXPERTS):
+            part = slice(e * rows, (e + 1) * rows)
+            if proj == "gate_proj.weight":
+                state[f"{moe}.experts.{e}.w1.weight"] = w[part].clone()
+            elif proj == "up_proj.weight":
+                state[f"{moe}.experts.{e}.w3.weight"] = w[part].clone()
+            elif proj == "down_proj.weight":
+                state[f"{moe}.experts.{e}.w2.weight"] = (w[:, part] * EXPERTS).contiguous()
+            else:
+                raise SystemExit(f"make_smollm2: unexpected tensor {name}")
+        state[f"{moe}.gate.weight"] = torch.zeros(EXPERTS, cfg.hidden_size)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    moe_cfg = MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=rows,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, sliding_window=None, num_local_experts=EXPERTS,
+        num_experts_per_tok=EXPERTS, tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        architectures=["MixtralForCausalLM"], dtype="float32")
+    moe_cfg.save_pretrained(out)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy(f, out / f.name)
+
+
 def main(root: Path) -> None:
-    base, k256 = root / "smollm2-135m", root / "smollm2-135m-k256"
-    for d in (base, k256):
+    base, k256, moe = root / "smollm2-135m", root / "smollm2-135m-k256", root / "smollm2-135m-moe6"
+    for d in (base, k256, moe):
         shutil.rmtree(d, ignore_errors=True)
     gguf = package_gguf()
     print(f"make_smollm2: {gguf.name} -> {base}")
     export_hf(gguf, base)
     print(f"make_smollm2: {base} -> {k256} (256-aligned rows)")
     pad_to_k256(base, k256)
+    print(f"make_smollm2: {k256} -> {moe} ({EXPERTS} experts, all active)")
+    split_experts(k256, moe)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 SMOL = ROOT / "models" / "smollm2-135m"
 K256 = ROOT / "models" / "smollm2-135m-k256"
+MOE6 = ROOT / "models" / "smollm2-135m-moe6"
 
 from tiny import make_tiny  # noqa: E402
 
@@ -69,6 +70,14 @@ def tiny(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def moe_model():
+    """The aligned demo model as a 6-expert MixtralForCausalLM (all experts active)."""
+    if not (MOE6 / "model.safetensors").is_file():
+        pytest.fail(f"{MOE6} missing: run `make models` first")
+    return MOE6
 
 
 @pytest.fixture(scope="session")

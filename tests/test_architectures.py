@@ -166,3 +166,11 @@ def test_unscored_architecture_gets_a_labelled_weight_error_plan(tiny, tmp_path)
     a, b = (json.loads(f.read_text()) for f in (weighted, plain))
     assert a["basis"] == b["basis"] and a["basis"].startswith("weight error")
     assert [t["type"] for t in a["tensors"]] != [t["type"] for t in b["tensors"]]
+
+
+def test_readme_lists_every_architecture_of_the_table():
+    from conftest import ROOT
+    from lwq_gguf.model.arch import ARCHS
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{a.hf}`" in readme for a in ARCHS)

@@ -1,4 +1,5 @@
-"""The real demo models from `make models` (SmolLM2-135M and its 256-aligned twin)."""
+"""The real demo models from `make models` (SmolLM2-135M, its 256-aligned twin, and that twin as
+a mixture of experts)."""
 
 import math
 import re
@@ -33,6 +34,33 @@ def test_k256_twin_is_exactly_equivalent(demo_models):
             logits.append(m(ids).logits)
     assert logits[0].abs().max() > 5  # real logits, not an empty model
     assert (logits[0] - logits[1]).abs().max().item() < 1e-3
+
+
+def test_moe_twin_equals_the_dense_model(demo_models, moe_model):
+    """The 6-expert twin (each layer's FFN split into 6 x 256 rows, all experts active at equal
+    weight) computes the dense model's logits; llama.cpp's converter sees a 6-expert MoE."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lwq_gguf.model.load import open_model
+    from lwq_gguf.write.converter import model_tensors
+
+    k256 = demo_models[1]
+    tok = AutoTokenizer.from_pretrained(k256)
+    ids = torch.tensor([tok(default_calibration().read_text()[:2000])["input_ids"][:96]])
+    logits = []
+    for d in (k256, moe_model):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64,
+                                                 attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits.append(m(ids).logits)
+        if d == moe_model:
+            assert type(m).__name__ == "MixtralForCausalLM"
+    assert logits[0].abs().max() > 5
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-3  # (down_proj x 6 rounds in f32)
+    shapes = {t.name: t.shape for t in model_tensors(open_model(moe_model))}
+    assert shapes["blk.0.ffn_down_exps.weight"] == (256, 768, 6)
+    assert shapes["blk.29.ffn_gate_exps.weight"] == (768, 256, 6)
+    assert shapes["blk.0.ffn_gate_inp.weight"] == (768, 6)
 
 
 PAPER = ("--strategy", "lim", "--imatrix", "none")

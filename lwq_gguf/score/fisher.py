@@ -166,6 +166,18 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     return FisherRun(im, n_tok, _backward(run, inputs, head, bar))
 
 
+def _rows_kept(n: int, expert: int | None, n_exp: int, max_rows: int | None, dev):
+    """The rows of an n-row weight whose Fisher is kept: kept_rows of the weight, or for expert e
+    of a merged tensor, its part of the merged tensor's kept rows (local indices)."""
+    import torch
+
+    if expert is None:
+        return torch.from_numpy(kept_rows(n, max_rows)).to(dev)
+    keep = kept_rows(n * n_exp, max_rows)
+    mine = keep[(keep >= expert * n) & (keep < (expert + 1) * n)] - expert * n
+    return torch.from_numpy(mine).to(dev)
+
+
 @dataclass(frozen=True)
 class _Pass:
     """What the backward pass shares: the stream, the windows, the 16-bit type, the GGUF names,
@@ -246,35 +258,37 @@ def _backward(run: _Pass, inputs, head: _Head, bar) -> Iterator[FisherTensor]:
                            head.fisher.div_(n_tok).cpu().numpy(), head.n_rows)
         head.fisher = head.weight = None
     grads = head.grads
+    experts = n_experts(names)
     for i in reversed(range(len(inputs))):
         layer = s.load(s.layers[i], f"model.layers.{i}", half)
         params = {f"model.layers.{i}.{n}": p for n, p in layer.named_parameters()}
-        fisher = {n: torch.zeros_like(p) for n, p in params.items() if n in names}
         dev = s.device_of(layer)
+        rows = {n: _rows_kept(p.shape[0], names[n][1], experts[names[n][0]], max_rows, dev)
+                for n, p in params.items() if n in names}
+        # the Fisher of the kept rows only: a layer's weights and gradients, not a third copy
+        fisher = {n: torch.zeros(len(r), params[n].shape[1], device=dev) for n, r in rows.items()}
         for j, g in enumerate(grads):
             x = inputs[i][j].to(dev).requires_grad_(True)
             s.run_layer(layer, x).backward(g.to(dev))
             for n, f in fisher.items():
                 if params[n].grad is not None:  # an expert no token was routed to has none
-                    f.addcmul_(params[n].grad, params[n].grad)
+                    gk = params[n].grad[rows[n]]
+                    f.addcmul_(gk, gk)
             layer.zero_grad(set_to_none=True)
             grads[j] = x.grad.cpu()
         inputs[i] = None
         merged: dict[str, dict[int, tuple]] = {}
         for n, f in fisher.items():
-            gname, expert = names[n]
+            (gname, expert), w = names[n], params[n].detach()[rows[n]].cpu().numpy()
             if expert is None:
-                keep = torch.from_numpy(kept_rows(f.shape[0], max_rows)).to(dev)
-                yield FisherTensor(gname, params[n].detach()[keep].cpu().numpy(),
-                                   f[keep].div_(n_tok).cpu().numpy(), f.shape[0])
+                yield FisherTensor(gname, w, f.div_(n_tok).cpu().numpy(), params[n].shape[0])
             else:
-                merged.setdefault(gname, {})[expert] = (params[n].detach().cpu().numpy(),
-                                                        f.div_(n_tok).cpu().numpy())
+                merged.setdefault(gname, {})[expert] = (w, f.div_(n_tok).cpu().numpy(),
+                                                        params[n].shape[0])
         for gname, parts in merged.items():  # the converter's 3-D tensor, rows expert by expert
-            w = merge_experts({e: p[0] for e, p in parts.items()})
-            f = merge_experts({e: p[1] for e, p in parts.items()})
-            keep = kept_rows(len(w), max_rows)
-            yield FisherTensor(gname, w[keep], f[keep], len(w), len(parts))
+            yield FisherTensor(gname, merge_experts({e: p[0] for e, p in parts.items()}),
+                               merge_experts({e: p[1] for e, p in parts.items()}),
+                               sum(p[2] for p in parts.values()), len(parts))
         del fisher, params, merged
         s.unload(layer)
         bar.update()

@@ -113,15 +113,16 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
         assert got["blk.1.ffn_down_exps.weight"].shape == (N_EXPERTS * 256, 256)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, tied):
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2moe", False)])
+def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied):
     """With max_rows, only a sample of rows is formed (the output and embedding without their
-    full Fisher); the sample's weights and Fisher are the whole run's rows."""
+    full Fisher; merged experts from each expert's share of the sample); the sample's weights and
+    Fisher are the whole run's rows."""
     import numpy as np
 
     from lwq_gguf.score.fisher import kept_rows, streamed_fisher
 
-    model = open_model(tiny("llama", 2, tied=tied))
+    model = open_model(tiny(arch, 2, tied=tied))
     cfg = ScoreConfig(calib_tokens=300, device="cpu")
     whole = {t.name: t for t in streamed_fisher(model, cfg, progress=False).tensors}
     part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, max_rows=40).tensors}
@@ -131,7 +132,7 @@ def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, tied):
         w = whole[name]
         keep = kept_rows(w.rows, 40)
         sampled += len(keep) < w.rows
-        assert t.rows == w.rows and t.weight.shape[0] == len(keep), name
+        assert t.rows == w.rows and t.experts == w.experts and t.weight.shape[0] == len(keep), name
         np.testing.assert_array_equal(t.weight, w.weight[keep], err_msg=name)
         np.testing.assert_allclose(t.fisher, w.fisher[keep], rtol=1e-4, atol=1e-12 +
                                    1e-5 * np.abs(w.fisher).max(), err_msg=name)

@@ -1,0 +1,119 @@
+"""Mixture of experts: lwq-gguf against llama.cpp's mixes on the 6-expert demo model, and a split
+budget.
+
+    .venv/bin/python bench/moe.py [--text FILE] [--chunks 40] [--dense-bits 6]
+
+The model is models/smollm2-135m-moe6 (`make models`): the aligned demo model with each layer's FFN
+split into 6 experts of 256 rows, all active at equal weight (llama.cpp runs it as a 6-expert MoE;
+its 16-bit GGUF has the dense model's perplexity). For llama.cpp's Q2_K, Q3_K_M and Q4_K_M, each
+built with an imatrix, lwq-gguf's default converts at the mix's size (bench/quality.py's rule;
+imatrix auto on both sides: computed from the calibration text, never the evaluation text). Then
+the split budget, as the model would run with -ot exps=CPU: at Q3_K_M's size, every tensor but the
+routed experts bounded by --dense-bits (the GPU part kept near-lossless), the experts filling the
+rest; its KLD and both parts' sizes next to the unconstrained plan's. Writes bench/results/moe.json
+and moe.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import WIKI, run  # noqa: E402
+
+from lwq_gguf.evaluate.compare import CompareConfig, run_compare  # noqa: E402
+from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
+from lwq_gguf.plan.plan import Plan, PlanConfig  # noqa: E402
+from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
+from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
+from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
+
+MODEL = ROOT / "models" / "smollm2-135m-moe6"
+MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
+
+
+def plan_of(gguf_file: Path) -> Plan:
+    from gguf import GGUFReader
+
+    return Plan.from_json(GGUFReader(str(gguf_file)).get_field("lwq.plan").contents())
+
+
+def split_example(text: Path, chunks: int, out_root: Path, target: float, dense_bits: float
+                  ) -> dict:
+    """At ``target`` BPW: the plan with the non-expert part within ``dense_bits``, and without."""
+    out = {}
+    for name, plan in (("split", PlanConfig(avg_bits=target, dense_bits=dense_bits)),
+                       ("free", PlanConfig(avg_bits=target))):
+        cfg = CompareConfig(model=MODEL, out_dir=out_root / f"split-{name}", text=text,
+                            targets=(target,), plan=plan, baselines=(),
+                            imatrix=ImatrixChoice.parse("auto"), score=ScoreConfig(device="cpu"),
+                            eval=EvalConfig(ctx=512, chunks=chunks, device="cpu"))
+        row = next(r for r in run_compare(cfg).rows if r.kind == "lwq-gguf")
+        p = plan_of(cfg.out_dir / row.file)
+        out[name] = {"bpw": row.bpw, "kld": row.result.kld_mean, "ppl": row.result.ppl,
+                     "same_top": row.result.same_top_pct, "dense_mib": p.dense_nbytes / 2**20,
+                     "experts_mib": (p.nbytes - p.dense_nbytes) / 2**20,
+                     "dense_bpw": p.dense_nbytes * 8 / sum(t.numel for t in p.tensors
+                                                           if "_exps." not in t.name)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--dense-bits", type=float, default=6.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "moe")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "moe.json")
+    a = ap.parse_args()
+    if a.text is None:
+        ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
+    t0 = time.time()
+    rows = run(a.text, a.chunks, ["auto"], a.out / a.text.stem, "auto", model=MODEL, mixes=MIXES)
+    target = next(r for r in rows if r["mix"] == "Q3_K_M")["target"]
+    split = split_example(a.text, a.chunks, a.out / a.text.stem, target, a.dense_bits)
+    head = ("mix", "BPW mix/ours", "MiB mix/ours", "KLD mix", "KLD ours", "ratio",
+            "same top mix/ours", "PPL mix/ours")
+    cells = [(r["mix"], f"{r['mix_bpw']:.3f} / {r['ours_bpw']:.3f}",
+              f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}", f"{r['mix_kld']:.4f}",
+              f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
+              f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
+              f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
+    shead = ("plan", "BPW", "non-expert MiB (BPW)", "experts MiB", "KLD", "same top %", "PPL")
+    scells = [(f"--dense-bits {a.dense_bits:g}" if k == "split" else "no split", f"{v['bpw']:.3f}",
+               f"{v['dense_mib']:.2f} ({v['dense_bpw']:.2f})", f"{v['experts_mib']:.2f}",
+               f"{v['kld']:.4f}", f"{v['same_top']:.1f}", f"{v['ppl']:.2f}")
+              for k, v in split.items()]
+    verdict = (f"max KLD ratio {max(r['kld_ratio'] for r in rows):.3f} over {len(rows)} mixes "
+               f"(target <= 0.8); every file no larger than its mix: "
+               f"{all(r['ours_bytes'] <= r['mix_bytes'] for r in rows)}; split plan's non-expert "
+               f"part {split['split']['dense_bpw']:.2f} BPW (limit {a.dense_bits:g})")
+    print(table(head, cells))
+    print(table(shead, scells))
+    print(verdict)
+    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
+           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+           "seconds": round(time.time() - t0), "verdict": verdict,
+           "command": "bench/moe.py " + " ".join(sys.argv[1:]), "rows": rows, "split": split,
+           "split_target_bpw": target, "dense_bits": a.dense_bits}
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    a.results.write_text(json.dumps(doc, indent=1))
+    a.results.with_suffix(".md").write_text(
+        f"# Mixture of experts: lwq-gguf vs llama.cpp mixes at equal size\n\n"
+        f"Command: `{doc['command']}`\n\nMachine: {doc['machine']}; {doc['date']}; model "
+        f"{doc['model']}; text {a.text.name}, {a.chunks} chunks x 512; imatrix on both sides; "
+        f"{doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n"
+        f"Split budget at {target:g} BPW (Q3_K_M's size):\n\n{markdown_table(shead, scells)}\n\n"
+        f"{verdict}\n")
+    print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
