@@ -1,16 +1,17 @@
 """Mixture of experts: lwq-gguf against llama.cpp's mixes on the 6-expert demo model, and a split
 budget.
 
-    .venv/bin/python bench/moe.py [--text FILE] [--chunks 40] [--dense-bits 6]
+    .venv/bin/python bench/moe.py [--text FILE] [--chunks 40] [--dense-bits 3.5]
 
 The model is models/smollm2-135m-moe6 (`make models`): the aligned demo model with each layer's FFN
 split into 6 experts of 256 rows, all active at equal weight (llama.cpp runs it as a 6-expert MoE;
 its 16-bit GGUF has the dense model's perplexity). For llama.cpp's Q2_K, Q3_K_M and Q4_K_M, each
 built with an imatrix, lwq-gguf's default converts at the mix's size (bench/quality.py's rule;
 imatrix auto on both sides: computed from the calibration text, never the evaluation text). Then
-the split budget, as the model would run with -ot exps=CPU: at Q3_K_M's size, every tensor but the
-routed experts bounded by --dense-bits (the GPU part kept near-lossless), the experts filling the
-rest; its KLD and both parts' sizes next to the unconstrained plan's. Writes bench/results/moe.json
+the split budget, as the model would run with -ot exps=CPU on a GPU too small for the plan's own
+non-expert part: at Q3_K_M's size, every tensor but the routed experts bounded by --dense-bits
+(below the ~4.35 BPW the unconstrained plan gives them), the experts filling the rest; its KLD
+and both parts' sizes next to the unconstrained plan's. Writes bench/results/moe.json
 and moe.md.
 """
 
@@ -69,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
     ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--dense-bits", type=float, default=6.0)
+    ap.add_argument("--dense-bits", type=float, default=3.5)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "moe")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "moe.json")
     a = ap.parse_args()

@@ -64,8 +64,10 @@ def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix:
         res = run_compare(c)
         write_outputs(c, res, f"bench/quality.py (imatrix {imatrix}, strategy {strategy})")
         ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
+        final = {r.label: r for r in res.rows if r.kind == "llama.cpp"}  # (rebuilt when the
+        # scores, and so the imatrix both sides use, were measured again)
         for m, bits in zip(mixes, targets):
-            a, b = ours[f"lwq {bits:g}"], built[m]
+            a, b = ours[f"lwq {bits:g}"], final[m]
             rows.append({"imatrix": imatrix, "strategy": strategy, "encoder": encoder, "mix": m,
                          "target": bits,
                          "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale.py --shape smollm     # the real 135M demo model (minutes)
     .venv/bin/python bench/scale.py --shape 8b         # random Llama, 8B shapes, bf16 ~16 GB
+    .venv/bin/python bench/scale.py --shape olmoe      # random OLMoE-1B-7B shapes, bf16 ~14 GB
 
 Steps, each a child process under /usr/bin/time -v (peak RSS) with its wall time:
   score    `lwq-gguf score --rescore --calib-tokens N` (LIM, ZD, Fisher sensitivity, imatrix)
@@ -14,10 +15,11 @@ Steps, each a child process under /usr/bin/time -v (peak RSS) with its wall time
   ours_two_step  the same with `--two-step` (converter -> 16-bit GGUF -> llama-quantize)
   ours_lwq the default encoder (lwq-gguf's own Q4_K blocks; not byte-comparable)
 and a plain PyTorch forward of one decoder layer over the same tokens (scaled by the layer
-count) as the reference for scoring throughput. The 8B-shaped model is generated once into
-$LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer). Writes
-bench/results/scale-SHAPE.json and prints a table. Targets (issue 5): peak RSS <= 8 GB and
-ours / plain <= 1.1 for the 8B shape. ``--strategy lim`` plans from LIM scores alone (no
+count) as the reference for scoring throughput. The 8B- and OLMoE-shaped models are generated
+once into $LWQ_CACHE/bench (random normal weights, std 0.02; the demo model's tokenizer; OLMoE:
+64 experts, 8 active, 16 layers, so each expert is routed a real share of the tokens). Writes
+bench/results/scale-SHAPE.json and prints a table. Targets: peak RSS <= 8 GB and ours / plain
+<= 1.1 for the 8B and OLMoE shapes. ``--strategy lim`` plans from LIM scores alone (no
 sensitivity analysis, which takes over an hour at 8B shapes on 2 cores). ``--steps`` runs some
 of the steps and merges them into the existing results (score+plan once, the conversions later
 on an idle machine): every step carries the date it was measured, and the results list which
@@ -47,25 +49,32 @@ from lwq_gguf.report import machine, table  # noqa: E402
 SHAPES = {"8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
                      vocab_size=128256, num_attention_heads=32, num_key_value_heads=8),
           "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                     vocab_size=128256, num_attention_heads=32, num_key_value_heads=8)}
+                     vocab_size=128256, num_attention_heads=32, num_key_value_heads=8),
+          # allenai/OLMoE-1B-7B-0924's shapes (6.9B parameters, 1.3B active)
+          "olmoe": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=1024,
+                        vocab_size=50304, num_attention_heads=16, num_key_value_heads=16,
+                        num_experts=64, num_experts_per_tok=8)}
 CACHE = Path(os.environ.get("LWQ_CACHE", Path.home() / ".cache" / "lwq-gguf")) / "bench"
 
 
 def generate(shape: str) -> Path:
-    """A random bf16 Llama with these shapes, written shard by shard (~2 GB each), once."""
+    """A random bf16 Llama (or OLMoE) with these shapes, written shard by shard (~2 GB each),
+    once."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, OlmoeConfig
 
-    out = CACHE / f"llama-{shape}-shape"
+    moe = shape == "olmoe"
+    out = CACHE / f"{'olmoe' if moe else 'llama-' + shape}-shape"
     if (out / ".done").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    conf = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
-                       bos_token_id=1, eos_token_id=2)
-    conf.architectures = ["LlamaForCausalLM"]
+    common = dict(max_position_embeddings=4096 if moe else 8192, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    conf = (OlmoeConfig(**SHAPES[shape], **common) if moe else
+            LlamaConfig(**SHAPES[shape], rope_theta=500000.0, **common))
+    conf.architectures = ["OlmoeForCausalLM" if moe else "LlamaForCausalLM"]
     conf.save_pretrained(out)
     h, f, v = conf.hidden_size, conf.intermediate_size, conf.vocab_size
     kv = h // conf.num_attention_heads * conf.num_key_value_heads
@@ -74,9 +83,18 @@ def generate(shape: str) -> Path:
         p = f"model.layers.{i}."
         shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
+                       p + "input_layernorm.weight": (h,),
                        p + "post_attention_layernorm.weight": (h,)})
+        if not moe:
+            shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                           p + "mlp.down_proj.weight": (h, f)})
+            continue
+        shapes.update({p + "self_attn.q_norm.weight": (h,), p + "self_attn.k_norm.weight": (kv,),
+                       p + "mlp.gate.weight": (conf.num_experts, h)})
+        for e in range(conf.num_experts):
+            q = f"{p}mlp.experts.{e}."
+            shapes.update({q + "gate_proj.weight": (f, h), q + "up_proj.weight": (f, h),
+                           q + "down_proj.weight": (h, f)})
     gen = torch.Generator().manual_seed(0)
     shards, cur, size = [], {}, 0
     for name, s in shapes.items():

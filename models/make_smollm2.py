@@ -16,7 +16,6 @@ writes
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys

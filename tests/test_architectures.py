@@ -174,3 +174,28 @@ def test_readme_lists_every_architecture_of_the_table():
 
     readme = (ROOT / "README.md").read_text()
     assert all(f"`{a.hf}`" in readme for a in ARCHS)
+
+
+@pytest.mark.slow
+def test_dense_size_end_to_end(tiny, tmp_path):
+    """--dense-size on a real (tiny) MoE: the non-expert part lands within its limit, the file
+    within 0.02 BPW of --avg-bits, and the summary prints both parts."""
+    from lwq_gguf.plan.plan import Plan
+    from lwq_gguf.quant.tensors import tensor_nbytes
+
+    path = tiny("mixtral", 2)
+    free = tmp_path / "free.json"
+    run_cli("-q", "plan", path, "--avg-bits", "3", "-o", free, "--calib-tokens", "512",
+            check=True)
+    p0 = Plan.from_json(free.read_text())
+    experts_max = sum(tensor_nbytes("q8_0", t.shape) for t in p0.tensors if "_exps." in t.name)
+    room = experts_max - (p0.nbytes - p0.dense_nbytes)
+    limit = p0.dense_nbytes - room // 2  # binding: the experts must take what the rest gives up
+    out = tmp_path / "split.gguf"
+    p = run_cli("convert", path, "--avg-bits", "3", "--dense-size", str(limit), "-o", out,
+                "--calib-tokens", "512", "--no-verify", check=True)
+    assert f"(limit {limit / 2**20:.1f} MiB)" in p.stdout and "routed experts" in p.stdout
+    plan = Plan.from_json(GGUFReader(str(out)).get_field("lwq.plan").contents())
+    assert plan.dense_nbytes <= limit < p0.dense_nbytes
+    assert abs(plan.bpw() - 3) <= 0.02
+    assert plan.nbytes - plan.dense_nbytes > p0.nbytes - p0.dense_nbytes
