@@ -71,11 +71,12 @@ def min_damage(options: Sequence[Sequence[tuple[int, float]]], budget: int, floo
 
 
 def min_damage_split(options: Sequence[Sequence[tuple[int, float]]], dense: Sequence[bool],
-                     budget: int, dense_budget: int, resolution: int = 1 << 16
+                     budget: int, dense_budget: int, floor: int = 0, resolution: int = 1 << 16
                      ) -> list[int] | None:
     """As :func:`min_damage`, with a second limit: the items marked ``dense`` together within
     ``dense_budget`` bytes (a mixture-of-experts model's non-expert part). Exact over the budget
-    units: each group's least-damage curve, combined at the best split of the units."""
+    units: each group's least-damage curve, combined at the best split of the units, the total
+    at least ``floor`` when some split gets there."""
     groups = ([i for i, d in enumerate(dense) if d], [i for i, d in enumerate(dense) if not d])
     least = [min(c for c, _ in opts) for opts in options]
     fixed, fixed_dense = sum(least), sum(least[i] for i in groups[0])
@@ -86,16 +87,34 @@ def min_damage_split(options: Sequence[Sequence[tuple[int, float]]], dense: Sequ
     cap_dense = min(cap, int((dense_budget - fixed_dense) // unit))
     best_d, walk_d = _table([options[i] for i in groups[0]], cap_dense, unit)
     best_x, walk_x = _table([options[i] for i in groups[1]], cap, unit)
-    arg = np.zeros(cap + 1, dtype=np.int64)  # arg[b]: the best expert cell of at most b units
-    for b in range(1, cap + 1):
-        arg[b] = b if best_x[b] < best_x[arg[b - 1]] else arg[b - 1]
-    total = best_d + best_x[arg[cap - np.arange(cap_dense + 1)]]
+    reach = max(0, math.ceil((floor - fixed) / unit))
+    for width in (cap - reach, cap):  # total units in [reach, cap]; else anything within cap
+        arg = _window_argmin(best_x, width)  # arg[e]: the best expert cell in [e - width, e]
+        total = best_d + best_x[arg[cap - np.arange(cap_dense + 1)]]
+        if np.isfinite(total).any():
+            break
     b_d = int(np.argmin(total))
     out = [0] * len(options)
     for group, picks in ((groups[0], walk_d(b_d)), (groups[1], walk_x(int(arg[cap - b_d])))):
         for i, j in zip(group, picks):
             out[i] = j
     return _top_up(options, out, budget, dense, dense_budget)
+
+
+def _window_argmin(values: np.ndarray, width: int) -> np.ndarray:
+    """arg[e] = the index of the least of values[max(0, e - width) .. e] (a monotone deque)."""
+    from collections import deque
+
+    arg = np.zeros(len(values), dtype=np.int64)
+    q: deque[int] = deque()
+    for e, v in enumerate(values):
+        while q and values[q[-1]] >= v:
+            q.pop()
+        q.append(e)
+        if q[0] < e - width:
+            q.popleft()
+        arg[e] = q[0]
+    return arg
 
 
 def _top_up(options, out: list[int], budget: int, dense: Sequence[bool] | None = None,

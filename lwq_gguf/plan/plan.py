@@ -323,7 +323,8 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
         fixed_dense = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, fixed)
                           if ty and is_dense(t))
         pick = min_damage_split(options, [is_dense(tensors[i]) for i in free],
-                                size(cfg.avg_bits), limit - fixed_dense) or [0] * len(options)
+                                size(cfg.avg_bits), limit - fixed_dense,
+                                size(cfg.avg_bits - TOLERANCE / 2)) or [0] * len(options)
     types = list(fixed)
     for k, i in enumerate(free):
         types[i] = choices[k][pick[k]]

@@ -213,20 +213,28 @@ def test_split_knapsack_is_exact_on_small_problems():
                 for _ in range(n)]
         dense = [rnd.random() < 0.5 for _ in range(n)]
         budget, limit = rnd.randint(5, 150), rnd.randint(0, 80)
-        got = min_damage_split(opts, dense, budget, limit, resolution=1 << 12)
-        ok = []
+        floor = rnd.choice([0, rnd.randint(0, budget)])
+        got = min_damage_split(opts, dense, budget, limit, floor, resolution=1 << 12)
+        ok, inside = [], []
         for c in itertools.product(*[range(len(o)) for o in opts]):
             cost = sum(opts[i][j][0] for i, j in enumerate(c))
             dcost = sum(opts[i][j][0] for i, j in enumerate(c) if dense[i])
             if cost <= budget and dcost <= limit:
                 ok.append(sum(opts[i][j][1] for i, j in enumerate(c)))
+                if cost >= floor:
+                    inside.append(ok[-1])
         if not ok:
             assert got is None or sum(opts[i][j][0] for i, j in enumerate(got) if dense[i]) > limit
             continue
         assert got is not None
-        assert sum(opts[i][j][0] for i, j in enumerate(got)) <= budget
+        cost = sum(opts[i][j][0] for i, j in enumerate(got))
+        dmg = sum(opts[i][j][1] for i, j in enumerate(got))
+        assert cost <= budget
         assert sum(opts[i][j][0] for i, j in enumerate(got) if dense[i]) <= limit
-        assert sum(opts[i][j][1] for i, j in enumerate(got)) <= min(ok) + 1e-9
+        if inside:  # the floor is met when some choice meets it, at the least damage there
+            assert cost >= floor and dmg <= min(inside) + 1e-9
+        else:
+            assert dmg <= min(ok) + 1e-9
 
 
 def moe_inventory(n_layers=8, hidden=768, experts=8, ffn=512, vocab=49152):
