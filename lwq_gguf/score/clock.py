@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-PHASES = ("hash", "read", "zd", "forward", "imatrix", "head", "backward", "sweeps", "wait")
+PHASES = ("hash", "setup", "read", "zd", "forward", "imatrix", "head", "backward", "list",
+          "sweeps", "wait")
 
 
 @dataclass
