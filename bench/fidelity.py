@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
 from lwq_gguf.model.load import open_model  # noqa: E402
 from lwq_gguf.plan.plan import PlanConfig, make_plan  # noqa: E402
 from lwq_gguf.quant.encoder import damage_key  # noqa: E402
@@ -39,8 +40,8 @@ def tables(model, tensors, rows: RowSample, cfg: ScoreConfig) -> tuple[dict, flo
     key = damage_key("auto", "lwq")
     t0 = time.time()
     m = sensitivity.measure_sensitivity(
-        model, tensors, sensitivity.SensitivityRequest(ladder=AUTO_LADDER, keys=(key,), rows=rows),
-        replace(cfg, device="cpu"), progress=False)
+        model, tensors, sensitivity.SensitivityRequest(ladder=AUTO_LADDER, keys=(key,)),
+        find_llama_cpp(), replace(cfg, device="cpu"), progress=False, rows=rows)
     return m.sensitivity["damage"][key], round(time.time() - t0, 1)
 
 

@@ -110,7 +110,8 @@ def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
             sens, im = _weight_sensitivity(job, model, tensors_of(), ladder, missing), None
         else:  # one pass: LIM, ZD, imatrix and the damage tables
             req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
-            m = measure_sensitivity(model, tensors_of, req, job.score, job.progress, phases)
+            m = measure_sensitivity(model, tensors_of, req, find_llama_cpp(), job.score,
+                                    job.progress, phases)
             sens, im = m.sensitivity, m.imatrix
             sens["basis"] = BASIS_FISHER
             if scores is None:

@@ -23,13 +23,14 @@ before squaring: the output part is kept for the window's own token rows only.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
+from lwq_gguf.model.arch import Arch
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.score.clock import Phases
@@ -39,8 +40,40 @@ from lwq_gguf.score.scores import ScoreConfig, sig6
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 __all__ = ["FisherRun", "FisherTensor", "gguf_names", "kept_rows", "merge_experts",
            "streamed_fisher"]
+
+
+def gguf_names(lm, arch: Arch, n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """HF parameter name -> (GGUF tensor name, expert index or None), for the 2-D weights the
+    converter writes; an expert's weight maps to the merged ``ffn_*_exps`` tensor of its layer."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf], n_layers)
+    out = {}
+    for name, p in lm.named_parameters(remove_duplicate=True):
+        if p.dim() == 2:
+            m = _EXPERT.search(name)
+            merged = _EXPERT.sub(".experts.", name) if m else name
+            g = tmap.get_name(merged, try_suffixes=(".weight",))
+            if g:
+                out[name] = (g, int(m.group(1)) if m else None)
+    return out
+
+
+def n_experts(names: dict[str, tuple[str, int | None]]) -> dict[str, int]:
+    """GGUF name -> how many experts it merges (1: a dense weight)."""
+    out: dict[str, int] = {}
+    for g, e in names.values():
+        out[g] = max(out.get(g, 1), (e or 0) + 1)
+    return out
+
+
+def merge_experts(parts: dict[int, np.ndarray]) -> np.ndarray:
+    """Experts' [rows, cols] arrays -> the merged tensor's rows ([experts * rows, cols]), expert 0
+    first, as the converter stacks them."""
+    return np.concatenate([parts[e] for e in range(len(parts))])
 
 
 @dataclass
@@ -142,8 +175,8 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                 s.pin(layer) if i in pinned else s.unload(layer)
         head_name = names["lm_head.weight"][0] if not s.tied else "token_embd.weight"
         with phases("head"):
-            head = _head_backward(s, hs, _HeadJob(windows, chosen, half, sample,
-                                                  lambda x: accumulate(head_name, None, x)))
+            head = _head_backward(s, hs, chosen, windows, half, sample,
+                                  lambda x: accumulate(head_name, None, x))
     finally:
         for h in handles:
             h.remove()
@@ -200,16 +233,7 @@ def stratified_rows(n: int, present: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.concatenate([present, pick]))
 
 
-@dataclass(frozen=True)
-class _HeadJob:
-    windows: list
-    chosen: list  # the Fisher windows
-    half: object  # torch dtype
-    sample: RowSample
-    imatrix: object  # x -> None: adds the output's inputs to the imatrix
-
-
-def _head_backward(s, hs, job: _HeadJob) -> _Head:
+def _head_backward(s, hs, chosen, windows, half, sample: RowSample, imatrix) -> _Head:
     """Final norm + output: sample labels, start the backward; the output weight's Fisher.
 
     Over the Fisher windows (``chosen``); the others only add the output's inputs to the
@@ -217,9 +241,8 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
     softmax - onehot(y)) on the kept rows only, in blocks of rows, so no vocabulary x hidden
     gradient is ever whole in memory (an 8B model's output is 2 GB in float32)."""
     torch = s.torch
-    windows, chosen, sample, imatrix = job.windows, job.chosen, job.sample, job.imatrix
     norm = s.load(s.lm.model.norm, "model.norm")
-    head = s.load(s.lm.lm_head, "lm_head", job.half)
+    head = s.load(s.lm.lm_head, "lm_head", half)
     w = head.weight
     dev = w.device
     present = np.array(sorted({t for j in chosen for t in windows[j]}), dtype=np.int64)

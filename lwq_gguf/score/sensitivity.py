@@ -30,7 +30,7 @@ import numpy as np
 from lwq_gguf.errors import UnsupportedModelError
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
-from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import legal_type
@@ -82,7 +82,6 @@ class SensitivityRequest:
     ladder: tuple[str, ...]
     keys: tuple[str, ...]
     given: Mapping[str, Imatrix] = field(default_factory=dict)
-    rows: RowSample = ROWS  # the rows measured (score.sample)
 
 
 @dataclass(frozen=True)
@@ -102,15 +101,16 @@ SWEEP_COST = 900  # one weight quantized to one type and back, in tokens through
 # only the progress bar's ETA depends on it
 
 
-def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: ScoreConfig,
-                        progress: bool = True, phases: Phases | None = None) -> Measured:
+def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, lc: LlamaCpp,
+                        cfg: ScoreConfig, progress: bool = True,
+                        phases: Phases | None = None, rows: RowSample = ROWS) -> Measured:
     """LIM, ZD, the imatrix computed from the calibration text and the damage of every ladder
     type for every quantizable tensor under each setting of ``req``, in one streamed pass.
     ``tensors``: the GGUF tensor list, or a function that returns it (called after the forward
-    pass, so that a slow listing runs meanwhile)."""
+    pass, so that a slow listing runs meanwhile). ``rows``: the rows measured (score.sample)."""
     t0 = time.time()
     phases = phases if phases is not None else Phases()
-    ladder, rows = req.ladder, req.rows
+    ladder = req.ladder
     fisher = min(cfg.fisher_tokens, cfg.calib_tokens)
     bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher), progress,
                    f"scoring ({cfg.device})")
@@ -125,7 +125,6 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     bar.grow(sweep(sampled * len(ladder) * len(req.keys)))
     known = {"none": None, "auto": run.imatrix, **req.given}
     modes = {k: known[split_damage_key(k)[0]] for k in req.keys}
-    lc = find_llama_cpp()
     quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
 
     def one(t: GGUFTensor, ft: FisherTensor, fisher: np.ndarray, ty: str):
