@@ -5,18 +5,16 @@
 
 For each model: `llama-imatrix` (the pinned build, every core: -t nproc) on the model's F16 GGUF
 over the packaged calibration text, --chunks N/512 of 512 tokens; then the default
-`lwq-gguf score --rescore` over the first N tokens of the same text (LIM, ZD, the imatrix and
-the Fisher sensitivity table a default convert uses) with an empty score cache and checksum
-memo (a first run, as a user's). Both are child processes timed whole (wall clock, peak RSS
-from /usr/bin/time), imports and model loading included. The F16 GGUF is made once beforehand
-and not timed. The scores file's own phase clock gives the breakdown: hash (checksum of the
-model files), setup (tokenizer, calibration tokens, the model's skeleton), read (weights from
-disk, widened and rounded through the base GGUF's type), zd, forward (LIM and the
-activations), imatrix (squared inputs), head (output layer and labels), backward (the Fisher),
-list (waiting for the converter's tensor list, made meanwhile), sweeps (quantizer round trips,
-CPU seconds over the worker threads) and wait (their wall time after the backward). Models:
-the demo model (models/smollm2-135m-k256, f32) and random Llama models with Llama-3.2-1B /
-Llama-3.1-8B shapes (bench/scale.py, bf16).
+`lwq-gguf score --rescore` over the first N tokens of the same text (LIM, ZD, imatrix and the
+Fisher sensitivity tables with and without imatrix) with an empty score cache and checksum memo
+(a first run, as a user's). Both are child processes timed whole (wall clock, peak RSS from
+/usr/bin/time), imports and model loading included. The F16 GGUF is made once beforehand and
+not timed. The scores file's own phase clock gives the breakdown: hash (checksum of the model
+files), read (weights from disk, widened and rounded through the base GGUF's type), zd, forward
+(LIM and the activations), imatrix (squared inputs), head (output layer and labels), backward
+(the Fisher), sweeps (quantizer round trips, CPU seconds over the worker threads) and wait (their
+wall time after the backward). Models: the demo model (models/smollm2-135m-k256, f32) and
+random Llama models with Llama-3.2-1B / Llama-3.1-8B shapes (bench/scale.py, bf16).
 
 Writes bench/results/speed.json and speed.md (date, machine, commands); target: ratio <= 4 for
 the demo model and the 1B shape.
@@ -43,8 +41,7 @@ from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.score.scores import default_calibration  # noqa: E402
 
 TARGET = 4.0
-PHASES = ("hash", "setup", "read", "zd", "forward", "imatrix", "head", "backward", "list",
-          "sweeps", "wait")
+PHASES = ("hash", "read", "zd", "forward", "imatrix", "head", "backward", "sweeps", "wait")
 
 
 def run_timed(cmd: list[str], env: dict | None = None) -> dict:

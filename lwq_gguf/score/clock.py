@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-PHASES = ("hash", "setup", "read", "zd", "forward", "imatrix", "head", "backward", "list",
-          "sweeps", "wait")
+PHASES = ("hash", "read", "zd", "forward", "imatrix", "head", "backward", "sweeps", "wait")
 
 
 @dataclass

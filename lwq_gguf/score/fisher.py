@@ -104,9 +104,8 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     phases = phases if phases is not None else Phases()
     tick = on_tokens or (lambda n: None)
     device = resolve_device(cfg.device)
-    with phases("setup"):  # the tokenizer, the calibration tokens, the model's skeleton
-        ids = calibration_ids(model, cfg)
-        s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
+    ids = calibration_ids(model, cfg)
+    s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
     lm = s.lm
     names = gguf_names(lm, s.arch, model.n_layers)
     experts = n_experts(names)

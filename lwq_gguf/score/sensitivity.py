@@ -115,8 +115,7 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, lc: Ll
     bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher), progress,
                    f"scoring ({cfg.device})")
     run = streamed_fisher(model, cfg, progress, rows, phases, bar.update)
-    with phases("list"):  # (the converter's tensor list, made meanwhile when not cached)
-        todo = {t.name: t for t in (tensors() if callable(tensors) else tensors) if t.quantizable}
+    todo = {t.name: t for t in (tensors() if callable(tensors) else tensors) if t.quantizable}
     layer_weights = sum(t.numel for t in todo.values() if t.layer is not None) / max(
         1, model.n_layers)
     sweep = lambda n: n * SWEEP_COST / max(1.0, layer_weights)  # noqa: E731
