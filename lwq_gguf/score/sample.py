@@ -3,9 +3,9 @@
 Rows quantize independently (every ggml type encodes a row block by block), so the damage of a
 type on a tensor is a sum over rows, estimated from a fixed random sample of rows scaled up by
 rows / sampled. The sample is sized in weights (:class:`RowSample`): about ``weights`` per
-tensor, at least ``min_rows`` rows; a vocabulary-sized output keeps ``vocab_rows`` rows (a token
-embedding is sampled by :func:`lwq_gguf.score.fisher.stratified_rows`). Only the sampled rows'
-Fisher is ever formed, so the backward pass computes their weight gradients alone.
+tensor, at least ``min_rows`` rows; the vocabulary-sized output and embedding keep
+``vocab_rows`` rows (their Fisher varies most from row to row: one row per token). Only the
+sampled rows' Fisher is ever formed, so the backward pass computes their weight gradients alone.
 """
 
 from __future__ import annotations
