@@ -215,7 +215,7 @@ def cmd_score(a) -> None:
         check_output(path, a.force)
     if a.scores:
         raise LwqError("score measures the scores: drop --scores")
-    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto",))).scores
+    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto", "none"))).scores
     atomic_write_text(out, scores.to_json(), a.force)
     if scores.imatrix:
         write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)

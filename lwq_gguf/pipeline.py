@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -79,16 +78,14 @@ def _has(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
             and (split_damage_key(key)[0] != "auto" or scores.imatrix is not None))
 
 
-def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
-               keys: tuple[str, ...]) -> Scores:
+def get_scores(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...],
+               ladder: tuple[str, ...], keys: tuple[str, ...]) -> Scores:
     """Scores from ``job.scores_file``, else the score cache, else measured (and cached), with the
-    sensitivity tables ``keys`` (damage keys) over ``ladder`` added when missing. ``tensors``:
-    the GGUF tensor list, or a function that returns it (called when the tables need it).
+    sensitivity tables ``keys`` (damage keys) over ``ladder`` added when missing.
 
     The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means the
     bytes are those already checked).
     """
-    tensors_of = tensors if callable(tensors) else (lambda: tensors)
     cache, fresh, phases = None, False, Phases()
     if job.scores_file is None:
         with phases("hash"):
@@ -107,10 +104,10 @@ def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
         from lwq_gguf.score.sensitivity import SensitivityRequest, measure_sensitivity
 
         if model.arch is None:  # no forward pass: weight error, in the converter child
-            sens, im = _weight_sensitivity(job, model, tensors_of(), ladder, missing), None
+            sens, im = _weight_sensitivity(job, model, tensors, ladder, missing), None
         else:  # one pass: LIM, ZD, imatrix and the damage tables
             req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
-            m = measure_sensitivity(model, tensors_of, req, find_llama_cpp(), job.score,
+            m = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
                                     job.progress, phases)
             sens, im = m.sensitivity, m.imatrix
             sens["basis"] = BASIS_FISHER
@@ -184,23 +181,19 @@ def _needs(job: Job, plan: Plan | None) -> tuple[tuple[str, ...], tuple[str, ...
 def prepare(job: Job) -> Prepared:
     """Open the model, list its tensors, score what the job needs and plan (when it plans)."""
     model = open_model(job.model)
+    tensors = model_tensors(model)
     job = _effective(job, model)
-    # the tensor list (the converter in a child process, seconds when not cached) is made while
-    # the scoring pass runs; a plan's budget is checked with it before the slow scoring
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        listing = pool.submit(model_tensors, model)
-        plan = None
-        if job.plan_file is not None:
-            plan = read_plan(job.plan_file, listing.result())
-            if job.encoder is not None:
-                plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
-        elif job.plan is not None:
-            check_reach(listing.result(), job.plan)
-        ladder, keys = _needs(job, plan)
-        scores = None
-        if job.plan_file is None or job.scores_file is not None or keys:
-            scores = get_scores(job, model, listing.result, ladder, keys)
-        tensors = listing.result()
+    plan = None
+    if job.plan_file is not None:
+        plan = read_plan(job.plan_file, tensors)
+        if job.encoder is not None:
+            plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
+    elif job.plan is not None:  # the budget and type names are checked before the slow scoring
+        check_reach(tensors, job.plan)
+    ladder, keys = _needs(job, plan)
+    scores = None
+    if job.plan_file is None or job.scores_file is not None or keys:
+        scores = get_scores(job, model, tensors, ladder, keys)
     if job.plan is not None:
         cfg = job.plan
         plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,

@@ -88,12 +88,6 @@ def auto_gpu_placement(lm, seq_len: int, device: str) -> dict[str, str]:
     return gpu_placement(lm, room)
 
 
-def _dtype_names() -> dict:
-    import torch
-
-    return {torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
 class LayerStream:
     """The model's pieces, materialised on ``device`` one at a time.
 
@@ -179,8 +173,8 @@ class LayerStream:
                     p[i:i + step].copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
                 if inspect is not None:
                     inspect(ref, p)
-                if half is not None and p.dim() == 2 and ref.dtype != _dtype_names().get(half):
-                    for i in range(0, p.shape[0], step):  # (a 16-bit source of that type: as is)
+                if half is not None and p.dim() == 2:
+                    for i in range(0, p.shape[0], step):
                         p[i:i + step].copy_(p[i:i + step].to(half))
         if prefix in self.placement:
             self._resident.add(prefix)

@@ -86,11 +86,5 @@ class Progress:
         with self._lock:
             self.bar.update(round(n))
 
-    def grow(self, n: float) -> None:
-        """Add work found later (the sweeps, once the tensor list is known)."""
-        with self._lock:
-            self.bar.total += round(n)
-            self.bar.refresh()
-
     def close(self) -> None:
         self.bar.close()

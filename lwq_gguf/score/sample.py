@@ -19,7 +19,7 @@ import numpy as np
 class RowSample:
     weights: int | None = 1 << 16  # about this many weights per tensor; None: every row
     min_rows: int = 64
-    vocab_rows: int | None = 2048  # rows of the output / token embedding (None: every row)
+    vocab_rows: int | None = 4096  # rows of the output / token embedding (None: every row)
     max_rows: int | None = None  # a cap on every tensor (tests)
 
     def count(self, n_rows: int, n_cols: int, vocab: bool = False) -> int:

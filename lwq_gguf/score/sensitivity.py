@@ -101,27 +101,25 @@ SWEEP_COST = 900  # one weight quantized to one type and back, in tokens through
 # only the progress bar's ETA depends on it
 
 
-def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, lc: LlamaCpp,
-                        cfg: ScoreConfig, progress: bool = True,
+def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], req: SensitivityRequest,
+                        lc: LlamaCpp, cfg: ScoreConfig, progress: bool = True,
                         phases: Phases | None = None) -> Measured:
     """LIM, ZD, the imatrix computed from the calibration text and the damage of every ladder
-    type for every quantizable tensor under each setting of ``req``, in one streamed pass.
-    ``tensors``: the GGUF tensor list, or a function that returns it (called after the forward
-    pass, so that a slow listing runs meanwhile)."""
+    type for every quantizable tensor under each setting of ``req``, in one streamed pass."""
     t0 = time.time()
     phases = phases if phases is not None else Phases()
     ladder = req.ladder
-    fisher = min(cfg.fisher_tokens, cfg.calib_tokens)
-    bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher), progress,
-                   f"scoring ({cfg.device})")
-    run = streamed_fisher(model, cfg, progress, ROWS, phases, bar.update)
-    todo = {t.name: t for t in (tensors() if callable(tensors) else tensors) if t.quantizable}
+    todo = {t.name: t for t in tensors if t.quantizable}
     layer_weights = sum(t.numel for t in todo.values() if t.layer is not None) / max(
         1, model.n_layers)
     sweep = lambda n: n * SWEEP_COST / max(1.0, layer_weights)  # noqa: E731
     sampled = sum(ROWS.count(t.numel // t.shape[0], t.shape[0], t.layer is None) * t.shape[0]
                   for t in todo.values())
-    bar.grow(sweep(sampled * len(ladder) * len(req.keys)))
+    fisher = min(cfg.fisher_tokens, cfg.calib_tokens)
+    bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher)
+                   + sweep(sampled * len(ladder) * len(req.keys)), progress,
+                   f"scoring ({cfg.device})")
+    run = streamed_fisher(model, cfg, progress, ROWS, phases, bar.update)
     known = {"none": None, "auto": run.imatrix, **req.given}
     modes = {k: known[split_damage_key(k)[0]] for k in req.keys}
     quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
