@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lwq_gguf.errors import PlanError
-from lwq_gguf.files import atomic_output, check_output, read_user_text, sha256_file
+from lwq_gguf.files import atomic_output, check_output, read_user_text
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
@@ -23,7 +23,6 @@ from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
 from lwq_gguf.score.cache import ScoreCache, model_sha256
-from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
@@ -86,35 +85,30 @@ def get_scores(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...],
     The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means the
     bytes are those already checked).
     """
-    cache, fresh, phases = None, False, Phases()
+    cache, fresh = None, False
     if job.scores_file is None:
-        with phases("hash"):
-            digest = model_sha256(model)
+        digest = model_sha256(model)
         cache = ScoreCache(model, digest, job.score)
         scores = None if job.score.rescore else cache.load()
-        if scores is not None and job.progress:
+        if scores is None:
+            scores = score_model(model, job.score, digest, job.progress)
+            fresh = True
+        elif job.progress:
             print(f"scores: reusing {cache.path} (--rescore to measure again)", file=sys.stderr)
     else:
         scores = load_scores(job.scores_file, model)
         zd_scores(model, job.progress)  # the NaN/Inf check still reads every weight
-    missing = keys if scores is None else tuple(k for k in keys if not _has(scores, k, ladder))
-    if scores is None and (not missing or model.arch is None):  # layer scores alone
-        scores, fresh = score_model(model, job.score, digest, job.progress), True
+    missing = tuple(k for k in keys if not _has(scores, k, ladder))
     if missing:
         from lwq_gguf.score.sensitivity import SensitivityRequest, measure_sensitivity
 
         if model.arch is None:  # no forward pass: weight error, in the converter child
             sens, im = _weight_sensitivity(job, model, tensors, ladder, missing), None
-        else:  # one pass: LIM, ZD, imatrix and the damage tables
+        else:
             req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
-            m = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
-                                    job.progress, phases)
-            sens, im = m.sensitivity, m.imatrix
+            sens, im = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
+                                           job.progress)
             sens["basis"] = BASIS_FISHER
-            if scores is None:
-                calib = job.score.calib_file
-                scores = Scores(model.architecture, model.n_layers, m.lim, m.zd, calib.name,
-                                sha256_file(calib), m.tokens, m.device, digest)
         old = scores.sensitivity or {}
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}

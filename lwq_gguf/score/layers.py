@@ -49,43 +49,6 @@ def zd_scores(model: HFModel, progress: bool = True) -> tuple[float, ...]:
     return tuple(sig6(h / t) if t else 0.0 for h, t in zip(hits, total))
 
 
-class ZDInspector:
-    """ZD per layer and the NaN/Inf check, on weights as :class:`LayerStream` reads them (the
-    fused scoring pass): the same numbers as :func:`zd_scores`, from the same float32 values."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.hits = np.zeros(n_layers)
-        self.total = np.zeros(n_layers)
-
-    def __call__(self, ref, w) -> None:
-        import torch
-
-        if len(ref.shape) < 2:
-            return
-        flat = w.reshape(-1)
-        n = flat.numel()
-        total = float(flat.sum(dtype=torch.float64))
-        if not np.isfinite(total):  # a NaN or Inf anywhere makes the sum one
-            bad = int(n - torch.isfinite(flat).sum())
-            raise ModelInputError(f"{ref.file}: tensor {ref.name!r} has {bad} NaN/Inf values: "
-                                  "the checkpoint is damaged; re-download or re-export it")
-        if ref.layer is None:
-            return
-        mean = total / n
-        step = 1 << 22  # blocks: no weight-sized temporary
-        std = (sum(float(torch.sum(torch.square(flat[i:i + step] - mean), dtype=torch.float64))
-                   for i in range(0, n, step)) / n) ** 0.5
-        if std > 0:  # w > mean + std in float64 <=> w > the largest float32 not above it
-            thr = np.float32(mean + std)
-            if float(thr) > mean + std:
-                thr = np.nextafter(thr, np.float32(-np.inf))
-            self.hits[ref.layer] += int((flat > float(thr)).sum())
-        self.total[ref.layer] += n
-
-    def scores(self) -> tuple[float, ...]:
-        return tuple(sig6(h / t) if t else 0.0 for h, t in zip(self.hits, self.total))
-
-
 def resolve_device(device: str) -> str:
     import torch
 

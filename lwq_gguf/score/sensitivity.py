@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from lwq_gguf.errors import UnsupportedModelError
 from lwq_gguf.quant.imatrix import Imatrix
@@ -34,13 +35,12 @@ from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import legal_type
-from lwq_gguf.score.clock import Phases, Progress
-from lwq_gguf.score.fisher import streamed_fisher
-from lwq_gguf.score.sample import FisherTensor, RowSample
+from lwq_gguf.score.fisher import FisherTensor, streamed_fisher
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
+MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embedding has 49152):
+# rows quantize independently, so a fixed sample scaled up estimates the whole
 BLOCK = 1 << 20  # weights per quantize/compare step
-ROWS = RowSample()  # the rows measured per tensor (score.sample)
 
 
 def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: list[str],
@@ -66,9 +66,7 @@ def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types
         for i in range(0, w.shape[0], step):
             blk = w[i:i + step]
             e = (blk - quantizer.roundtrip(blk, ty, imatrix)).reshape(-1).astype(np.float64)
-            f = fisher[i:i + step].reshape(-1).astype(np.float64)
-            # (einsum, not np.dot: the BLAS dot spins its own threads against the pool's)
-            total += float(np.einsum("i,i,i->", f, e, e))
+            total += float(np.dot(fisher[i:i + step].reshape(-1).astype(np.float64), e * e))
         out[ty] = 0.5 * total
     return out
 
@@ -84,102 +82,56 @@ class SensitivityRequest:
     given: Mapping[str, Imatrix] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Measured:
-    """What one streamed pass measured: the layer scores, the damage tables and the imatrix."""
-
-    lim: tuple[float, ...]
-    zd: tuple[float, ...]
-    tokens: int
-    device: str
-    sensitivity: dict  # {"tokens", "seconds", "ladder", "damage", "phases"}
-    imatrix: Imatrix
-
-
-SWEEP_COST = 900  # one weight quantized to one type and back, in tokens through a layer per
-# layer weight (measured on 2 cores: a sweep ~37 ns, a token-layer ~0.04 ns per layer weight);
-# only the progress bar's ETA depends on it
-
-
 def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], req: SensitivityRequest,
-                        lc: LlamaCpp, cfg: ScoreConfig, progress: bool = True,
-                        phases: Phases | None = None) -> Measured:
-    """LIM, ZD, the imatrix computed from the calibration text and the damage of every ladder
-    type for every quantizable tensor under each setting of ``req``, in one streamed pass."""
+                        lc: LlamaCpp, cfg: ScoreConfig, progress: bool = True
+                        ) -> tuple[dict, Imatrix]:
+    """(sensitivity, the imatrix computed from the calibration text): the damage of every
+    ladder type for every quantizable tensor under each setting of ``req``."""
     t0 = time.time()
-    phases = phases if phases is not None else Phases()
     ladder = req.ladder
-    todo = {t.name: t for t in tensors if t.quantizable}
-    layer_weights = sum(t.numel for t in todo.values() if t.layer is not None) / max(
-        1, model.n_layers)
-    sweep = lambda n: n * SWEEP_COST / max(1.0, layer_weights)  # noqa: E731
-    sampled = sum(ROWS.count(t.numel // t.shape[0], t.shape[0], t.layer is None) * t.shape[0]
-                  for t in todo.values())
-    fisher = min(cfg.fisher_tokens, cfg.calib_tokens)
-    bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher)
-                   + sweep(sampled * len(ladder) * len(req.keys)), progress,
-                   f"scoring ({cfg.device})")
-    run = streamed_fisher(model, cfg, progress, ROWS, phases, bar.update)
+    run = streamed_fisher(model, cfg, progress, MAX_ROWS)
     known = {"none": None, "auto": run.imatrix, **req.given}
     modes = {k: known[split_damage_key(k)[0]] for k in req.keys}
     quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
+    todo = {t.name: t for t in tensors if t.quantizable}
 
-    def one(t: GGUFTensor, ft: FisherTensor, fisher: np.ndarray, ty: str):
-        """One type on one tensor under every setting (a task: the pool balances them)."""
-        with phases.thread_cpu("sweeps"):
-            experts = ft.expert_of_kept() if ft.experts > 1 else None
-            out = {key: sig6(tensor_damage(
-                quantizers[split_damage_key(key)[1]], ft.weight, fisher, [ty],
-                m.weights(t.name) if m is not None else None, experts)[ty])
-                for key, m in modes.items()}
-        bar.update(sweep(ft.weight.size * len(modes)))
-        return t.name, ty, out
-
-    def tasks(ft: FisherTensor) -> list:
-        """The tensor's tasks, sharing its Fisher weighted by what each sampled row counts for."""
-        t = todo[ft.name]
-        fisher = ft.fisher * ft.row_weights.astype(np.float32)[:, None]
-        return [(t, ft, fisher, ty) for ty in sorted({legal_type(q, t.shape[0]) for q in ladder})]
+    def one(t: GGUFTensor, ft: FisherTensor):
+        types = sorted({legal_type(q, t.shape[0]) for q in ladder})
+        scale = ft.rows / ft.weight.shape[0]  # rows sampled: the estimate of the whole
+        experts = ft.expert_of_kept(MAX_ROWS) if ft.experts > 1 else None
+        return t.name, {key: {ty: sig6(d * scale) for ty, d in tensor_damage(
+            quantizers[split_damage_key(key)[1]], ft.weight, ft.fisher, types,
+            m.weights(t.name) if m is not None else None, experts).items()}
+            for key, m in modes.items()}
 
     damage: dict[str, dict] = {key: {} for key in modes}
     workers = os.cpu_count() or 1
+    bar = tqdm(total=len(todo), desc="damage per type", unit="tensor", disable=not progress,
+               leave=False)
 
     def collect(done):
-        name, ty, per_mode = done.result()
+        name, per_mode = done.result()
         for key, d in per_mode.items():
-            damage[key].setdefault(name, {})[ty] = d
+            damage[key][name] = d
+        bar.update()
 
-    # on a GPU the sweeps run on the CPU while the backward pass goes on; on the CPU after it
-    # (both at once would oversubscribe the cores: PyTorch's threads spin while they wait)
-    overlap = run.device != "cpu"
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending, held = set(), []
+        pending = set()
         for t in run.tensors:  # as the backward pass finishes each layer (rows sampled)
-            if t.name not in todo:
-                continue
-            if not overlap:
-                held.append(t)
-                continue
-            pending |= {pool.submit(one, *task) for task in tasks(t)}
+            if t.name in todo:
+                pending.add(pool.submit(one, todo[t.name], t))
             del t
-            while len(pending) > 64 * workers:  # bounded: a few tensors in memory at a time
+            while len(pending) > workers:  # bounded: a few tensors in memory at a time
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for d in done:
                     collect(d)
-        # the largest first, so that no long task is left alone at the end
-        for t in sorted(held, key=lambda t: -t.weight.size):
-            pending |= {pool.submit(one, *task) for task in tasks(t)}
-        del held
-        with phases("wait"):
-            for d in pending:
-                collect(d)
+        for d in pending:
+            collect(d)
     bar.close()
-    damage = {key: {name: dict(sorted(row.items())) for name, row in sorted(table.items())}
-              for key, table in damage.items()}
     missing = sorted(set(todo) - set(damage[next(iter(modes))])) if modes else []
     if missing:
         raise UnsupportedModelError(f"{model.path}: GGUF tensor {missing[0]} has no PyTorch weight "
                                     "for the sensitivity analysis: use --strategy lim")
-    sens = {"tokens": run.tokens, "fisher_tokens": run.fisher_tokens, "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
-            "damage": damage, "phases": phases.report()}
-    return Measured(run.lim, run.zd, run.tokens, run.device, sens, run.imatrix)
+    n_tok, im = run.tokens, run.imatrix
+    return {"tokens": n_tok, "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
+            "damage": damage}, im
