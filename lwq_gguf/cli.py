@@ -39,6 +39,8 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", type=Path, help="calibration text (default: packaged WikiText-2 "
                    "validation excerpt)")
     g.add_argument("--calib-tokens", type=int, default=4096, help="tokens of it to use (4096)")
+    g.add_argument("--fisher-tokens", type=int, default=1024, help="of those, how many the "
+                   "Fisher (a backward pass) is taken over, in windows spread over the text (1024)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="PyTorch device for scoring (auto: cuda when available)")
     g.add_argument("--device-map", default="none", choices=["none", "auto"],
@@ -165,7 +167,8 @@ def _score_config(a):
 
     if a.device_map == "auto" and a.device == "cpu":
         raise LwqError("--device-map auto places the model on the GPUs: drop --device cpu")
-    return ScoreConfig(calib=a.calib, calib_tokens=a.calib_tokens, device=a.device,
+    return ScoreConfig(calib=a.calib, calib_tokens=a.calib_tokens,
+                       fisher_tokens=a.fisher_tokens, device=a.device,
                        device_map=a.device_map, rescore=a.rescore)
 
 
@@ -212,7 +215,7 @@ def cmd_score(a) -> None:
         check_output(path, a.force)
     if a.scores:
         raise LwqError("score measures the scores: drop --scores")
-    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto", "none"))).scores
+    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto",))).scores
     atomic_write_text(out, scores.to_json(), a.force)
     if scores.imatrix:
         write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
@@ -231,6 +234,9 @@ def cmd_score(a) -> None:
               f"(imatrix {keys}) in {sens['seconds']:.0f} s"
               + (f"; imatrix written to {imatrix} (llama-quantize --imatrix)"
                  if scores.imatrix else ""))
+        if sens.get("phases"):
+            print("time (s): " + ", ".join(f"{k} {v:g}" for k, v in sens["phases"].items())
+                  + " (sweeps: CPU seconds over the worker threads)")
     print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lwq_gguf.errors import PlanError
-from lwq_gguf.files import atomic_output, check_output, read_user_text
+from lwq_gguf.files import atomic_output, check_output, read_user_text, sha256_file
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
@@ -23,6 +24,7 @@ from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
 from lwq_gguf.score.cache import ScoreCache, model_sha256
+from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
@@ -77,38 +79,44 @@ def _has(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
             and (split_damage_key(key)[0] != "auto" or scores.imatrix is not None))
 
 
-def get_scores(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...],
-               ladder: tuple[str, ...], keys: tuple[str, ...]) -> Scores:
+def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
+               keys: tuple[str, ...]) -> Scores:
     """Scores from ``job.scores_file``, else the score cache, else measured (and cached), with the
-    sensitivity tables ``keys`` (damage keys) over ``ladder`` added when missing.
+    sensitivity tables ``keys`` (damage keys) over ``ladder`` added when missing. ``tensors``:
+    the GGUF tensor list, or a function that returns it (called when the tables need it).
 
     The weights are checked for NaN/Inf when measured or taken from a file (a cache hit means the
     bytes are those already checked).
     """
-    cache, fresh = None, False
+    tensors_of = tensors if callable(tensors) else (lambda: tensors)
+    cache, fresh, phases = None, False, Phases()
     if job.scores_file is None:
-        digest = model_sha256(model)
+        with phases("hash"):
+            digest = model_sha256(model)
         cache = ScoreCache(model, digest, job.score)
         scores = None if job.score.rescore else cache.load()
-        if scores is None:
-            scores = score_model(model, job.score, digest, job.progress)
-            fresh = True
-        elif job.progress:
+        if scores is not None and job.progress:
             print(f"scores: reusing {cache.path} (--rescore to measure again)", file=sys.stderr)
     else:
         scores = load_scores(job.scores_file, model)
         zd_scores(model, job.progress)  # the NaN/Inf check still reads every weight
-    missing = tuple(k for k in keys if not _has(scores, k, ladder))
+    missing = keys if scores is None else tuple(k for k in keys if not _has(scores, k, ladder))
+    if scores is None and (not missing or model.arch is None):  # layer scores alone
+        scores, fresh = score_model(model, job.score, digest, job.progress), True
     if missing:
         from lwq_gguf.score.sensitivity import SensitivityRequest, measure_sensitivity
 
         if model.arch is None:  # no forward pass: weight error, in the converter child
-            sens, im = _weight_sensitivity(job, model, tensors, ladder, missing), None
-        else:
+            sens, im = _weight_sensitivity(job, model, tensors_of(), ladder, missing), None
+        else:  # one pass: LIM, ZD, imatrix and the damage tables
             req = SensitivityRequest(ladder=ladder, keys=missing, given=job.imatrix.given())
-            sens, im = measure_sensitivity(model, tensors, req, find_llama_cpp(), job.score,
-                                           job.progress)
+            m = measure_sensitivity(model, tensors_of, req, job.score, job.progress, phases)
+            sens, im = m.sensitivity, m.imatrix
             sens["basis"] = BASIS_FISHER
+            if scores is None:
+                calib = job.score.calib_file
+                scores = Scores(model.architecture, model.n_layers, m.lim, m.zd, calib.name,
+                                sha256_file(calib), m.tokens, m.device, digest)
         old = scores.sensitivity or {}
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}
@@ -175,19 +183,23 @@ def _needs(job: Job, plan: Plan | None) -> tuple[tuple[str, ...], tuple[str, ...
 def prepare(job: Job) -> Prepared:
     """Open the model, list its tensors, score what the job needs and plan (when it plans)."""
     model = open_model(job.model)
-    tensors = model_tensors(model)
     job = _effective(job, model)
-    plan = None
-    if job.plan_file is not None:
-        plan = read_plan(job.plan_file, tensors)
-        if job.encoder is not None:
-            plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
-    elif job.plan is not None:  # the budget and type names are checked before the slow scoring
-        check_reach(tensors, job.plan)
-    ladder, keys = _needs(job, plan)
-    scores = None
-    if job.plan_file is None or job.scores_file is not None or keys:
-        scores = get_scores(job, model, tensors, ladder, keys)
+    # the tensor list (the converter in a child process, seconds when not cached) is made while
+    # the scoring pass runs; a plan's budget is checked with it before the slow scoring
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        listing = pool.submit(model_tensors, model)
+        plan = None
+        if job.plan_file is not None:
+            plan = read_plan(job.plan_file, listing.result())
+            if job.encoder is not None:
+                plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
+        elif job.plan is not None:
+            check_reach(listing.result(), job.plan)
+        ladder, keys = _needs(job, plan)
+        scores = None
+        if job.plan_file is None or job.scores_file is not None or keys:
+            scores = get_scores(job, model, listing.result, ladder, keys)
+        tensors = listing.result()
     if job.plan is not None:
         cfg = job.plan
         plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,

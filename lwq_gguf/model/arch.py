@@ -12,7 +12,10 @@ from weight error alone (no forward pass); the converter refuses the rest.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+import numpy as np
 
 ROPE = (("position_embeddings", "rotary_emb"),)  # layer keyword <- the model's rotary module
 
@@ -76,3 +79,37 @@ def layer_mask_kind(arch: Arch, config, layer: int) -> str:
     if arch.masks == "window" and getattr(config, "sliding_window", None):
         return "sliding_attention"
     return "full_attention"
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def gguf_names(lm, arch: Arch, n_layers: int) -> dict[str, tuple[str, int | None]]:
+    """HF parameter name -> (GGUF tensor name, expert index or None), for the 2-D weights the
+    converter writes; an expert's weight maps to the merged ``ffn_*_exps`` tensor of its layer."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf], n_layers)
+    out = {}
+    for name, p in lm.named_parameters(remove_duplicate=True):
+        if p.dim() == 2:
+            m = _EXPERT.search(name)
+            merged = _EXPERT.sub(".experts.", name) if m else name
+            g = tmap.get_name(merged, try_suffixes=(".weight",))
+            if g:
+                out[name] = (g, int(m.group(1)) if m else None)
+    return out
+
+
+def n_experts(names: dict[str, tuple[str, int | None]]) -> dict[str, int]:
+    """GGUF name -> how many experts it merges (1: a dense weight)."""
+    out: dict[str, int] = {}
+    for g, e in names.values():
+        out[g] = max(out.get(g, 1), (e or 0) + 1)
+    return out
+
+
+def merge_experts(parts: dict[int, np.ndarray]) -> np.ndarray:
+    """Experts' [rows, cols] arrays -> the merged tensor's rows ([experts * rows, cols]), expert 0
+    first, as the converter stacks them."""
+    return np.concatenate([parts[e] for e in range(len(parts))])

@@ -88,6 +88,12 @@ def auto_gpu_placement(lm, seq_len: int, device: str) -> dict[str, str]:
     return gpu_placement(lm, room)
 
 
+def _dtype_names() -> dict:
+    import torch
+
+    return {torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
 class LayerStream:
     """The model's pieces, materialised on ``device`` one at a time.
 
@@ -154,10 +160,11 @@ class LayerStream:
                                   "files: the checkpoint is incomplete; re-download it")
         return ref
 
-    def load(self, module, prefix: str, half=None):
+    def load(self, module, prefix: str, half=None, inspect=None):
         """Give ``module`` (named ``prefix`` in the checkpoint) its weights on the device.
 
-        ``half``: round the weights through this 16-bit dtype (what the base GGUF holds)."""
+        ``half``: round the weights through this 16-bit dtype (what the base GGUF holds);
+        ``inspect(ref, weight)``: called on each weight as read, before that rounding."""
         torch = self.torch
         if prefix in self._resident:
             return module
@@ -169,13 +176,24 @@ class LayerStream:
                 ref = self._ref(f"{prefix}.{name}")
                 step = max(1, ROW_BLOCK // max(1, p.numel() // ref.shape[0]))
                 for i, a in _row_blocks(ref, step):  # in row blocks: no whole float32 copies
-                    w = torch.from_numpy(a if a.flags.writeable else a.copy())
-                    if half is not None and w.dim() == 2:
-                        w = w.to(half).float()
-                    p[i:i + step].copy_(w)
+                    p[i:i + step].copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
+                if inspect is not None:
+                    inspect(ref, p)
+                if half is not None and p.dim() == 2 and ref.dtype != _dtype_names().get(half):
+                    for i in range(0, p.shape[0], step):  # (a 16-bit source of that type: as is)
+                        p[i:i + step].copy_(p[i:i + step].to(half))
         if prefix in self.placement:
             self._resident.add(prefix)
         return module
+
+    def pin(self, module) -> None:
+        """Keep a loaded ``module`` until :meth:`release` (unload leaves it)."""
+        self._resident.add(self._prefix[id(module)])
+
+    def release(self, module) -> None:
+        """Unload ``module`` even when pinned."""
+        self._resident.discard(self._prefix[id(module)])
+        module.to("meta")
 
     def read_rows(self, name: str, keep: np.ndarray, half=None):
         """Rows ``keep`` (sorted) of weight ``name``, rounded through ``half``, on the device;
@@ -226,10 +244,10 @@ class LayerStream:
                     position_ids=pos, use_cache=False, **rope)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def embed(self, windows: list[list[int]], half=None) -> list:
+    def embed(self, windows: list[list[int]], half=None, inspect=None) -> list:
         """The embedding of every window ([1, T, H] each); the embedding is unloaded after."""
         torch = self.torch
-        emb = self.load(self.lm.model.embed_tokens, "model.embed_tokens", half)
+        emb = self.load(self.lm.model.embed_tokens, "model.embed_tokens", half, inspect)
         with torch.no_grad():
             hs = [emb(torch.tensor([w], device=self.device_of(emb))) for w in windows]
             if self.arch.embed_scale:  # as the model's forward does, in the hidden states' dtype

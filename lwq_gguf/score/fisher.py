@@ -1,120 +1,79 @@
-"""The Fisher diagonal and the importance matrix, streamed one decoder layer at a time.
+"""One streamed pass: LIM, ZD, the importance matrix and the Fisher diagonal, a layer at a time.
 
 What it computes (per calibration window of ``seq_len`` tokens, labels ``y`` sampled from the
 model itself): the gradient ``g`` of ``sum_t -log p(y_t)`` with respect to every matmul weight,
-accumulated as ``F = sum_windows g^2 / tokens`` (the diagonal Fisher information per token); and,
-as llama-imatrix does, the per-column sum of squared inputs of every matmul (the imatrix).
+accumulated as ``F = sum_windows g^2 / tokens`` (the diagonal Fisher information per token); as
+llama-imatrix does, the per-column sum of squared inputs of every matmul (the imatrix); and the
+paper's layer scores, LIM from each layer's input and output and ZD from its weights as read.
 
-How (bounded memory, :class:`lwq_gguf.stream.LayerStream`): a forward pass layer by layer keeps
-each layer's input activations (tokens x hidden per layer, on the host) and collects the imatrix;
-the head (final norm + output) samples the labels and starts the backward; then the layers are
-reloaded from last to first, each recomputes its forward from its saved input and back-propagates
-the gradient it receives, window by window. So one layer's weights, gradients and Fisher are in
-memory at a time, plus the activations, whatever the model's size. The weights are rounded
-through the 16-bit type the base GGUF holds, so the Fisher is taken where the quantizer starts.
+How (bounded memory, :class:`lwq_gguf.model.stream.LayerStream`): a forward pass layer by layer
+keeps each layer's input activations (tokens x hidden per layer, on the host); the head (final
+norm + output) samples the labels and starts the backward; then the layers are taken from last
+to first, each recomputes its forward from its saved input and back-propagates the gradient it
+receives, window by window. The last layers of the forward stay loaded for the backward while
+they fit in ``KEEP_BYTES``; the others are read again. The weights are rounded through the
+16-bit type the base GGUF holds, so the Fisher is taken where the quantizer starts.
 
+Only the sampled rows' Fisher is formed (:mod:`lwq_gguf.score.sample`): the weights themselves
+need no gradient, so autograd computes the activations' gradients alone, and a hook on each
+matmul forms ``g[:, rows]^T x`` for its sampled rows - a fraction of a full weight gradient.
 A tied embedding gets both gradients per window (as input lookup and as output projection)
-before squaring: the output part is kept for the window's own token rows only, so no
-vocabulary-sized per-window tensor is ever stored.
-
-``max_rows``: the sensitivity needs only a fixed sample of each tensor's rows (rows quantize
-independently); the Fisher of the output and the embedding is then formed for those rows only,
-and the embedding's weight rows are read without loading it, so at 8B scale neither of the two
-2 GB (float32) vocabulary tensors is held twice.
+before squaring: the output part is kept for the window's own token rows only.
 """
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from lwq_gguf.model.arch import Arch
+from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
-from lwq_gguf.score.layers import calibration_ids, resolve_device
-from lwq_gguf.score.scores import ScoreConfig
-
+from lwq_gguf.score.clock import Phases
+from lwq_gguf.score.layers import ZDInspector, calibration_ids, resolve_device
+from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows
+from lwq_gguf.score.scores import ScoreConfig, sig6
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
-
-
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
-
-
-def gguf_names(lm, arch: Arch, n_layers: int) -> dict[str, tuple[str, int | None]]:
-    """HF parameter name -> (GGUF tensor name, expert index or None), for the 2-D weights the
-    converter writes; an expert's weight maps to the merged ``ffn_*_exps`` tensor of its layer."""
-    import gguf
-
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf], n_layers)
-    out = {}
-    for name, p in lm.named_parameters(remove_duplicate=True):
-        if p.dim() == 2:
-            m = _EXPERT.search(name)
-            merged = _EXPERT.sub(".experts.", name) if m else name
-            g = tmap.get_name(merged, try_suffixes=(".weight",))
-            if g:
-                out[name] = (g, int(m.group(1)) if m else None)
-    return out
-
-
-def n_experts(names: dict[str, tuple[str, int | None]]) -> dict[str, int]:
-    """GGUF name -> how many experts it merges (1: a dense weight)."""
-    out: dict[str, int] = {}
-    for g, e in names.values():
-        out[g] = max(out.get(g, 1), (e or 0) + 1)
-    return out
-
-
-def merge_experts(parts: dict[int, np.ndarray]) -> np.ndarray:
-    """Experts' [rows, cols] arrays -> the merged tensor's rows ([experts * rows, cols]), expert 0
-    first, as the converter stacks them."""
-    return np.concatenate([parts[e] for e in range(len(parts))])
-
-
-def kept_rows(n: int, max_rows: int | None) -> np.ndarray:
-    """The rows of an n-row tensor kept for the sensitivity: all, or a fixed sorted sample."""
-    if max_rows is None or n <= max_rows:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))
-
-
-@dataclass(frozen=True)
-class FisherTensor:
-    name: str  # GGUF tensor name
-    weight: np.ndarray  # the kept rows of the weight, rounded through the 16-bit type (float32)
-    fisher: np.ndarray  # their Fisher diagonal per token
-    rows: int  # the tensor's row count (weight holds kept_rows(rows, max_rows) of them)
-    experts: int = 1  # merged experts: rows [e * rows / experts, (e + 1) * rows / experts) are e's
-
-    def expert_of_kept(self, max_rows: int | None) -> np.ndarray:
-        """The expert each kept row belongs to."""
-        return kept_rows(self.rows, max_rows) // (self.rows // self.experts)
+KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
+__all__ = ["FisherRun", "FisherTensor", "gguf_names", "kept_rows", "merge_experts",
+           "streamed_fisher"]
 
 
 @dataclass
 class FisherRun:
-    """What the forward pass left: the imatrix (complete) and the per-tensor stream to come."""
+    """What the forward pass left: the imatrix, LIM and ZD (complete) and the per-tensor stream
+    the backward pass yields."""
 
     imatrix: Imatrix
     tokens: int
+    fisher_tokens: int  # of which the Fisher is taken over
+    lim: tuple[float, ...]
+    zd: tuple[float, ...]
+    device: str
     tensors: Iterator[FisherTensor]
 
 
 def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
-                    max_rows: int | None = None) -> FisherRun:
-    """Run the forward pass now; the returned iterator runs the backward, layer by layer."""
+                    sample: RowSample = EVERY_ROW, phases: Phases | None = None,
+                    on_tokens=None) -> FisherRun:
+    """Run the forward pass now; the returned iterator runs the backward, layer by layer.
+
+    ``on_tokens(n)``: called as token-layers are done (n tokens through one layer: forward 1,
+    backward 2 per token), for one progress bar over the whole run."""
     import torch
 
     from lwq_gguf.model.stream import LayerStream
 
+    phases = phases if phases is not None else Phases()
+    tick = on_tokens or (lambda n: None)
     device = resolve_device(cfg.device)
-    ids = calibration_ids(model, cfg)
-    s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
+    with phases("setup"):  # the tokenizer, the calibration tokens, the model's skeleton
+        ids = calibration_ids(model, cfg)
+        s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
     lm = s.lm
     names = gguf_names(lm, s.arch, model.n_layers)
     experts = n_experts(names)
@@ -122,19 +81,27 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     windows = [w for w in (ids[i: i + cfg.seq_len] for i in range(0, len(ids), cfg.seq_len))
                if len(w) > 1]
     n_tok = sum(len(w) for w in windows)
+    chosen = fisher_windows(len(windows), cfg.fisher_tokens, cfg.seq_len)
     sums: dict[str, torch.Tensor] = {}  # [experts, cols]: each expert sees the tokens routed to it
     counts: dict[str, np.ndarray] = {}
+    last: list = [None, None]  # q, k and v (gate and up) see the same input: squared once
+
+    def accumulate(gname, expert, x):
+        t0 = time.perf_counter()
+        if x is not last[0]:  # float32 squares summed per window (as llama-imatrix), then float64
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            last[:] = [x, ((flat * flat).sum(0).double(), flat.shape[0])]
+        sq, n = last[1]
+        if gname not in sums:
+            sums[gname] = torch.zeros(experts[gname], len(sq), dtype=torch.float64,
+                                      device=sq.device)
+            counts[gname] = np.zeros(experts[gname], dtype=np.int64)
+        sums[gname][expert or 0] += sq
+        counts[gname][expert or 0] += n
+        phases.inner("imatrix", time.perf_counter() - t0)
 
     def hook_for(gname, expert):
-        def hook(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            if gname not in sums:
-                sums[gname] = torch.zeros(experts[gname], x.shape[1], dtype=torch.float64,
-                                          device=x.device)
-                counts[gname] = np.zeros(experts[gname], dtype=np.int64)
-            sums[gname][expert or 0] += (x * x).sum(0)
-            counts[gname][expert or 0] += x.shape[0]
-        return hook
+        return lambda _mod, args: accumulate(gname, expert, args[0])
 
     handles = [mod.register_forward_pre_hook(hook_for(*names[n + ".weight"]))
                for n, mod in lm.named_modules()
@@ -142,53 +109,74 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     if s.tied:  # the output is the token embedding: its inputs count for token_embd
         experts["token_embd.weight"] = 1
         handles.append(lm.lm_head.register_forward_pre_hook(hook_for("token_embd.weight", None)))
-    bar = tqdm(total=2 * model.n_layers + 3, desc=f"Fisher + imatrix ({device})", unit="step",
-               disable=not progress, leave=False)
+    zd = ZDInspector(model.n_layers)
+
+    def inspect(ref, w):
+        with phases("zd"):
+            zd(ref, w)
+
+    lim = [0.0] * model.n_layers
     inputs: list[list[torch.Tensor]] = []
+    pinned, room = set(), KEEP_BYTES if not s.placement else 0
+    for i in reversed(range(model.n_layers)):  # the backward starts from the last layers
+        size = 4 * sum(p.numel() for p in s.layers[i].parameters())
+        if size > room:
+            break
+        pinned.add(i)
+        room -= size
     try:
         with torch.no_grad():
-            hs = s.embed(windows, half)
-            bar.update()
+            with phases("read"):
+                hs = s.embed(windows, half, inspect)
             for i, layer in enumerate(s.layers):
-                s.load(layer, f"model.layers.{i}", half)
-                inputs.append([h.cpu() for h in hs])
-                hs = [s.run_layer(layer, h) for h in hs]
-                s.unload(layer)
-                bar.update()
-        head = _head_backward(s, hs, windows, half, max_rows)
-        bar.update()
+                with phases("read"):
+                    s.load(layer, f"model.layers.{i}", half, inspect)
+                inputs.append([hs[j].cpu() for j in chosen])
+                with phases("forward"):
+                    out = [s.run_layer(layer, h) for h in hs]
+                    lim[i] = sum(float(torch.nn.functional.cosine_similarity(
+                        h.to(o.device).float(), o.float(), dim=-1).double().sum())
+                        for h, o in zip(hs, out))
+                hs = out
+                tick(n_tok)
+                s.pin(layer) if i in pinned else s.unload(layer)
+        head_name = names["lm_head.weight"][0] if not s.tied else "token_embd.weight"
+        with phases("head"):
+            head = _head_backward(s, hs, _HeadJob(windows, chosen, half, sample,
+                                                  lambda x: accumulate(head_name, None, x)))
     finally:
         for h in handles:
             h.remove()
     im = Imatrix({k: v.cpu().numpy().reshape(-1) for k, v in sums.items()}, counts,
                  cfg.calib_file.name, cfg.seq_len, len(windows))
-    run = _Pass(s, windows, half, names, n_tok, max_rows)
-    return FisherRun(im, n_tok, _backward(run, inputs, head, bar))
+    fisher_tok = sum(len(windows[j]) for j in chosen)
+    run = _Pass(s, [windows[j] for j in chosen], half, names, fisher_tok, sample, phases, tick,
+                frozenset(pinned))
+    return FisherRun(im, n_tok, fisher_tok, tuple(sig6(-(x / n_tok)) for x in lim), zd.scores(),
+                     device,
+                     _backward(run, inputs, head))
 
 
-def _rows_kept(n: int, expert: int | None, n_exp: int, max_rows: int | None, dev):
-    """The rows of an n-row weight whose Fisher is kept: kept_rows of the weight, or for expert e
-    of a merged tensor, its part of the merged tensor's kept rows (local indices)."""
-    import torch
-
-    if expert is None:
-        return torch.from_numpy(kept_rows(n, max_rows)).to(dev)
-    keep = kept_rows(n * n_exp, max_rows)
-    mine = keep[(keep >= expert * n) & (keep < (expert + 1) * n)] - expert * n
-    return torch.from_numpy(mine).to(dev)
+def fisher_windows(n: int, tokens: int, seq_len: int) -> list[int]:
+    """The windows the Fisher is taken over: enough for ``tokens``, spread evenly over all n."""
+    k = min(n, -(-tokens // seq_len))
+    return sorted({j * n // k for j in range(k)})
 
 
 @dataclass(frozen=True)
 class _Pass:
     """What the backward pass shares: the stream, the windows, the 16-bit type, the GGUF names,
-    the token count and the row sample size."""
+    the token count, the row sample, the clock and the progress callback."""
 
     s: object  # LayerStream
     windows: list
     half: object  # torch dtype
     names: dict
     n_tok: int
-    max_rows: int | None
+    sample: RowSample
+    phases: Phases
+    tick: object
+    pinned: frozenset  # layers kept loaded from the forward
 
 
 @dataclass
@@ -199,25 +187,58 @@ class _Head:
     keep: object  # the kept rows (a sorted index tensor)
     n_rows: int  # the output's row count
     rows: list  # tied: per window (token rows, the output gradient on those rows)
+    proxy: np.ndarray  # every output row's damage proxy, a_i sum_j b_j w_ij^2
+    present: np.ndarray  # the tokens of the Fisher windows (sorted)
 
 
-def _head_backward(s, hs, windows, half, max_rows) -> _Head:
+def stratified_rows(n: int, present: np.ndarray, count: int) -> np.ndarray:
+    """Rows of a token embedding to measure: every token the Fisher windows hold (their input
+    gradients make the embedding's Fisher; it is zero on the others) and, up to ``count``, a
+    fixed sample of the rest (a tied output's part)."""
+    rest = np.setdiff1d(np.arange(n), present)
+    pick = rest[kept_rows(len(rest), max(0, count - len(present)))]
+    return np.sort(np.concatenate([present, pick]))
+
+
+@dataclass(frozen=True)
+class _HeadJob:
+    windows: list
+    chosen: list  # the Fisher windows
+    half: object  # torch dtype
+    sample: RowSample
+    imatrix: object  # x -> None: adds the output's inputs to the imatrix
+
+
+def _head_backward(s, hs, job: _HeadJob) -> _Head:
     """Final norm + output: sample labels, start the backward; the output weight's Fisher.
 
-    The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) on the
-    kept rows only, in blocks of rows, so no vocabulary x hidden gradient is ever whole in
-    memory (an 8B model's output is 2 GB in float32)."""
+    Over the Fisher windows (``chosen``); the others only add the output's inputs to the
+    imatrix (``imatrix(x)``). The output's gradient is formed by hand (d loss / d logits =
+    softmax - onehot(y)) on the kept rows only, in blocks of rows, so no vocabulary x hidden
+    gradient is ever whole in memory (an 8B model's output is 2 GB in float32)."""
     torch = s.torch
+    windows, chosen, sample, imatrix = job.windows, job.chosen, job.sample, job.imatrix
     norm = s.load(s.lm.model.norm, "model.norm")
-    head = s.load(s.lm.lm_head, "lm_head", half)
+    head = s.load(s.lm.lm_head, "lm_head", job.half)
     w = head.weight
     dev = w.device
-    keep = torch.from_numpy(kept_rows(w.shape[0], max_rows)).to(dev)
+    present = np.array(sorted({t for j in chosen for t in windows[j]}), dtype=np.int64)
+    count = sample.count(w.shape[0], w.shape[1], vocab=True)
+    keep = torch.from_numpy(stratified_rows(w.shape[0], present, count) if s.tied
+                            else sample.rows(w.shape[0], w.shape[1], vocab=True)).to(dev)
     fisher = torch.zeros(len(keep), w.shape[1], device=dev)
+    # each output row's gradient energy and the inputs': a_i sum_j b_j w_ij^2 follows a row's
+    # damage; a tied embedding's sample of the rows no Fisher window holds counts by it
+    energy = torch.zeros(w.shape[0], device=dev)
+    inputs_sq = torch.zeros(w.shape[1], device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     grads, rows = [], []
     block = max(1, HEAD_BLOCK // w.shape[1])
-    for h, win in zip(hs, windows):
+    for j, (h, win) in enumerate(zip(hs, windows)):
+        if j not in chosen:
+            with torch.no_grad():
+                imatrix(norm(h.to(dev))[0])
+            continue
         h = h.detach().to(dev).requires_grad_(True)
         hn = norm(h)[0]
         with torch.no_grad():
@@ -232,6 +253,8 @@ def _head_backward(s, hs, windows, half, max_rows) -> _Head:
             if cap:
                 d.mul_(1 - t * t)  # ... / d z
                 del t
+            energy += (d * d).sum(0)
+            inputs_sq += (x * x).sum(0)
             for i in range(0, len(keep), block):
                 g = d[:, keep[i:i + block]].T @ x
                 fisher[i:i + block].addcmul_(g, g)
@@ -244,69 +267,124 @@ def _head_backward(s, hs, windows, half, max_rows) -> _Head:
         norm.weight.grad = None
         grads.append(h.grad.cpu())
     weight = w.detach()[keep]
+    proxy = (energy * torch.mv(w.detach() * w.detach(), inputs_sq)).cpu().double().numpy()
     s.unload(norm)
     s.unload(head)
-    return _Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows)
+    return _Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows,
+                 proxy, present)
 
 
-def _backward(run: _Pass, inputs, head: _Head, bar) -> Iterator[FisherTensor]:
-    s, half, names, n_tok, max_rows = run.s, run.half, run.names, run.n_tok, run.max_rows
+def _rows_kept(n: int, cols: int, expert: int | None, n_exp: int, sample: RowSample):
+    """The rows of an n-row weight whose Fisher is kept: the sample's rows of the weight, or for
+    expert e of a merged tensor, its part of the merged tensor's sample (local indices)."""
+    if expert is None:
+        return sample.rows(n, cols)
+    keep = sample.rows(n * n_exp, cols)
+    return keep[(keep >= expert * n) & (keep < (expert + 1) * n)] - expert * n
+
+
+def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
+    """Back-propagate every window through decoder layer ``i`` (its input gradients replace
+    ``grads``); {HF weight name: (sampled rows, their sum of per-window g^2)}."""
+    s, names, sample = run.s, run.names, run.sample
     torch = s.torch
+    experts = n_experts(names)
+    dev = s.device_of(layer)
+    for p in layer.parameters():
+        p.requires_grad_(False)  # the weights' gradients: by hand, sampled rows only
+    lin = {f"model.layers.{i}.{n}.weight": m for n, m in layer.named_modules()
+           if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{n}.weight" in names}
+    rows = {n: _rows_kept(m.out_features, m.in_features, names[n][1], experts[names[n][0]], sample)
+            for n, m in lin.items()}
+    fisher = {n: torch.zeros(len(r), lin[n].in_features, device=dev) for n, r in rows.items()}
+    cur: dict[str, object] = {}  # this window's gradient of each weight's sampled rows
 
+    def hook_for(n):
+        r = torch.from_numpy(rows[n]).to(dev)
+        every = len(r) == lin[n].out_features
+
+        def hook(_mod, args, out):
+            if not out.requires_grad or not len(r):
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+
+            def on_grad(g):
+                g = g.reshape(-1, g.shape[-1])
+                gw = (g if every else g[:, r]).T @ x
+                cur[n] = gw if n not in cur else cur[n] + gw
+            out.register_hook(on_grad)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in lin.items()]
+    try:
+        for j, g in enumerate(grads):
+            x = inputs[j].to(dev).requires_grad_(True)
+            s.run_layer(layer, x).backward(g.to(dev))
+            for n, gw in cur.items():
+                fisher[n].addcmul_(gw, gw)
+            cur.clear()
+            grads[j] = x.grad.cpu()
+            run.tick(2 * inputs[j].shape[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (rows[n], fisher[n], m.weight.detach(), m.out_features) for n, m in lin.items()}
+
+
+def _backward(run: _Pass, inputs, head: _Head) -> Iterator[FisherTensor]:
+    s, names, n_tok, phases = run.s, run.names, run.n_tok, run.phases
     if not s.tied:
         yield FisherTensor(names["lm_head.weight"][0], head.weight.cpu().numpy(),
-                           head.fisher.div_(n_tok).cpu().numpy(), head.n_rows)
+                           head.fisher.div_(n_tok).cpu().numpy(), head.n_rows,
+                           head.keep.cpu().numpy())
         head.fisher = head.weight = None
     grads = head.grads
-    experts = n_experts(names)
+    torch = s.torch
     for i in reversed(range(len(inputs))):
-        layer = s.load(s.layers[i], f"model.layers.{i}", half)
-        params = {f"model.layers.{i}.{n}": p for n, p in layer.named_parameters()}
-        dev = s.device_of(layer)
-        rows = {n: _rows_kept(p.shape[0], names[n][1], experts[names[n][0]], max_rows, dev)
-                for n, p in params.items() if n in names}
-        # the Fisher of the kept rows only: a layer's weights and gradients, not a third copy
-        fisher = {n: torch.zeros(len(r), params[n].shape[1], device=dev) for n, r in rows.items()}
-        for j, g in enumerate(grads):
-            x = inputs[i][j].to(dev).requires_grad_(True)
-            s.run_layer(layer, x).backward(g.to(dev))
-            for n, f in fisher.items():
-                if params[n].grad is not None:  # an expert no token was routed to has none
-                    gk = params[n].grad[rows[n]]
-                    f.addcmul_(gk, gk)
-            layer.zero_grad(set_to_none=True)
-            grads[j] = x.grad.cpu()
+        with phases("read"):
+            layer = s.load(s.layers[i], f"model.layers.{i}", run.half)
+        with phases("backward"):
+            got = _layer_fisher(run, layer, i, inputs[i], grads)
         inputs[i] = None
         merged: dict[str, dict[int, tuple]] = {}
-        for n, f in fisher.items():
-            (gname, expert), w = names[n], params[n].detach()[rows[n]].cpu().numpy()
+        for n, (rows, f, w, n_rows) in got.items():
+            (gname, expert), w = names[n], w[torch.from_numpy(rows)].cpu().numpy()
+            f = f.div_(n_tok).cpu().numpy()
             if expert is None:
-                yield FisherTensor(gname, w, f.div_(n_tok).cpu().numpy(), params[n].shape[0])
+                yield FisherTensor(gname, w, f, n_rows, rows)
             else:
-                merged.setdefault(gname, {})[expert] = (w, f.div_(n_tok).cpu().numpy(),
-                                                        params[n].shape[0])
+                merged.setdefault(gname, {})[expert] = (w, f, rows, n_rows)
         for gname, parts in merged.items():  # the converter's 3-D tensor, rows expert by expert
+            n, per = len(parts), parts[0][3]
             yield FisherTensor(gname, merge_experts({e: p[0] for e, p in parts.items()}),
-                               merge_experts({e: p[1] for e, p in parts.items()}),
-                               sum(p[2] for p in parts.values()), len(parts))
-        del fisher, params, merged
-        s.unload(layer)
-        bar.update()
+                               merge_experts({e: p[1] for e, p in parts.items()}), per * n,
+                               np.concatenate([parts[e][2] + e * per for e in range(n)]), n)
+        del got, merged
+        s.release(layer) if i in run.pinned else s.unload(layer)
     yield _embedding(run, head, grads)
-    bar.update()
-    bar.close()
 
 
 def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
     """Fisher of the token embedding's kept rows: sum over windows of its gradient squared
     (+ the output's, when tied); its weight rows are read, not the whole embedding loaded."""
     s, windows, half, names, n_tok = run.s, run.windows, run.half, run.names, run.n_tok
-    max_rows = run.max_rows
     torch = s.torch
     hf = "model.embed_tokens.weight"
-    n_rows = s._ref(hf).shape[0]
-    keep = head.keep if s.tied else torch.from_numpy(kept_rows(n_rows, max_rows)).to(s.device)
-    w = s.read_rows(hf, keep.cpu().numpy(), half)
+    n_rows, n_cols = s._ref(hf).shape[:2]
+    # untied: the Fisher windows' tokens, exactly (every other row's Fisher is zero); tied:
+    # those and a sample of the rest, which counts for the rest by the output's proxy
+    keep = head.keep if s.tied else torch.from_numpy(head.present).to(s.device)
+    k = keep.cpu().numpy()
+    weights = np.ones(len(k))
+    if s.tied and len(k) < n_rows:
+        rest = ~np.isin(k, head.present)
+        others = np.ones(n_rows, dtype=bool)
+        others[head.present] = False
+        part = float(head.proxy[k[rest]].sum())
+        weights[rest] = (float(head.proxy[others].sum()) / part if part > 0
+                         else others.sum() / max(1, rest.sum()))
+    with run.phases("read"):
+        w = s.read_rows(hf, keep.cpu().numpy(), half)
     fisher = head.fisher if s.tied else torch.zeros_like(w)
     for j, (g, win) in enumerate(zip(grads, windows)):
         tok = torch.tensor(win, device=s.device)
@@ -322,4 +400,5 @@ def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
         at = torch.searchsorted(keep, rows).clamp(max=len(keep) - 1)
         hit = keep[at] == rows  # the window's tokens among the kept rows
         fisher[at[hit]] += add[hit]
-    return FisherTensor(names[hf][0], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows)
+    return FisherTensor(names[hf][0], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows,
+                        k, weights=weights)

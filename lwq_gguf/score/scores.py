@@ -24,7 +24,9 @@ class ScoreConfig:
     """Calibration and device settings, checked when built (a missing --calib is refused here)."""
 
     calib: Path | None = None  # None: the packaged WikiText-2 validation excerpt
-    calib_tokens: int = 4096
+    calib_tokens: int = 4096  # LIM, ZD and the imatrix: over all of them
+    fisher_tokens: int = 1024  # the Fisher (backward pass): over this many of them, in windows
+    # spread evenly over the calibration tokens
     seq_len: int = 512
     device: str = "auto"  # auto | cpu | cuda
     device_map: str = "none"  # auto: pieces resident on all GPUs, as accelerate places them
@@ -34,6 +36,10 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.calib_tokens < 16:
             raise LwqError(f"--calib-tokens {self.calib_tokens}: use at least 16")
+        if self.fisher_tokens < 16:
+            raise LwqError(f"--fisher-tokens {self.fisher_tokens}: use at least 16")
+        # the Fisher runs over some of the calibration tokens: at most all of them (one key)
+        object.__setattr__(self, "fisher_tokens", min(self.fisher_tokens, self.calib_tokens))
         if self.device not in DEVICES:
             raise LwqError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.device_map not in ("none", "auto"):

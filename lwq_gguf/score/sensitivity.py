@@ -26,21 +26,22 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from lwq_gguf.errors import UnsupportedModelError
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
-from lwq_gguf.llamacpp import LlamaCpp
+from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import legal_type
-from lwq_gguf.score.fisher import FisherTensor, streamed_fisher
+from lwq_gguf.score.clock import Phases, Progress
+from lwq_gguf.score.fisher import streamed_fisher
+from lwq_gguf.score.layers import resolve_device
+from lwq_gguf.score.sample import FisherTensor, RowSample
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
-MAX_ROWS = 4096  # rows of a tensor quantized to measure its damage (the embedding has 49152):
-# rows quantize independently, so a fixed sample scaled up estimates the whole
 BLOCK = 1 << 20  # weights per quantize/compare step
+ROWS = RowSample()  # the rows measured per tensor (score.sample)
 
 
 def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: list[str],
@@ -66,7 +67,9 @@ def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types
         for i in range(0, w.shape[0], step):
             blk = w[i:i + step]
             e = (blk - quantizer.roundtrip(blk, ty, imatrix)).reshape(-1).astype(np.float64)
-            total += float(np.dot(fisher[i:i + step].reshape(-1).astype(np.float64), e * e))
+            f = fisher[i:i + step].reshape(-1).astype(np.float64)
+            # (einsum, not np.dot: the BLAS dot spins its own threads against the pool's)
+            total += float(np.einsum("i,i,i->", f, e, e))
         out[ty] = 0.5 * total
     return out
 
@@ -80,58 +83,113 @@ class SensitivityRequest:
     ladder: tuple[str, ...]
     keys: tuple[str, ...]
     given: Mapping[str, Imatrix] = field(default_factory=dict)
+    rows: RowSample = ROWS  # the rows measured (score.sample)
 
 
-def measure_sensitivity(model: HFModel, tensors: tuple[GGUFTensor, ...], req: SensitivityRequest,
-                        lc: LlamaCpp, cfg: ScoreConfig, progress: bool = True
-                        ) -> tuple[dict, Imatrix]:
-    """(sensitivity, the imatrix computed from the calibration text): the damage of every
-    ladder type for every quantizable tensor under each setting of ``req``."""
+@dataclass(frozen=True)
+class Measured:
+    """What one streamed pass measured: the layer scores, the damage tables and the imatrix."""
+
+    lim: tuple[float, ...]
+    zd: tuple[float, ...]
+    tokens: int
+    device: str
+    sensitivity: dict  # {"tokens", "seconds", "ladder", "damage", "phases"}
+    imatrix: Imatrix
+
+
+SWEEP_COST = 900  # one weight quantized to one type and back, in tokens through a layer per
+# layer weight (measured on 2 cores: a sweep ~37 ns, a token-layer ~0.04 ns per layer weight);
+# only the progress bar's ETA depends on it
+
+
+def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: ScoreConfig,
+                        progress: bool = True, phases: Phases | None = None) -> Measured:
+    """LIM, ZD, the imatrix computed from the calibration text and the damage of every ladder
+    type for every quantizable tensor under each setting of ``req``, in one streamed pass.
+    ``tensors``: the GGUF tensor list, or a function that returns it (called after the forward
+    pass, so that a slow listing runs meanwhile)."""
     t0 = time.time()
-    ladder = req.ladder
-    run = streamed_fisher(model, cfg, progress, MAX_ROWS)
+    phases = phases if phases is not None else Phases()
+    ladder, rows = req.ladder, req.rows
+    fisher = cfg.fisher_tokens
+    bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher), progress,
+                   f"scoring ({resolve_device(cfg.device)})")
+    bar.stage("forward")
+    run = streamed_fisher(model, cfg, progress, rows, phases, bar.update)
+    with phases("list"):  # (the converter's tensor list, made meanwhile when not cached)
+        todo = {t.name: t for t in (tensors() if callable(tensors) else tensors) if t.quantizable}
+    layer_weights = sum(t.numel for t in todo.values() if t.layer is not None) / max(
+        1, model.n_layers)
+    sweep = lambda n: n * SWEEP_COST / max(1.0, layer_weights)  # noqa: E731
+    sampled = sum(rows.count(t.numel // t.shape[0], t.shape[0], t.layer is None) * t.shape[0]
+                  for t in todo.values())
+    bar.grow(sweep(sampled * len(ladder) * len(req.keys)))
     known = {"none": None, "auto": run.imatrix, **req.given}
     modes = {k: known[split_damage_key(k)[0]] for k in req.keys}
+    lc = find_llama_cpp()
     quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
-    todo = {t.name: t for t in tensors if t.quantizable}
 
-    def one(t: GGUFTensor, ft: FisherTensor):
-        types = sorted({legal_type(q, t.shape[0]) for q in ladder})
-        scale = ft.rows / ft.weight.shape[0]  # rows sampled: the estimate of the whole
-        experts = ft.expert_of_kept(MAX_ROWS) if ft.experts > 1 else None
-        return t.name, {key: {ty: sig6(d * scale) for ty, d in tensor_damage(
-            quantizers[split_damage_key(key)[1]], ft.weight, ft.fisher, types,
-            m.weights(t.name) if m is not None else None, experts).items()}
-            for key, m in modes.items()}
+    def one(t: GGUFTensor, ft: FisherTensor, fisher: np.ndarray, ty: str):
+        """One type on one tensor under every setting (a task: the pool balances them)."""
+        with phases.thread_cpu("sweeps"):
+            experts = ft.expert_of_kept() if ft.experts > 1 else None
+            out = {key: sig6(tensor_damage(
+                quantizers[split_damage_key(key)[1]], ft.weight, fisher, [ty],
+                m.weights(t.name) if m is not None else None, experts)[ty])
+                for key, m in modes.items()}
+        bar.update(sweep(ft.weight.size * len(modes)))
+        return t.name, ty, out
+
+    def tasks(ft: FisherTensor) -> list:
+        """The tensor's tasks, sharing its Fisher weighted by what each sampled row counts for."""
+        t = todo[ft.name]
+        fisher = ft.fisher * ft.row_weights.astype(np.float32)[:, None]
+        return [(t, ft, fisher, ty) for ty in sorted({legal_type(q, t.shape[0]) for q in ladder})]
 
     damage: dict[str, dict] = {key: {} for key in modes}
     workers = os.cpu_count() or 1
-    bar = tqdm(total=len(todo), desc="damage per type", unit="tensor", disable=not progress,
-               leave=False)
 
     def collect(done):
-        name, per_mode = done.result()
+        name, ty, per_mode = done.result()
         for key, d in per_mode.items():
-            damage[key][name] = d
-        bar.update()
+            damage[key].setdefault(name, {})[ty] = d
 
+    # on a GPU the sweeps run on the CPU while the backward pass goes on; on the CPU after it
+    # (both at once would oversubscribe the cores: PyTorch's threads spin while they wait)
+    overlap = run.device != "cpu"
+    bar.stage("backward + sweeps" if overlap else "backward")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = set()
+        pending, held = set(), []
         for t in run.tensors:  # as the backward pass finishes each layer (rows sampled)
-            if t.name in todo:
-                pending.add(pool.submit(one, todo[t.name], t))
+            if t.name not in todo:
+                continue
+            if not overlap:
+                held.append(t)
+                continue
+            pending |= {pool.submit(one, *task) for task in tasks(t)}
             del t
-            while len(pending) > workers:  # bounded: a few tensors in memory at a time
+            while len(pending) > 64 * workers:  # bounded: a few tensors in memory at a time
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for d in done:
                     collect(d)
-        for d in pending:
-            collect(d)
+        # the largest first, so that no long task is left alone at the end
+        if held:
+            bar.stage("sweeps")
+        for t in sorted(held, key=lambda t: -t.weight.size):
+            pending |= {pool.submit(one, *task) for task in tasks(t)}
+        del held
+        with phases("wait"):
+            for d in pending:
+                collect(d)
     bar.close()
+    damage = {key: {name: dict(sorted(row.items())) for name, row in sorted(table.items())}
+              for key, table in damage.items()}
     missing = sorted(set(todo) - set(damage[next(iter(modes))])) if modes else []
     if missing:
         raise UnsupportedModelError(f"{model.path}: GGUF tensor {missing[0]} has no PyTorch weight "
                                     "for the sensitivity analysis: use --strategy lim")
-    n_tok, im = run.tokens, run.imatrix
-    return {"tokens": n_tok, "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
-            "damage": damage}, im
+    sens = {"tokens": run.tokens, "fisher_tokens": run.fisher_tokens,
+            "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
+            "damage": damage, "phases": phases.report()}
+    return Measured(run.lim, run.zd, run.tokens, run.device, sens, run.imatrix)

@@ -25,9 +25,8 @@ from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import legal_type
-from lwq_gguf.score.fisher import kept_rows
 from lwq_gguf.score.scores import sig6
-from lwq_gguf.score.sensitivity import MAX_ROWS, tensor_damage
+from lwq_gguf.score.sensitivity import ROWS, tensor_damage
 
 BASIS_FISHER = "expected KLD (Fisher)"
 BASIS_WEIGHTS = "weight error (no forward pass)"
@@ -57,7 +56,7 @@ class WeightDamage:
         """``data``: the tensor as float32, ggml shape reversed ([experts,] rows, cols)."""
         cols = data.shape[-1]
         rows = data.reshape(-1, cols)
-        keep = kept_rows(len(rows), MAX_ROWS)
+        keep = ROWS.rows(len(rows), cols, vocab=t.layer is None)
         w = np.ascontiguousarray(rows[keep])
         experts = keep // (len(rows) // t.experts) if t.experts > 1 else None
         types = sorted({legal_type(q, t.shape[0]) for q in self.job.ladder})

@@ -95,11 +95,16 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
     model = open_model(path)
     cfg = ScoreConfig(calib_tokens=700, device="cpu")
     run = streamed_fisher(model, cfg, progress=False)
-    got = {t.name: t.fisher for t in run.tensors}
+    kept = {t.name: t for t in run.tensors}
     ref = whole_model_fisher(path, model, cfg)
-    assert got.keys() == ref.keys() and ("output.weight" in got) != tied
+    assert kept.keys() == ref.keys() and ("output.weight" in kept) != tied
+    got = {}
     for name, f in ref.items():
-        err = np.abs(got[name] - f).sum() / np.abs(f).sum()
+        keep = kept[name].keep  # every row, but for an untied embedding its tokens' rows
+        assert len(keep) == len(f) or (name == "token_embd.weight" and not tied), name
+        assert np.abs(np.delete(f, keep, 0)).sum() == 0, name  # (the others': zero)
+        got[name] = kept[name].fisher
+        err = np.abs(got[name] - f[keep]).sum() / np.abs(f).sum()
         assert err < 1e-3, (name, err)
     assert run.tokens == 700 and set(run.imatrix.sums) >= {"blk.0.attn_output.weight",
                                                            "token_embd.weight" if tied else
@@ -121,20 +126,27 @@ def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied):
     import numpy as np
 
     from lwq_gguf.score.fisher import kept_rows, streamed_fisher
+    from lwq_gguf.score.sample import RowSample
 
     model = open_model(tiny(arch, 2, tied=tied))
     cfg = ScoreConfig(calib_tokens=300, device="cpu")
     whole = {t.name: t for t in streamed_fisher(model, cfg, progress=False).tensors}
-    part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, max_rows=40).tensors}
+    forty = RowSample(weights=None, vocab_rows=40, max_rows=40)
+    part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, sample=forty).tensors}
     assert part.keys() == whole.keys() and "token_embd.weight" in part
     sampled = 0
     for name, t in part.items():
         w = whole[name]
-        keep = kept_rows(w.rows, 40)
+        keep = t.keep
         sampled += len(keep) < w.rows
         assert t.rows == w.rows and t.experts == w.experts and t.weight.shape[0] == len(keep), name
-        np.testing.assert_array_equal(t.weight, w.weight[keep], err_msg=name)
-        np.testing.assert_allclose(t.fisher, w.fisher[keep], rtol=1e-4, atol=1e-12 +
+        if not name.startswith("token_embd"):  # (the embedding: its tokens, and a sample)
+            np.testing.assert_array_equal(keep, kept_rows(w.rows, 40), err_msg=name)
+        assert len(t.row_weights) == len(keep) and (t.row_weights > 0).all()
+        at = np.searchsorted(w.keep, keep)  # (the whole run's rows: all but an untied
+        assert (w.keep[at] == keep).all(), name  # embedding's, which are its tokens)
+        np.testing.assert_array_equal(t.weight, w.weight[at], err_msg=name)
+        np.testing.assert_allclose(t.fisher, w.fisher[at], rtol=1e-4, atol=1e-12 +
                                    1e-5 * np.abs(w.fisher).max(), err_msg=name)
     assert sampled >= 3
 
@@ -220,3 +232,21 @@ def test_resident_pieces_give_the_same_scores(tiny, monkeypatch, tied):
     # LIM: embedding + layers 0-2; Fisher: embedding, layers 0-2, norm, head, then the backward
     # reloads only the streamed layers 2 and 0 (all streamed: 13 loads)
     assert len(loads) == 4 + 6 + 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmoe"])
+def test_one_pass_gives_the_layer_scores(tiny, arch):
+    """The scoring pass's LIM (on the 16-bit weights) and ZD (on the weights as read) equal the
+    stand-alone measurements; the Fisher over fewer tokens is taken on windows spread evenly."""
+    from lwq_gguf.score.fisher import fisher_windows, streamed_fisher
+    from lwq_gguf.score.layers import zd_scores
+
+    model = open_model(tiny(arch, 3))
+    cfg = ScoreConfig(calib_tokens=1100, fisher_tokens=300, seq_len=256, device="cpu")
+    run = streamed_fisher(model, cfg, progress=False)
+    lim = lim_scores(model, cfg, calibration_ids(model, cfg), progress=False)[0]
+    assert max(abs(a - b) for a, b in zip(run.lim, lim)) < 1e-4, (run.lim, lim)
+    assert run.zd == zd_scores(model, progress=False)
+    assert run.tokens == 1100 and run.fisher_tokens == 512
+    assert fisher_windows(5, 300, 256) == [0, 2] and fisher_windows(3, 4096, 512) == [0, 1, 2]
+    assert len(list(run.tensors)) > 0

@@ -1,0 +1,74 @@
+"""Which rows of each tensor the sensitivity analysis measures, and what it measures there.
+
+Rows quantize independently (every ggml type encodes a row block by block), so the damage of a
+type on a tensor is a sum over rows, estimated from a fixed random sample of rows scaled up by
+rows / sampled. The sample is sized in weights (:class:`RowSample`): about ``weights`` per
+tensor, at least ``min_rows`` rows; a vocabulary-sized output keeps ``vocab_rows`` rows (a token
+embedding is sampled by :func:`lwq_gguf.score.fisher.stratified_rows`). Only the sampled rows'
+Fisher is ever formed, so the backward pass computes their weight gradients alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowSample:
+    weights: int | None = 1 << 16  # about this many weights per tensor; None: every row
+    min_rows: int = 64
+    vocab_rows: int | None = 2048  # rows of the output / token embedding (None: every row)
+    max_rows: int | None = None  # a cap on every tensor (tests)
+
+    def count(self, n_rows: int, n_cols: int, vocab: bool = False) -> int:
+        """How many of a tensor's rows are sampled."""
+        if vocab:
+            k = self.vocab_rows if self.vocab_rows is not None else n_rows
+        elif self.weights is None:
+            k = n_rows
+        else:
+            k = max(self.min_rows, -(-self.weights // max(1, n_cols)))
+        if self.max_rows is not None:
+            k = min(k, self.max_rows)
+        return min(k, n_rows)
+
+    def rows(self, n_rows: int, n_cols: int, vocab: bool = False) -> np.ndarray:
+        """The sampled rows (sorted; all rows when the sample would hold them all)."""
+        return kept_rows(n_rows, self.count(n_rows, n_cols, vocab))
+
+
+EVERY_ROW = RowSample(weights=None, vocab_rows=None)
+
+
+def kept_rows(n: int, k: int | None) -> np.ndarray:
+    """A fixed sorted sample of k of n rows (all when k is None or >= n)."""
+    if k is None or n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, k, replace=False))
+
+
+@dataclass(frozen=True)
+class FisherTensor:
+    """One GGUF tensor's sampled rows: weights (rounded through the base GGUF's 16-bit type,
+    float32) and their Fisher diagonal per token."""
+
+    name: str  # GGUF tensor name
+    weight: np.ndarray  # the sampled rows of the weight
+    fisher: np.ndarray  # their Fisher diagonal per token
+    rows: int  # the tensor's row count
+    keep: np.ndarray  # which rows (sorted indices into the tensor's rows)
+    experts: int = 1  # merged experts: rows [e * rows / experts, (e + 1) * rows / experts) are e's
+    # what each kept row's damage counts for in the tensor's (None: rows / kept, every row)
+    weights: np.ndarray | None = None
+
+    def expert_of_kept(self) -> np.ndarray:
+        """The expert each kept row belongs to."""
+        return self.keep // (self.rows // self.experts)
+
+    @property
+    def row_weights(self) -> np.ndarray:
+        if self.weights is not None:
+            return self.weights
+        return np.full(len(self.keep), self.rows / max(1, len(self.keep)))
