@@ -18,8 +18,10 @@ CPU seconds over the worker threads) and wait (their wall time after the backwar
 the demo model (models/smollm2-135m-k256, f32) and random Llama models with Llama-3.2-1B /
 Llama-3.1-8B shapes (bench/scale.py, bf16).
 
-Writes bench/results/speed.json and speed.md (date, machine, commands); target: ratio <= 4 for
-the demo model and the 1B shape.
+Writes bench/results/speed.json and speed.md (date, machine, commands, the commit measured, per
+row); targets: ratio <= 4 for the demo model and the 1B shape, peak RSS <= 8 GB at the 8B shape.
+Rows of shapes not measured in this run are kept from the existing results file, each with its
+own date and commit (say --fresh to drop them).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.score.scores import default_calibration  # noqa: E402
 
 TARGET = 4.0
+RSS_8B_GB = 8.0
 PHASES = ("hash", "setup", "read", "zd", "forward", "imatrix", "head", "backward", "list",
           "sweeps", "wait")
 
@@ -104,7 +107,18 @@ def measure(shape: str, tokens: int, work: Path, lc) -> dict:
             "llama_imatrix": {**imatrix, "command": " ".join(map(str, im_cmd))},
             "lwq_score": {**ours, "command": "lwq-gguf score MODEL --rescore --calib-tokens "
                           f"{tokens} --device cpu", "phases": phases},
-            "ratio": ratio}
+            "ratio": ratio, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "commit": commit()}
+
+
+def commit() -> str:
+    """The code measured: HEAD, marked when the working tree differs from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "lwq_gguf"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
 
 
 def main() -> None:
@@ -112,6 +126,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="demo,1b", help="some of demo,1b,8b")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "speed")
+    ap.add_argument("--fresh", action="store_true", help="drop the rows of shapes not run now")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     lc = find_llama_cpp()
@@ -119,20 +134,34 @@ def main() -> None:
     doc = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
            "command": "bench/speed.py " + " ".join(sys.argv[1:]), "target_ratio": TARGET,
            "rows": []}
-    for shape in a.shapes.split(","):
+    shapes = a.shapes.split(",")
+    if res_json.is_file() and not a.fresh:  # other shapes' rows, as they were measured
+        old = json.loads(res_json.read_text())
+        doc["rows"] = [{"date": old["date"], **r} for r in old.get("rows", [])
+                       if r["shape"] not in shapes]
+    order = ("demo", "1b", "8b")
+    for shape in shapes:
         doc["rows"].append(measure(shape, a.calib_tokens, a.work, lc))
+        doc["rows"].sort(key=lambda r: order.index(r["shape"]) if r["shape"] in order else 9)
         res_json.write_text(json.dumps(doc, indent=1))  # after each model: a long run keeps it
-    heads = ("model", "tokens", "llama-imatrix s", "lwq score s", "ratio", "peak RSS GB",
-             *PHASES)
-    rows = [(r["shape"], r["tokens"], r["llama_imatrix"]["seconds"], r["lwq_score"]["seconds"],
+    heads = ("model", "measured", "tokens", "llama-imatrix s", "lwq score s", "ratio",
+             "peak RSS GB", *PHASES)
+    rows = [(r["shape"], f"{r['date']} {r.get('commit', '?')}", r["tokens"],
+             r["llama_imatrix"]["seconds"], r["lwq_score"]["seconds"],
              r["ratio"], r["lwq_score"]["peak_rss_gb"],
              *(r["lwq_score"]["phases"].get(p, "-") for p in PHASES)) for r in doc["rows"]]
     met = all(r["ratio"] <= TARGET for r in doc["rows"] if r["shape"] in ("demo", "1b"))
     verdict = (f"ratio <= {TARGET} for the demo model and the 1B shape: "
                f"{'met' if met else 'NOT met'}")
+    big = [r for r in doc["rows"] if r["shape"] == "8b"]
+    if big:
+        rss = big[0]["lwq_score"]["peak_rss_gb"]
+        verdict += (f"; peak RSS at the 8B shape {rss} GB (target <= {RSS_8B_GB}): "
+                    f"{'met' if rss <= RSS_8B_GB else 'NOT met'}")
     (ROOT / "bench" / "results" / "speed.md").write_text(
         "# Scoring speed: `lwq-gguf score` against `llama-imatrix`\n\n"
-        f"Command: `{doc['command']}`\n\nMachine: {doc['machine']}; {doc['date']}; the same "
+        f"Command: `{doc['command']}` (rows of other shapes kept from earlier runs, as dated)"
+        f"\n\nMachine: {doc['machine']}; {doc['date']}; the same "
         "calibration tokens on both sides (the packaged calibration text); seconds are wall "
         "clock of the whole command, phases from the scores file (sweeps in CPU seconds).\n\n"
         + markdown_table(heads, rows) + f"\n\n{verdict}\n")
