@@ -39,8 +39,7 @@ from lwq_gguf.score.scores import ScoreConfig, sig6
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
-__all__ = ["FisherRun", "FisherTensor", "gguf_names", "kept_rows", "merge_experts",
-           "streamed_fisher"]
+__all__ = ["FisherRun", "FisherTensor", "kept_rows", "streamed_fisher"]
 
 
 @dataclass

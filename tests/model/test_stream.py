@@ -49,7 +49,7 @@ def test_streamed_lim_equals_whole_model(tiny, arch, tied):
 
 def whole_model_fisher(path, model, cfg):
     """The reference: Fisher diagonal + imatrix sums from one whole-model forward/backward."""
-    from lwq_gguf.score.fisher import gguf_names, merge_experts
+    from lwq_gguf.model.arch import gguf_names, merge_experts
 
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                               attn_implementation=model.arch.attention).eval()
