@@ -262,6 +262,7 @@ def cmd_plan(a) -> None:
 
 
 def cmd_convert(a) -> None:
+    from lwq_gguf.evaluate.perplexity import check_perplexity
     from lwq_gguf.files import atomic_write_text, check_output
     from lwq_gguf.pipeline import convert
     from lwq_gguf.report import plan_summary, plan_types_table
@@ -279,7 +280,7 @@ def cmd_convert(a) -> None:
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
         check_output(modelfile, a.force)
-    r = convert(job, write, verify=not a.no_verify)
+    r = convert(job, write, verify=not a.no_verify, perplexity=check_perplexity)
     print(plan_types_table(r.plan))
     print(plan_summary(r.plan))
     check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"

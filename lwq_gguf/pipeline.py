@@ -29,7 +29,7 @@ from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
 from lwq_gguf.write.converter import model_tensors
-from lwq_gguf.write.verify import CheckResult, check_file, read_back
+from lwq_gguf.write.verify import CheckResult, Perplexity, check_file, read_back
 from lwq_gguf.write.writer import WriteConfig, check_plan_matches, cleanup, work_paths, write_gguf
 
 
@@ -230,8 +230,12 @@ def _encoder(job: Job) -> str:
         return DEFAULT_ENCODER  # read_plan says what is wrong with it, in order
 
 
-def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
-    """HF folder -> planned GGUF at ``write.output``; nothing is left there on failure."""
+def convert(job: Job, write: WriteConfig, verify: bool = True,
+            perplexity: Perplexity | None = None) -> ConvertResult:
+    """HF folder -> planned GGUF at ``write.output``; nothing is left there on failure.
+
+    ``verify``: the file is read back and its types compared with the plan, and run by
+    ``perplexity`` (the evaluate stage's check, given by the caller) before it takes its name."""
     t0 = time.time()
     out = write.output
     check_output(out, write.force)
@@ -254,7 +258,7 @@ def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
             written = write_gguf(lc, p.model.path, p.plan, p.scores,
                                  replace(write, imatrix=im_path), job.progress)
             assert written == partial, (written, partial)
-            check = (check_file(lc, partial, p.plan, job.score.calib_file, shown_as=out) if verify
+            check = (check_file(partial, p.plan, job.score.calib_file, out, perplexity) if verify
                      else CheckResult(read_back(partial).bpw, None))
     finally:
         cleanup(out)  # the work folder (and a partial file, never the target)

@@ -4,10 +4,18 @@
 
 Dense: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3; mixture-of-experts: mixtral, qwen2moe
 (with a shared expert), qwen3moe, olmoe (4 experts, 2 active); and stablelm, which llama.cpp's
-converter knows but lwq-gguf runs no forward pass of (plans from weight error). Hidden 256, so every row takes
-K-quants. They reuse the demo model's tokenizer (models/smollm2-135m, known to llama.cpp's
-converter as ``smollm``), so ``make models`` must have run; Gemma 2, which the converter reads only
-with a SentencePiece model, gets one trained here on the packaged calibration text.
+converter knows but lwq-gguf runs no forward pass of (plans from weight error). Hidden 256, so
+every row takes K-quants.
+
+Tokenizers: Llama, Mistral, Qwen2, Qwen3 and the Gemmas get a 2,048-token SentencePiece model,
+trained here once on the packaged calibration text (small embeddings, so the layers carry most of
+the weights and a conversion costs seconds); the others reuse the demo model's 49,152-token BPE
+tokenizer (models/smollm2-135m, known to llama.cpp's converter as ``smollm``, so ``make models``
+must have run): Qwen2-MoE, Qwen3-MoE, OLMoE and StableLM
+(the converter reads them as BPE only), Phi-3 (the converter's SentencePiece path expects Phi-3's
+own added tokens) and Mixtral (tests/test_moe.py compares its imatrix with llama-imatrix's token
+by token, and with this SentencePiece model llama.cpp puts a space before a text's first word,
+which the fast tokenizer does not). ``vocab="bpe"`` forces BPE for any architecture.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,13 +36,19 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 UNSCORED = ("stablelm",)  # the converter knows it, lwq-gguf's table does not: weight-error plans
 ARCHS = DENSE + MOE + UNSCORED
+BPE_ONLY = ("qwen2moe", "qwen3moe", "olmoe", "stablelm")  # the converter reads these as BPE only
+BPE_DEFAULT = BPE_ONLY + ("phi3", "mixtral")
 N_EXPERTS, TOP_K = 4, 2
 
 
-def tiny_config(arch: str, layers: int, tied: bool):
+def default_vocab(arch: str) -> str:
+    return "bpe" if arch in BPE_DEFAULT else "sp"
+
+
+def tiny_config(arch: str, layers: int, tied: bool, vocab: str = "sp"):
     import transformers as tf
 
-    vocab = SP_VOCAB if arch == "gemma2" else 49152
+    vocab = SP_VOCAB if vocab == "sp" else 49152
     common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                   max_position_embeddings=1024, tie_word_embeddings=tied, bos_token_id=1,
@@ -75,27 +90,36 @@ def _sentencepiece(out: Path) -> None:
 
     cache = ROOT / f"sp-{SP_VOCAB}"
     if not (cache / "tokenizer.json").is_file():
-        cache.mkdir(exist_ok=True)
+        # made in a folder of its own and renamed into place: parallel test workers may race
+        tmp = Path(tempfile.mkdtemp(prefix=f".sp-{SP_VOCAB}-", dir=ROOT))
         spm.SentencePieceTrainer.train(
-            input=str(CALIBRATION), model_prefix=str(cache / "tokenizer"), vocab_size=SP_VOCAB,
+            input=str(CALIBRATION), model_prefix=str(tmp / "tokenizer"), vocab_size=SP_VOCAB,
             model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True,
             num_threads=1, minloglevel=2)
-        tok = GemmaTokenizerFast(vocab_file=str(cache / "tokenizer.model"))
-        tok.save_pretrained(str(cache))
+        tok = GemmaTokenizerFast(vocab_file=str(tmp / "tokenizer.model"))
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(cache)
+        except OSError:  # another worker was first: use its folder (the same bytes)
+            shutil.rmtree(tmp)
     for f in cache.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, out / f.name)
 
 
 def make_tiny(out: Path, arch: str = "llama", layers: int = 2, *, dtype: str = "float16",
-              shards: int = 1, tied: bool = False, seed: int = 0) -> Path:
-    """Write a random model folder; ``shards`` > 1 writes model-0000N-of-0000M + index."""
+              shards: int = 1, tied: bool = False, seed: int = 0, vocab: str | None = None) -> Path:
+    """Write a random model folder; ``shards`` > 1 writes model-0000N-of-0000M + index;
+    ``vocab``: "sp" (2,048 SentencePiece tokens) or "bpe" (the demo model's), default by arch."""
     from transformers import AutoModelForCausalLM
 
+    vocab = vocab or default_vocab(arch)
+    if vocab == "sp" and arch in BPE_ONLY:
+        raise SystemExit(f"tiny: llama.cpp's converter reads {arch} with a BPE vocabulary only")
     if not (TOKENIZER_SOURCE / "tokenizer.json").is_file():
         raise SystemExit(f"tiny: {TOKENIZER_SOURCE} missing: run `make models` first")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, tied))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, tied, vocab))
     # random init leaves norms at 1 and attention near-uniform; widen it so layers differ
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
@@ -109,13 +133,13 @@ def make_tiny(out: Path, arch: str = "llama", layers: int = 2, *, dtype: str = "
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         size = f"{total // shards // 1000 + 1}KB"
     model.save_pretrained(out, safe_serialization=True, max_shard_size=size or "50GB")
-    if arch == "gemma2":
+    if vocab == "sp":
         _sentencepiece(out)
     else:
         for f in TOKENIZER_SOURCE.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copy(f, out / f.name)
-    if arch == "phi3":  # the converter reads a Phi-3 vocabulary as BPE only when told so
+    if arch == "phi3" and vocab == "bpe":  # the converter reads a Phi-3 vocabulary as BPE only when told so
         tc = out / "tokenizer_config.json"
         tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "GPT2Tokenizer"}))
     cfg = json.loads((out / "config.json").read_text())
@@ -134,5 +158,6 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--vocab", choices=["sp", "bpe"], default=None)
     a = ap.parse_args()
-    print(make_tiny(a.out, a.arch, a.layers, dtype=a.dtype, shards=a.shards))
+    print(make_tiny(a.out, a.arch, a.layers, dtype=a.dtype, shards=a.shards, vocab=a.vocab))

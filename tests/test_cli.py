@@ -134,12 +134,12 @@ def test_output_exists_without_force(model, tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_while_writing(model, tmp_path):
-    """A file-size limit makes every write past 4 MB fail (EFBIG), as a full disk would."""
+    """A file-size limit makes every write past 512 KiB fail (EFBIG), as a full disk would."""
     out = tmp_path / "out.gguf"
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, 1 << 19))  # (the file: ~1.1 MiB)
 
     p = run_cli("-q", "convert", model, "--avg-bits", "4", "-o", out, "--strategy", "lim",
                 "--imatrix", "none", "--calib-tokens", "64", preexec_fn=limit)

@@ -130,7 +130,7 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
 
 
 @pytest.mark.slow
-def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, tmp_path):
+def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, llama2_scores, tmp_path):
     """Killed while the two-step path writes the 16-bit GGUF and while llama-quantize runs (the
     single pass: tests/write/test_onepass.py)."""
     out = tmp_path / "k.gguf"
@@ -138,7 +138,7 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for marker in (work / "base.gguf", tmp_path / ".k.gguf.partial"):
         proc = subprocess.Popen([sys.executable, "-m", "lwq_gguf", "-q", "convert", str(llama2),
-                                 "--avg-bits", "4", "-o", str(out), "--calib-tokens", "512",
+                                 "--avg-bits", "4", "-o", str(out), "--calib-tokens", "1024",
                                  "--two-step", "--encoder", "ggml"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -148,10 +148,11 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not out.exists()
-    run_cli("-q", "convert", llama2, "--avg-bits", "4", "-o", out, "--no-verify", check=True)
+    run_cli("-q", "convert", llama2, "--avg-bits", "4", "-o", out, "--no-verify",
+            "--calib-tokens", "1024", check=True)  # (the scores of llama2_scores, cached)
     assert out.exists() and not work.exists() and not (tmp_path / ".k.gguf.partial").exists()
     first = sha(out)
     run_cli("-q", "convert", llama2, "--avg-bits", "5", "-o", out, "--no-verify", "--force",
-            check=True)
+            "--calib-tokens", "1024", check=True)
     assert sha(out) != first
     check_output_file(out, 5.0)

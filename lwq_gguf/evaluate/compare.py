@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError, OutputError
-from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_text, evaluate_many,
-                                          resolve_device)
+from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_perplexity, check_text,
+                                          evaluate_many, resolve_device)
 from lwq_gguf.files import atomic_output, atomic_write_text, check_output, code_digest, sha256_file
 from lwq_gguf.write.verify import read_back
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
@@ -223,6 +223,10 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
     """Everything that can be refused is refused before the first slow step."""
     if not cfg.text.is_file():
         raise LwqError(f"{cfg.text}: no such text file: pass --text FILE (e.g. wiki.test.raw)")
+    size = cfg.text.stat().st_size  # a token covers at least one byte (BOS and a SentencePiece
+    if size + 2 < 2 * cfg.eval.ctx:  # prefix aside): refused now, before building anything
+        raise LwqError(f"{cfg.text}: too short: {size} bytes cannot make 2 chunks of "
+                       f"{cfg.eval.ctx} tokens; give a longer text or a smaller --ctx")
     needy = [m for m in cfg.baselines if mix_needs_imatrix(m)]
     if needy and cfg.imatrix.mode == "none":
         raise LwqError(f"--baselines {','.join(needy)}: llama.cpp needs an importance matrix "
@@ -293,7 +297,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
             build_mix(lc, entries[0].path, e, imatrix, cfg.threads)
         else:
             job = _job(cfg, plan=replace(cfg.plan, avg_bits=e.bits), scores_file=scores)
-            convert(job, WriteConfig(output=e.path, force=True, threads=cfg.threads))
+            convert(job, WriteConfig(output=e.path, force=True, threads=cfg.threads),
+                    perplexity=check_perplexity)
         files.record(e)
 
     text_sha = sha256_file(cfg.text)

@@ -31,6 +31,7 @@ model that moves PPL by up to ~0.6%.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -249,7 +250,10 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
 def _evaluate_groups(quants: list[Path], text: tuple[Path, bytes], lc: LlamaCpp, cfg: EvalConfig,
                      base: Path | None, run: tuple) -> list[EvalResult]:
     device, logits, progress = run
-    ops = _NumpyOps() if in_child() else _TorchOps()
+    # torch's threaded arithmetic when this process has loaded torch anyway (scoring, compare);
+    # else numpy, which gives the same numbers (tests/evaluate/test_eval.py) without importing
+    # torch for a few seconds (`eval`, and convert's check after a --scores file or a cache hit)
+    ops = _TorchOps() if "torch" in sys.modules and not in_child() else _NumpyOps()
     results: list[EvalResult | None] = [None] * len(quants)
     b = open_model(lc, base, cfg.ctx, device, cfg.threads) if base else None
     tokens = n_chunks = None
@@ -296,6 +300,16 @@ def _evaluate_groups(quants: list[Path], text: tuple[Path, bytes], lc: LlamaCpp,
 def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),
              base: Path | None = None, progress: bool = True) -> EvalResult:
     return evaluate_many([quant], text, lc, cfg, base, progress)[0]
+
+
+def check_perplexity(gguf: Path, text: Path, ctx: int = 128, chunks: int = 4) -> float:
+    """The check `convert` runs on a file it wrote: PPL over ``chunks`` x ``ctx`` tokens of
+    ``text`` in llama.cpp on the CPU (llama-perplexity's protocol; a file llama.cpp cannot load is
+    refused by the probe, without taking this process down)."""
+    from lwq_gguf.llamacpp import find_llama_cpp
+
+    return evaluate(gguf, text, find_llama_cpp(), EvalConfig(ctx=ctx, chunks=chunks),
+                    progress=False).ppl
 
 
 def _child_check_text(lc: LlamaCpp, a: dict) -> int:

@@ -2,21 +2,23 @@
 
 ``read_back`` lists each tensor's type and the file's BPW from the GGUF header (llama.cpp's
 definition: tensor bytes * 8 / tensor elements). ``check_file`` compares the types with the plan
-and runs a short ``llama-perplexity`` (4 chunks of 128 tokens of the calibration text), which must
-be finite.
+and runs the file in llama.cpp through the ``perplexity`` it is given (the caller's: `convert`
+passes :func:`lwq_gguf.evaluate.perplexity.check_perplexity`, 4 chunks of 128 tokens of the
+calibration text), whose PPL must be finite. (Not the ``llama-perplexity`` tool: at the pinned
+build it logs from a thread the process does not join at exit, and now and then a run that
+succeeded loses its last lines, ``Final estimate`` among them.)
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, VerifyError
-from lwq_gguf.llamacpp import LlamaCpp, run_tool
 from lwq_gguf.plan.plan import Plan
 
 
@@ -131,27 +133,17 @@ def _parse(h: _Header) -> FileInfo:
     return FileInfo(types, nbytes, nel, meta)
 
 
-def short_perplexity(lc: LlamaCpp, gguf: Path, text: Path, ctx: int = 128, chunks: int = 4,
-                     threads: int = 0) -> float:
-    """A few chunks of llama-perplexity on the CPU; returns the final PPL estimate."""
-    cmd = [str(lc.tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", str(ctx),
-           "-b", str(ctx), "--chunks", str(chunks), "-ngl", "0"]
-    if threads:
-        cmd += ["-t", str(threads)]
-    out = run_tool(cmd, what=f"llama-perplexity on {gguf.name}")
-    m = re.search(r"Final estimate: PPL = ([0-9.eE+\-naif]+)", out)
-    if not m:
-        raise VerifyError(f"{gguf}: llama-perplexity printed no estimate: run it by hand to see why")
-    return float(m.group(1))
-
-
 @dataclass(frozen=True)
 class CheckResult:
     bpw: float
     ppl: float | None
 
 
-def check_file(lc: LlamaCpp, path: Path, plan: Plan, text: Path | None, shown_as: Path) -> CheckResult:
+Perplexity = Callable[[Path, Path], float]  # (GGUF file, text) -> PPL of a short llama.cpp run
+
+
+def check_file(path: Path, plan: Plan, text: Path | None, shown_as: Path,
+               perplexity: Perplexity | None = None) -> CheckResult:
     info = read_back(path)
     want = dict(zip((t.name for t in plan.tensors), plan.types))
     if set(info.types) != set(want):
@@ -162,8 +154,12 @@ def check_file(lc: LlamaCpp, path: Path, plan: Plan, text: Path | None, shown_as
             raise VerifyError(f"{shown_as}: tensor {name!r} is {info.types[name]}, plan says {ty}: "
                               "report this bug (or pass --no-verify to keep the file)")
     ppl = None
-    if text is not None:
-        ppl = short_perplexity(lc, path, text)
+    if text is not None and perplexity is not None:
+        try:
+            ppl = perplexity(path, text)
+        except LwqError as e:
+            raise VerifyError(f"{shown_as}: llama.cpp cannot run the file ({e}); pass --no-verify "
+                              "to keep it for inspection") from None
         if not math.isfinite(ppl):
             raise VerifyError(f"{shown_as}: llama.cpp perplexity is {ppl}: the file is broken; "
                               "pass --no-verify to keep it for inspection")

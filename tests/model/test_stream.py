@@ -189,7 +189,7 @@ def test_gpu_placement_fills_the_gpus_in_layer_order(monkeypatch):
     from models.tiny import tiny_config
 
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(tiny_config("llama", 4, False), dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_config(tiny_config("llama", 4, False, "bpe"), dtype=torch.float32)
     emb = lm.model.embed_tokens.weight.numel() * 4
     layer = sum(p.numel() for p in lm.model.layers[0].parameters()) * 4
     assert auto_gpu_placement(lm, 512, "cpu") == {}  # no GPU: everything streams

@@ -97,7 +97,7 @@ CONVERSATIONS = [
 def test_convert_ollama_modelfile(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    model = tiny("llama", 2)
+    model = tiny("llama", 2, vocab="bpe")  # (the demo model's tokenizer and chat template)
     out = tmp_path / "m.gguf"
     p = run_cli("-q", "convert", model, "--avg-bits", "5", "-o", out, "--ollama", "--no-verify", *LIM,
                 check=True)
