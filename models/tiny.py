@@ -36,8 +36,9 @@ DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 UNSCORED = ("stablelm",)  # the converter knows it, lwq-gguf's table does not: weight-error plans
 ARCHS = DENSE + MOE + UNSCORED
-BPE_ONLY = ("qwen2moe", "qwen3moe", "olmoe", "stablelm")  # the converter reads these as BPE only
-BPE_DEFAULT = BPE_ONLY + ("phi3", "mixtral")
+# the converter reads these as BPE only (Phi-3: its SentencePiece path expects Phi-3's own tokens)
+BPE_ONLY = ("qwen2moe", "qwen3moe", "olmoe", "stablelm", "phi3")
+BPE_DEFAULT = BPE_ONLY + ("mixtral",)
 N_EXPERTS, TOP_K = 4, 2
 
 
@@ -139,7 +140,7 @@ def make_tiny(out: Path, arch: str = "llama", layers: int = 2, *, dtype: str = "
         for f in TOKENIZER_SOURCE.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copy(f, out / f.name)
-    if arch == "phi3" and vocab == "bpe":  # the converter reads a Phi-3 vocabulary as BPE only when told so
+    if arch == "phi3":  # the converter reads a Phi-3 vocabulary as BPE only when told so
         tc = out / "tokenizer_config.json"
         tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "GPT2Tokenizer"}))
     cfg = json.loads((out / "config.json").read_text())
