@@ -1,16 +1,27 @@
-"""The quality frontier: lwq-gguf against llama.cpp's mixes at each mix's own size.
+"""The quality frontier: lwq-gguf against llama.cpp's mixes at each mix's own size, and smaller.
 
-    .venv/bin/python bench/quality.py [--text FILE] [--chunks 40] [--strategies auto,lim,zd,random]
+    .venv/bin/python bench/quality.py [--model DIR] [--text FILE] [--chunks 40] [--imatrix none,auto]
+                                      [--no-ablation] [--results bench/results/quality.json]
 
-A preset of `lwq-gguf compare` on models/smollm2-135m-k256: for each llama.cpp mix Q2_K, Q3_K_S,
-Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, the mix is built and measured, then lwq-gguf converts with
---avg-bits set so that the whole file is no larger than the mix's (the mix's tensor bytes less
-META_ROOM for lwq-gguf's own metadata - the plan and scores as JSON, ~21 KiB here - as BPW,
-rounded down; the verdict checks the file sizes), without and with an
-imatrix on both sides (--imatrix none / auto: computed from the calibration text, never from the
-evaluation text). Every file is evaluated against the 16-bit base on the same chunks (llama.cpp,
-CPU). Writes bench/results/quality.json and quality.md: per point the KLD ratio (ours / llama.cpp),
-same-top %, PPL and size. Files and results are cached in out/quality/ (rerunning is cheap).
+A preset of `lwq-gguf compare` on models/smollm2-135m-k256-cont (the demo model with continuous
+weights, as a never-quantized checkpoint has them: see models/make_smollm2.py). For each llama.cpp
+mix - Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, and with an imatrix also IQ2_M, IQ3_XXS, IQ3_M,
+IQ4_XS (Q5_K_M and Q6_K are measured beside them) - the mix is built and measured, then lwq-gguf
+converts with --avg-bits set so that the whole file is no larger than the mix's (the mix's tensor
+bytes less META_ROOM for lwq-gguf's own metadata - the plan and scores as JSON - as BPW, rounded
+down; the verdict checks the bytes on disk):
+
+* "same size": at each mix's size, without and with an imatrix on both sides (--imatrix none /
+  auto: computed from the calibration text, never from the evaluation text); target KLD ratio
+  (ours / mix) <= 0.55;
+* "0.85x size" (with the imatrix): at 0.85x the bytes of Q3_K_M, Q4_K_S and Q4_K_M; target <= 1;
+* "embedding pinned" (ablation, with the imatrix): the tied embedding/output fixed to the type the
+  mix gives it (--token-embedding-type), so that the ratio shows what the repeating layers gain.
+
+Every file is evaluated against the 16-bit base on the same chunks (llama.cpp, CPU). Writes
+RESULTS (.json and .md): per point the KLD ratio, same-top %, PPL, bytes on disk and how they split
+between embedding/output and the layers. Files and results are cached in out/quality/MODEL/ and
+shared between texts (a second text costs only its evaluations).
 """
 
 from __future__ import annotations
@@ -35,58 +46,128 @@ from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
 from lwq_gguf.write.verify import read_back  # noqa: E402
 
-MODEL = ROOT / "models" / "smollm2-135m-k256"
+MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+K_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
+IQ_MIXES = ("IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS")  # need an imatrix (IQ2_M, IQ3_XXS)
+MEASURED = ("Q5_K_M", "Q6_K")  # baselines measured beside them, no point of ours
+SMALLER, SHRINK = ("Q3_K_M", "Q4_K_S", "Q4_K_M"), 0.85
 META_ROOM = 32 << 10  # bytes: lwq.plan + lwq.scores, which llama.cpp's files do not carry
+EMBED = ("token_embd.weight", "output.weight")
+TARGET_SAME, TARGET_SMALLER = 0.55, 1.0
 
 
-def size_target(mix_file: Path) -> float:
-    """--avg-bits that keeps our file no larger than ``mix_file`` (same model, same vocab)."""
+def size_target(mix_file: Path, scale: float = 1.0) -> float:
+    """--avg-bits that keeps our file within ``scale`` x ``mix_file`` on disk (same model)."""
     info = read_back(mix_file)
-    return math.floor((info.nbytes - META_ROOM) * 8 / info.nelements * 1000) / 1000
+    limit = mix_file.stat().st_size * scale - (mix_file.stat().st_size - info.nbytes)
+    return math.floor((limit - META_ROOM) * 8 / info.nelements * 1000) / 1000
 
 
-def run(text: Path, chunks: int, strategies: list[str], out_root: Path, imatrix: str,
-        encoder: str = "lwq", model: Path = MODEL, mixes: tuple[str, ...] = MIXES) -> list[dict]:
+def byte_split(path: Path) -> tuple[int, int]:
+    """(bytes of token_embd + output, bytes of every other tensor) of a GGUF."""
+    from gguf import GGUFReader
+
+    emb = other = 0
+    for t in GGUFReader(str(path)).tensors:
+        if t.name in EMBED:
+            emb += int(t.n_bytes)
+        else:
+            other += int(t.n_bytes)
+    return emb, other
+
+
+def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, base_ppl: float,
+         out: Path) -> dict:
+    ea, la = byte_split(out / a.file)
+    eb, lb = byte_split(out / b.file)
+    types = read_back(out / a.file).types
+    return {"point": point, "imatrix": imatrix, "mix": mix, "target": bits, "size_limit": limit,
+            "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
+            "ours_bytes": (out / a.file).stat().st_size, "mix_mib": b.size_mib,
+            "ours_mib": a.size_mib, "mix_embd_bytes": eb, "mix_layer_bytes": lb,
+            "ours_embd_bytes": ea, "ours_layer_bytes": la,
+            "ours_embd_type": types.get("token_embd.weight"),
+            "mix_embd_type": read_back(out / b.file).types.get("token_embd.weight"),
+            "mix_kld": b.result.kld_mean, "ours_kld": a.result.kld_mean,
+            "kld_ratio": a.result.kld_mean / b.result.kld_mean,
+            "mix_same_top": b.result.same_top_pct, "ours_same_top": a.result.same_top_pct,
+            "mix_ppl": b.result.ppl, "ours_ppl": a.result.ppl, "base_ppl": base_ppl,
+            "chunks": a.result.chunks}
+
+
+def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "lwq",
+        model: Path = MODEL, ablation: bool = True) -> list[dict]:
     out = out_root / f"imatrix-{imatrix}"
     out_root.mkdir(parents=True, exist_ok=True)
+    with_im = imatrix != "none"
+    mixes = K_MIXES + (IQ_MIXES if with_im else ())
     cfg = CompareConfig(model=model, out_dir=out, text=text, targets=(),
-                        plan=PlanConfig(avg_bits=4.0), baselines=mixes,
-                        imatrix=ImatrixChoice.parse(imatrix), score=ScoreConfig(device="cpu"),
+                        plan=PlanConfig(avg_bits=4.0, encoder=encoder),
+                        baselines=mixes + MEASURED, imatrix=ImatrixChoice.parse(imatrix),
+                        score=ScoreConfig(device="cpu"),
                         eval=EvalConfig(ctx=512, chunks=chunks, device="cpu"))
     built = {r.label: r for r in run_compare(cfg).rows if r.kind == "llama.cpp"}
-    targets = tuple(size_target(out / built[m].file) for m in mixes)
-    rows = []
-    for strategy in strategies:
-        c = replace(cfg, targets=targets,
-                    plan=PlanConfig(avg_bits=targets[0], strategy=strategy, encoder=encoder))
-        res = run_compare(c)
-        write_outputs(c, res, f"bench/quality.py (imatrix {imatrix}, strategy {strategy})")
-        ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
-        final = {r.label: r for r in res.rows if r.kind == "llama.cpp"}  # (rebuilt when the
-        # scores, and so the imatrix both sides use, were measured again)
-        for m, bits in zip(mixes, targets):
-            a, b = ours[f"lwq {bits:g}"], final[m]
-            rows.append({"imatrix": imatrix, "strategy": strategy, "encoder": encoder, "mix": m,
-                         "target": bits,
-                         "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
-                         "ours_bytes": (out / a.file).stat().st_size, "mix_mib": b.size_mib,
-                         "ours_mib": a.size_mib, "mix_kld": b.result.kld_mean,
-                         "ours_kld": a.result.kld_mean, "kld_ratio": a.result.kld_mean /
-                         b.result.kld_mean, "mix_same_top": b.result.same_top_pct,
-                         "ours_same_top": a.result.same_top_pct, "mix_ppl": b.result.ppl,
-                         "ours_ppl": a.result.ppl, "base_ppl": res.base.result.ppl,
-                         "chunks": a.result.chunks})
+    points = [("same size", m, 1.0) for m in mixes]
+    if with_im:
+        points += [(f"{SHRINK:g}x size", m, SHRINK) for m in SMALLER]
+    bits = {(p, m): size_target(out / built[m].file, k) for p, m, k in points}
+    c = replace(cfg, targets=tuple(sorted(set(bits.values()))),
+                plan=PlanConfig(avg_bits=min(bits.values()), encoder=encoder))
+    res = run_compare(c)
+    write_outputs(c, res, f"bench/quality.py (imatrix {imatrix})")
+    ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
+    final = {r.label: r for r in res.rows if r.kind == "llama.cpp"}
+    rows = [_row(p, imatrix, m, bits[p, m], k, ours[f"lwq {bits[p, m]:g}"], final[m],
+                 res.base.result.ppl, out) for p, m, k in points]
+    if ablation and with_im:  # the embedding/output pinned to the mix's own type
+        pinned: dict[str, list[str]] = {}
+        for m in mixes:
+            pinned.setdefault(read_back(out / final[m].file).types["token_embd.weight"], []).append(m)
+        for ty, ms in sorted(pinned.items()):
+            c = replace(cfg, baselines=(), targets=tuple(sorted({bits["same size", m] for m in ms})),
+                        plan=PlanConfig(avg_bits=bits["same size", ms[0]], encoder=encoder,
+                                        token_embedding_type=ty))
+            r = {x.label: x for x in run_compare(c).rows if x.kind == "lwq-gguf"}
+            rows += [_row(f"embedding pinned ({ty})", imatrix, m, bits["same size", m], 1.0,
+                          r[f"lwq {bits['same size', m]:g}"], final[m], res.base.result.ppl, out)
+                     for m in ms]
     return rows
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """One line per target of the issue, with its measured worst case."""
+    lines = []
+    for imatrix in ("none", "auto"):
+        same = [r for r in rows if r["point"] == "same size" and r["imatrix"] == imatrix]
+        if same:
+            worst = max(same, key=lambda r: r["kld_ratio"])
+            lines.append(f"same size, imatrix {imatrix}: max KLD ratio {worst['kld_ratio']:.3f} "
+                         f"({worst['mix']}) over {len(same)} mixes (target <= {TARGET_SAME}): "
+                         f"{'met' if worst['kld_ratio'] <= TARGET_SAME else 'MISSED'}")
+    small = [r for r in rows if r["point"].endswith("x size")]
+    if small:
+        worst = max(small, key=lambda r: r["kld_ratio"])
+        lines.append(f"{SHRINK:g}x size: max KLD ratio {worst['kld_ratio']:.3f} ({worst['mix']}) "
+                     f"over {len(small)} mixes (target <= {TARGET_SMALLER}): "
+                     f"{'met' if worst['kld_ratio'] <= TARGET_SMALLER else 'MISSED'}")
+    pinned = [r for r in rows if r["point"].startswith("embedding pinned")]
+    if pinned:
+        worst = max(pinned, key=lambda r: r["kld_ratio"])
+        lines.append(f"embedding pinned to the mix's type: max KLD ratio {worst['kld_ratio']:.3f} "
+                     f"({worst['mix']}) over {len(pinned)} mixes")
+    fits = all(r["ours_bytes"] <= r["mix_bytes"] * r["size_limit"] for r in rows)
+    lines.append(f"every file within its size limit (bytes on disk): {fits}")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
     ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--strategies", default="auto")
     ap.add_argument("--imatrix", default="none,auto")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the embedding-pinned points")
     ap.add_argument("--encoder", default="lwq", choices=ENCODERS,
                     help="our files' encoder (ggml: llama-quantize's Q4_K blocks)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
@@ -97,30 +178,32 @@ def main() -> None:
     t0 = time.time()
     rows = []
     for imatrix in a.imatrix.split(","):
-        rows += run(a.text, a.chunks, a.strategies.split(","), a.out / a.text.stem, imatrix,
-                    a.encoder)
-    head = ("imatrix", "strategy", "mix", "BPW mix/ours", "MiB mix/ours", "KLD mix", "KLD ours",
-            "ratio", "same top mix/ours", "PPL mix/ours")
-    cells = [(r["imatrix"], r["strategy"], r["mix"], f"{r['mix_bpw']:.3f} / {r['ours_bpw']:.3f}",
-              f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}", f"{r['mix_kld']:.4f}",
-              f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
+        rows += run(a.text, a.chunks, a.out / a.model.resolve().name, imatrix, a.encoder, a.model,
+                    not a.no_ablation)
+    head = ("point", "imatrix", "mix", "MiB mix/ours", "embd type mix/ours",
+            "MiB embd+out mix/ours", "KLD mix", "KLD ours", "ratio", "same top mix/ours",
+            "PPL mix/ours")
+    cells = [(r["point"], r["imatrix"], r["mix"], f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}",
+              f"{r['mix_embd_type']} / {r['ours_embd_type']}",
+              f"{r['mix_embd_bytes'] / 2**20:.2f} / {r['ours_embd_bytes'] / 2**20:.2f}",
+              f"{r['mix_kld']:.4f}", f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
               f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
               f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
-    auto = [r for r in rows if r["strategy"] == "auto"]
-    verdict = (f"auto: max KLD ratio {max(r['kld_ratio'] for r in auto):.3f} over {len(auto)} "
-               f"points (target <= 0.8); every file no larger than its mix (bytes on disk): "
-               f"{all(r['ours_bytes'] <= r['mix_bytes'] for r in auto)}") if auto else ""
+    lines = verdict(rows)
     print(table(head, cells))
-    print(verdict)
-    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
-           "date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": round(time.time() - t0), "verdict": verdict,
+    print("\n".join(lines))
+    model = a.model.resolve()
+    doc = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
+           "text": str(a.text), "chunks": a.chunks, "date": time.strftime("%Y-%m-%d"),
+           "machine": machine(), "seconds": round(time.time() - t0), "verdict": lines,
            "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows}
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps(doc, indent=1))
     a.results.with_suffix(".md").write_text(
-        f"# Quality: lwq-gguf vs llama.cpp mixes at equal size\n\nCommand: `{doc['command']}`\n\n"
-        f"Machine: {doc['machine']}; text {a.text.name}, {a.chunks} chunks x 512; "
-        f"{doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n{verdict}\n")
+        f"# Quality: lwq-gguf vs llama.cpp mixes\n\nCommand: `{doc['command']}`\n\n"
+        f"Model {doc['model']}; machine: {doc['machine']}; {doc['date']}; text {a.text.name}, "
+        f"{a.chunks} chunks x 512; {doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n"
+        + "\n".join(f"- {x}" for x in lines) + "\n")
     if a.results.name == "quality.json":
         plot(doc, ROOT / "docs" / "quality.png")
     print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
@@ -137,7 +220,7 @@ def plot(doc: dict, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for imatrix, color in (("none", "tab:red"), ("auto", "tab:blue")):
         rows = sorted((r for r in doc["rows"] if r["imatrix"] == imatrix
-                       and r["strategy"] == "auto"), key=lambda r: r["mix_bpw"])
+                       and r.get("point", "same size") == "same size"), key=lambda r: r["mix_bpw"])
         if not rows:
             continue
         ax.plot([r["mix_bpw"] for r in rows], [r["mix_kld"] for r in rows], "s--", color=color,

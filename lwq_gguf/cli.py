@@ -19,10 +19,10 @@ from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan.budget import parse_size
 from lwq_gguf.plan.plan import STRATEGIES, PlanConfig, parse_override
-from lwq_gguf.quant.types import (AUTO_LADDER, DEFAULT_BASELINES, DEFAULT_ENCODER, DEFAULT_LADDER,
-                                  ENCODERS)
+from lwq_gguf.quant.types import (DEFAULT_BASELINES, DEFAULT_ENCODER, DEFAULT_LADDER, ENCODERS,
+                                  IQ_BASELINES)
 
-EPILOG = "Types are llama.cpp's names (q2_k ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
+EPILOG = "Types are llama.cpp's names (iq1_m ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
 EX_BUG = 70  # an internal error (sysexits EX_SOFTWARE)
 
 
@@ -62,8 +62,10 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
     g.add_argument("--imatrix", default="auto", metavar="auto|none|FILE",
                    help="importance matrix for planning and llama-quantize: auto (default: "
                    "computed from the calibration text), none, or a llama-imatrix .gguf file")
-    g.add_argument("--ladder", help=f"types to choose from (default for --strategy auto: "
-                   f"{','.join(AUTO_LADDER)}; for the others: {','.join(DEFAULT_LADDER)})")
+    g.add_argument("--ladder", help="types to choose from, comma-separated, or a preset: all "
+                   "(default for --strategy auto: every type llama-quantize writes but the "
+                   "ternary TQ1_0/TQ2_0; those that need an imatrix only with one), k (K-quants "
+                   f"and q8_0: {','.join(DEFAULT_LADDER)}, the default of the other strategies)")
     g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
     g.add_argument("--token-embedding-type", default="auto",
                    help="type of token_embd.weight, or auto: planned first (default auto)")
@@ -150,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text", type=Path, required=True, help="evaluation text, e.g. wiki.test.raw")
     m.add_argument("-o", "--output", type=Path, help="output folder (default compare-MODELNAME); "
                    "files and results in it are reused")
-    m.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
-                   help=f"llama-quantize mixes (default {','.join(DEFAULT_BASELINES)}; none)")
+    m.add_argument("--baselines",
+                   help=f"llama-quantize mixes (default {','.join(DEFAULT_BASELINES)}, and with an "
+                   f"imatrix also {','.join(IQ_BASELINES)}; none)")
     m.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512)")
     m.add_argument("--chunks", type=int, help="first N chunks (default: all)")
     m.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
@@ -331,16 +334,18 @@ def cmd_compare(a) -> None:
 
     from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs
     from lwq_gguf.quant.imatrix import ImatrixChoice
-    from lwq_gguf.quant.types import parse_mixes
+    from lwq_gguf.quant.types import default_baselines, parse_mixes
     from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
 
     if a.scores:
         raise LwqError("compare scores the model once itself (OUT/scores.json): drop --scores")
     targets = tuple(dict.fromkeys(a.avg_bits or ()))
+    imatrix = ImatrixChoice.parse(a.imatrix)
     cfg = CompareConfig(model=a.model, out_dir=a.output or Path(f"compare-{a.model.resolve().name}"),
                         text=a.text, targets=targets,
                         plan=_plan_config(a, targets[0] if targets else 4.0),
-                        baselines=parse_mixes(a.baselines), imatrix=ImatrixChoice.parse(a.imatrix),
+                        baselines=parse_mixes(a.baselines) if a.baselines is not None
+                        else default_baselines(imatrix.mode != "none"), imatrix=imatrix,
                         score=_score_config(a), eval=_eval_config(a), threads=a.threads)
     res = run_compare(cfg, progress=not a.quiet)
     paths = write_outputs(cfg, res, "lwq-gguf " + shlex.join(a.argv))

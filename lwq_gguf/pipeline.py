@@ -194,7 +194,7 @@ def prepare(job: Job) -> Prepared:
             if job.encoder is not None:
                 plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
         elif job.plan is not None:
-            check_reach(listing.result(), job.plan)
+            check_reach(listing.result(), job.plan, imatrix=job.imatrix.mode != "none")
         ladder, keys = _needs(job, plan)
         scores = None
         if job.plan_file is None or job.scores_file is not None or keys:

@@ -8,6 +8,11 @@ writes
   smollm2-135m-k256/  the exactly equivalent model with 256-aligned rows: hidden 576 -> 768 and
                       9 -> 12 attention heads, padded with zeros (see pad_to_k256), so every weight
                       row can take K-quants;
+  smollm2-135m-k256-cont/  the continuous-weight variant of the k256 model (see continuous): every
+                      weight moved to a seeded uniformly random point of its own quantization
+                      cell (Q4_1, the embedding's Q8_0), so it is a 16-bit model whose Q4_1 file is
+                      the published one, with weights as continuous as a never-quantized
+                      checkpoint's; padding stays exactly zero. The headline results use it;
   smollm2-135m-moe6/  the same function as a mixture of experts (MixtralForCausalLM): each layer's
                       FFN split along its intermediate size into 6 experts of 256 rows, all 6
                       active at equal weight (see split_experts), so the trained weights are
@@ -19,12 +24,17 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HIDDEN, HIDDEN_K256 = 576, 768
 EXPERTS = 6
+SEED = 20261202  # of the continuous-weight variant
+BLOCK = 32  # weights per Q4_1 / Q8_0 block (along a row)
+MARGIN = 0.02  # of a cell kept clear at each edge, so that rounding cannot move a weight across
 
 
 def package_gguf() -> Path:
@@ -197,9 +207,62 @@ def split_experts(src: Path, out: Path) -> None:
             shutil.copy(f, out / f.name)
 
 
+def grid_of(name: str) -> str:
+    """The type a weight of the package's GGUF was stored in: Q8_0 for the embedding, Q4_1 else."""
+    return "q8_0" if "embed_tokens" in name else "q4_1"
+
+
+def continuous_blocks(w: np.ndarray, grid: str, rng: np.random.Generator) -> np.ndarray:
+    """``w`` (rows of a weight that sits on ``grid``: q4_1 or q8_0, blocks of 32 along a row) with
+    every weight moved to a uniformly random point of its own cell: the interval that rounds to
+    its code (a code at the grid's edge keeps to the inside half). Per block, the weights that
+    define the grid (Q4_1's first minimum and maximum, Q8_0's first largest magnitude) stay, so
+    quantizing the result to ``grid`` gives back the same blocks. All-equal blocks (padding,
+    zeros) stay exactly as they are."""
+    b = np.asarray(w, dtype=np.float64).reshape(-1, BLOCK)
+    if grid == "q4_1":
+        lo_code, hi_code = 0, 15
+        base, d = b.min(axis=1), (b.max(axis=1) - b.min(axis=1)) / 15
+        keep = (b.argmin(axis=1), b.argmax(axis=1))
+    else:
+        lo_code, hi_code = -127, 127
+        base, d = np.zeros(len(b)), np.abs(b).max(axis=1) / 127
+        keep = (np.abs(b).argmax(axis=1),)
+    live = d > 0
+    step = np.where(live, d, 1.0)[:, None]
+    code = np.clip(np.rint((b - base[:, None]) / step), lo_code, hi_code)
+    lo, hi = np.maximum(code - 0.5, lo_code), np.minimum(code + 0.5, hi_code)
+    r = MARGIN + (1 - 2 * MARGIN) * rng.random(b.shape)
+    out = np.where(live[:, None], base[:, None] + step * (lo + (hi - lo) * r), b)
+    rows = np.arange(len(b))
+    for k in keep:
+        out[rows, k] = b[rows, k]
+    return out.astype(np.float32).reshape(w.shape)
+
+
+def continuous(src: Path, out: Path, seed: int = SEED) -> None:
+    """The continuous-weight variant of ``src`` (see continuous_blocks): each 2-D weight moved
+    within its cells with its own generator (seeded by ``seed`` and the tensor's name), norms as
+    they are; saved as f32 beside src's config and tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    state = {}
+    for name, w in sorted(load_file(src / "model.safetensors").items()):
+        if w.dim() == 2:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            w = torch.from_numpy(continuous_blocks(w.numpy(), grid_of(name), rng))
+        state[name] = w.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+
+
 def main(root: Path) -> None:
     base, k256, moe = root / "smollm2-135m", root / "smollm2-135m-k256", root / "smollm2-135m-moe6"
-    for d in (base, k256, moe):
+    cont = root / "smollm2-135m-k256-cont"
+    for d in (base, k256, moe, cont):
         shutil.rmtree(d, ignore_errors=True)
     gguf = package_gguf()
     print(f"make_smollm2: {gguf.name} -> {base}")
@@ -208,6 +271,8 @@ def main(root: Path) -> None:
     pad_to_k256(base, k256)
     print(f"make_smollm2: {k256} -> {moe} ({EXPERTS} experts, all active)")
     split_experts(k256, moe)
+    print(f"make_smollm2: {k256} -> {cont} (continuous weights, seed {SEED})")
+    continuous(k256, cont)
 
 
 if __name__ == "__main__":

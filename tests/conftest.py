@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "models"))
 SMOL = ROOT / "models" / "smollm2-135m"
 K256 = ROOT / "models" / "smollm2-135m-k256"
 MOE6 = ROOT / "models" / "smollm2-135m-moe6"
+CONT = ROOT / "models" / "smollm2-135m-k256-cont"
 
 from tiny import make_tiny  # noqa: E402
 
@@ -78,6 +79,13 @@ def moe_model():
     if not (MOE6 / "model.safetensors").is_file():
         pytest.fail(f"{MOE6} missing: run `make models` first")
     return MOE6
+
+
+@pytest.fixture(scope="session")
+def cont_model():
+    if not (CONT / "model.safetensors").is_file():
+        pytest.fail(f"{CONT} missing: run `make models` first")
+    return CONT
 
 
 @pytest.fixture(scope="session")

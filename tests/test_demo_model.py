@@ -36,6 +36,49 @@ def test_k256_twin_is_exactly_equivalent(demo_models):
     assert (logits[0] - logits[1]).abs().max().item() < 1e-3
 
 
+def test_continuous_variant_quantizes_back_to_the_published_file(demo_models, cont_model):
+    """Every weight of the continuous-weight variant sits inside its own Q4_1 cell (the
+    embedding's Q8_0): quantized, it gives back the demo model's blocks - and so the package's
+    own GGUF blocks - while the weights themselves moved; padding stays exactly zero."""
+    import numpy as np
+    from gguf import GGUFReader
+    from make_smollm2 import SEED, continuous_blocks, grid_of, package_gguf
+    from safetensors.numpy import load_file
+
+    from lwq_gguf.llamacpp import find_llama_cpp
+    from lwq_gguf.quant.ggml import Ggml
+
+    ggml = Ggml(find_llama_cpp())
+    aligned = load_file(demo_models[1] / "model.safetensors")
+    cont = load_file(cont_model / "model.safetensors")
+    assert aligned.keys() == cont.keys()
+    moved = total = 0
+    for name, w in aligned.items():
+        c = cont[name]
+        assert c.dtype == np.float32 and c.shape == w.shape
+        if w.ndim == 1:
+            assert np.array_equal(w, c), name  # norms as they are
+            continue
+        grid = grid_of(name)
+        assert ggml.quantize(c, grid, None) == ggml.quantize(w, grid, None), name
+        padding = np.all(w.reshape(-1, 32) == 0, axis=1)
+        assert np.all(c.reshape(-1, 32)[padding] == 0), name
+        moved += int((c != w).sum())
+        total += w.size
+        if name == "model.layers.0.mlp.down_proj.weight":  # as in the package's file (rows of
+            # the 576 real outputs; the 192 more are the zero padding of the k256 twin)
+            raw = next(t for t in GGUFReader(str(package_gguf())).tensors
+                       if t.name == "blk.0.ffn_down.weight")
+            assert ggml.quantize(c[:576], "q4_1", None) == np.asarray(raw.data).tobytes()
+            assert np.all(c[576:] == 0)
+    assert moved > 0.6 * total  # all but the padding and each block's min and max moved
+    # deterministic: the same seed gives the same weights, another seed others
+    w = aligned["model.layers.3.self_attn.q_proj.weight"][:64]
+    make = lambda seed: continuous_blocks(w, "q4_1", np.random.default_rng([seed, 7]))  # noqa: E731
+    assert np.array_equal(make(SEED), make(SEED)) and not np.array_equal(make(SEED), make(SEED + 1))
+    assert ggml.quantize(make(SEED + 1), "q4_1", None) == ggml.quantize(w, "q4_1", None)
+
+
 def test_moe_twin_equals_the_dense_model(demo_models, moe_model):
     """The 6-expert twin (each layer's FFN split into 6 x 256 rows, all experts active at equal
     weight) computes the dense model's logits; llama.cpp's converter sees a 6-expert MoE."""

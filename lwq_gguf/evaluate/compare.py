@@ -212,8 +212,10 @@ def plan_entries(cfg: CompareConfig, model: HFModel, lc: LlamaCpp) -> tuple[list
     build = code_digest(*BUILD_CODE)
     for bits in cfg.targets:
         pc = replace(cfg.plan, avg_bits=bits)
+        pinned = "".join(f"-{k}-{v}" for k, v in (("embd", pc.token_embedding_type),
+                                                 ("out", pc.output_tensor_type)) if v != "auto")
         out.append(Entry(f"lwq {bits:g}", "lwq-gguf",
-                         gg / f"{name}-lwq-{pc.strategy}-{bits:g}{sfx}.gguf",
+                         gg / f"{name}-lwq-{pc.strategy}-{bits:g}{pinned}{sfx}.gguf",
                          _recipe(build, kind="lwq", model=fp, plan=pc, imatrix=imat,
                                  score=cfg.score, encoder=encoder_tag(pc.encoder)), bits))
     return out, outtype
@@ -235,7 +237,7 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
         raise LwqError("nothing to compare: give --avg-bits and/or --baselines")
     tensors = model_tensors(model)
     for bits in cfg.targets:  # budgets and ladders are checked before any scoring
-        check_reach(tensors, replace(cfg.plan, avg_bits=bits))
+        check_reach(tensors, replace(cfg.plan, avg_bits=bits), imatrix=cfg.imatrix.mode != "none")
 
 
 def _job(cfg: CompareConfig, **kw) -> Job:

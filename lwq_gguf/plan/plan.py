@@ -30,7 +30,8 @@ from lwq_gguf.plan.budget import dense_budget, gib, is_dense
 from lwq_gguf.plan.knapsack import min_damage, min_damage_split
 from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
 from lwq_gguf.quant.types import (DEFAULT_ENCODER, ENCODERS, QUANT_TYPES, default_ladder,
-                                  legal_type, parse_ladder, quant_type)
+                                  has_fallback, legal_type, parse_ladder, quant_type,
+                                  usable_ladder)
 
 TOLERANCE = 0.02
 STRATEGIES = ("auto", "lim", "zd", "random")
@@ -64,6 +65,11 @@ class PlanConfig:
         if self.encoder not in ENCODERS:
             raise PlanError(f"unknown encoder {self.encoder!r}: use one of {', '.join(ENCODERS)}")
         object.__setattr__(self, "ladder", parse_ladder(self.ladder or default_ladder(self.strategy)))
+        odd = [q for q in self.ladder if QUANT_TYPES[q].needs_imatrix or not has_fallback(q)]
+        if odd and self.strategy != "auto":
+            raise PlanError(f"--strategy {self.strategy} walks types every tensor can take; "
+                            f"{', '.join(odd)} need an importance matrix or fit only some rows: "
+                            "drop them from --ladder, or use --strategy auto")
         if self.dense_bytes is not None and self.dense_bits is not None:
             raise PlanError("--dense-size and --dense-bits both bound the non-expert part: give one")
         if self.dense_bits is not None and not 1 <= self.dense_bits <= 32:
@@ -199,10 +205,24 @@ def _fixed_type(t: GGUFTensor, cfg: PlanConfig) -> str | None:
         return t.src_type
     for pattern, ty in cfg.overrides:
         if re.search(pattern, t.name):
-            return legal_type(ty, t.shape[0])
+            return _legal_fixed(ty, t, f"--tensor-type {pattern}={ty}")
     policy = {"token_embd.weight": cfg.token_embedding_type,
               "output.weight": cfg.output_tensor_type}.get(t.name, "auto")
-    return None if policy == "auto" else legal_type(policy, t.shape[0])
+    return None if policy == "auto" else _legal_fixed(policy, t, f"the type {policy}")
+
+
+def _legal_fixed(ty: str, t: GGUFTensor, asked: str) -> str:
+    legal = legal_type(ty, t.shape[0])
+    if legal is None:
+        raise PlanError(f"{asked}: {t.name} has rows of {t.shape[0]} weights, which {ty} cannot "
+                        "hold (llama-quantize has no fallback for it): choose another type")
+    return legal
+
+
+def _candidates(t: GGUFTensor, ladder: Sequence[str]) -> list[str]:
+    """The types a tensor can really be written in for ``ladder``, smallest first."""
+    return sorted({ty for q in ladder if (ty := legal_type(q, t.shape[0])) is not None},
+                  key=lambda ty: (tensor_nbytes(ty, t.shape), ty))
 
 
 _EMBED = ("token_embd.weight", "output.weight")
@@ -257,15 +277,20 @@ def _check_reach(cfg: PlanConfig, lo_bpw: float, hi_bpw: float) -> None:
             "a target in that range or widen the ladder")
 
 
-def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig) -> None:
+def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig, imatrix: bool = True) -> None:
     """Refuse a target the ladder cannot reach on these tensors (before any slow work), and a
-    non-expert limit (--dense-size/--dense-bits) that cannot be met with it."""
+    non-expert limit (--dense-size/--dense-bits) that cannot be met with it. ``imatrix``: whether
+    the types that need an importance matrix can be used."""
     total = sum(t.numel for t in tensors)
     lo = hi = dense_lo = dense_hi = 0
+    ladder = usable_ladder(cfg.ladder, imatrix)
     for t in tensors:
         fixed = _fixed_type(t, cfg)
-        sizes = [tensor_nbytes(fixed or legal_type(q, t.shape[0]), t.shape)
-                 for q in (cfg.ladder if fixed is None else (fixed,))]
+        sizes = [tensor_nbytes(ty, t.shape)
+                 for ty in ([fixed] if fixed is not None else _candidates(t, ladder))]
+        if not sizes:
+            raise PlanError(f"{t.name}: no type of --ladder {','.join(cfg.ladder)} can hold its "
+                            f"rows of {t.shape[0]} weights: add e.g. q8_0 to the ladder")
         lo, hi = lo + min(sizes), hi + max(sizes)
         if is_dense(t):
             dense_lo, dense_hi = dense_lo + min(sizes), dense_hi + max(sizes)
@@ -297,14 +322,26 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
     choices, options = [], []
     for i in free:
         t = tensors[i]
-        types = sorted({legal_type(q, t.shape[0]) for q in cfg.ladder},
-                       key=lambda ty: (tensor_nbytes(ty, t.shape), ty))
         d = damage.get(t.name, {})
-        if any(ty not in d for ty in types):
+        lost = [ty for ty in _candidates(t, cfg.ladder)
+                if ty not in d and not QUANT_TYPES[ty].needs_imatrix]
+        if lost:
             raise PlanError(f"the sensitivity analysis has no damage for {t.name} as "
-                            f"{[ty for ty in types if ty not in d][0]}: re-score with this ladder")
-        choices.append(types)
-        options.append([(tensor_nbytes(ty, t.shape), d[ty]) for ty in types])
+                            f"{lost[0]}: re-score with this ladder")
+        # (a type that needs an importance matrix is measured only where there is one)
+        types = [ty for ty in _candidates(t, cfg.ladder) if ty in d]
+        if not types:
+            raise PlanError(f"{t.name}: none of --ladder {','.join(cfg.ladder)} can be written "
+                            "without an importance matrix: add K-quants (--ladder k,...) or "
+                            "use --imatrix auto")
+        # only the types no cheaper one beats (the knapsack would never take the others)
+        kept, floor = [], float("inf")
+        for ty in types:  # smallest first
+            if d[ty] < floor:
+                kept.append(ty)
+                floor = d[ty]
+        choices.append(kept)
+        options.append([(tensor_nbytes(ty, t.shape), d[ty]) for ty in kept])
     _check_reach(cfg, (fixed_bytes + sum(o[0][0] for o in options)) * 8 / total,
                  (fixed_bytes + sum(o[-1][0] for o in options)) * 8 / total)
     def size(bpw: float) -> int:

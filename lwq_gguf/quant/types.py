@@ -32,13 +32,16 @@ class QuantType:
         return row_len % self.block == 0
 
 
-# Target types a plan may use (and llama-quantize accepts); float types for tensors kept unquantized.
+# Target types a plan may use: every type llama-quantize writes (float types for tensors kept
+# unquantized). Ordered high to low bits per weight.
 _NAMES = (
-    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0",
-    "iq4_xs", "iq4_nl", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs",
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "nvfp4", "q4_k", "q4_0",
+    "iq4_nl", "iq4_xs", "mxfp4", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "q2_0",
+    "iq2_xxs", "tq2_0", "iq1_m", "tq1_0", "iq1_s", "q1_0",
 )
-_NEED_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
-
+# llama.cpp refuses these without an importance matrix (tensor_requires_imatrix at the pin; ggml
+# itself aborts on iq2_xxs, iq2_xs and iq1_s): lwq-gguf offers them only where it has one
+_NEED_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
 
 def _build() -> dict[str, QuantType]:
     table = {}
@@ -51,10 +54,17 @@ def _build() -> dict[str, QuantType]:
 
 QUANT_TYPES: dict[str, QuantType] = _build()
 
-DEFAULT_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # the paper's strategies
-# --strategy auto also weighs ggml's round-to-nearest types: dominated on most weights (and then
-# never chosen), exact on weights that already sit on their grid (QAT or re-exported models)
-AUTO_LADDER = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0")
+# the paper's strategies (lim, zd, random) walk K-quants; so does --ladder k, for backends that
+# run K-quants faster than i-quants
+K_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+DEFAULT_LADDER = K_LADDER
+# --strategy auto weighs every type llama-quantize writes but the ternary ones (no CUDA kernels
+# at the pin, and meant for ternary-trained models): the round-to-nearest types are exact on
+# weights that already sit on their grid (QAT or re-exported models), the i-quants and FP4 types
+# cost fewer bytes for the same error on most others; each is kept only where it wins
+AUTO_LADDER = tuple(sorted((n for n in _NAMES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
+                          key=lambda n: (QUANT_TYPES[n].bpw, n)))
+LADDER_PRESETS = {"k": K_LADDER, "all": AUTO_LADDER}
 
 
 # who encodes the blocks (lwq_gguf.quant.encoder): lwq-gguf's own Q4_K + ggml's other types, or
@@ -70,9 +80,11 @@ def default_ladder(strategy: str) -> tuple[str, ...]:
 # src/llama-quant.cpp at the pin). 32-block types that still do not fit become F16.
 _FALLBACK = {
     "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl",
-    "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl",
-    "q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+    "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl", "iq1_s": "iq4_nl", "iq1_m": "iq4_nl",
+    "q2_k": "q4_0", "q3_k": "q4_0", "q2_0": "q4_0", "tq1_0": "q4_0", "tq2_0": "q4_0",
+    "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
 }
+_NO_FALLBACK = ("q1_0", "nvfp4")  # llama-quantize refuses a row these do not fit
 
 # The pure llama.cpp file type that best labels a file dominated by a type (general.file_type).
 _FILE_TYPE = {
@@ -85,7 +97,11 @@ _FILE_TYPE = {
     "q3_k": LlamaFileType.MOSTLY_Q3_K_S, "iq3_s": LlamaFileType.MOSTLY_IQ3_S,
     "iq3_xxs": LlamaFileType.MOSTLY_IQ3_XXS, "q2_k": LlamaFileType.MOSTLY_Q2_K,
     "iq2_s": LlamaFileType.MOSTLY_IQ2_S, "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS,
-    "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS,
+    "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS, "iq1_s": LlamaFileType.MOSTLY_IQ1_S,
+    "iq1_m": LlamaFileType.MOSTLY_IQ1_M, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
+    "tq2_0": LlamaFileType.MOSTLY_TQ2_0, "q1_0": LlamaFileType.MOSTLY_Q1_0,
+    "q2_0": LlamaFileType.MOSTLY_Q2_0, "mxfp4": LlamaFileType.MOSTLY_MXFP4_MOE,
+    "nvfp4": LlamaFileType.MOSTLY_NVFP4,
 }
 
 
@@ -98,21 +114,41 @@ def quant_type(name: str) -> QuantType:
 
 
 def parse_ladder(spec: str | tuple[str, ...]) -> tuple[str, ...]:
-    """'q2_k,q3_k,...' -> validated names ordered by bits per weight (low to high)."""
-    names = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    """'q2_k,q3_k,...' (or a preset: k, all) -> validated names ordered by bits per weight."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if len(names) < 1:
-        raise PlanError("the type ladder is empty: pass e.g. --ladder q2_k,q3_k,q4_k,q5_k,q6_k,q8_0")
+        raise PlanError("the type ladder is empty: pass e.g. --ladder q2_k,q3_k,q4_k,q5_k,q6_k,q8_0 "
+                        "or a preset (k, all)")
+    names = [m for n in names for m in LADDER_PRESETS.get(n.lower(), (n,))]
     types = sorted({quant_type(n).name for n in names}, key=lambda n: (QUANT_TYPES[n].bpw, n))
     return tuple(types)
 
 
-def legal_type(name: str, row_len: int) -> str:
-    """The type a tensor with rows of ``row_len`` really gets when ``name`` is asked for."""
+def usable_ladder(ladder: tuple[str, ...], imatrix: bool) -> tuple[str, ...]:
+    """The ladder's types that can be written: those that need an importance matrix only with one."""
+    return tuple(q for q in ladder if imatrix or not QUANT_TYPES[q].needs_imatrix)
+
+
+def has_fallback(name: str) -> bool:
+    """False for the types llama-quantize refuses on a row they do not fit."""
+    return name not in _NO_FALLBACK
+
+
+def legal_type(name: str, row_len: int) -> str | None:
+    """The type a tensor with rows of ``row_len`` really gets when ``name`` is asked for (llama.cpp's
+    fallback), or None where llama-quantize refuses (a 128- or 64-block type with no fallback)."""
     q = QUANT_TYPES[name]
     if q.fits(row_len):
         return name
+    if name in _NO_FALLBACK:
+        return None
     fb = _FALLBACK.get(name, name)
     return fb if QUANT_TYPES[fb].fits(row_len) else "f16"
+
+
+def legal_types(ladder: tuple[str, ...], row_len: int) -> list[str]:
+    """The distinct types the ladder's types become on rows of ``row_len`` (sorted by name)."""
+    return sorted({ty for q in ladder if (ty := legal_type(q, row_len)) is not None})
 
 
 def file_type_for(name: str) -> LlamaFileType:
@@ -124,7 +160,15 @@ MIXES: tuple[str, ...] = tuple(n[len("MOSTLY_"):] for n in LlamaFileType.__membe
                                if n.startswith("MOSTLY_") and not n.endswith("_GUESSED"))
 DEFAULT_BASELINES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K",
                      "Q8_0")
-_MIX_NEEDS_IMATRIX = ("IQ1_", "IQ2_X", "IQ2_S", "IQ2_M", "Q2_K_S")
+# the i-quant mixes users download (IQ2_M and IQ3_XXS need an imatrix): compared by default
+# whenever there is one
+IQ_BASELINES = ("IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS")
+_MIX_NEEDS_IMATRIX = ("IQ1_", "IQ2_", "IQ3_XXS", "IQ3_XS", "Q2_K_S")
+
+
+def default_baselines(imatrix: bool) -> tuple[str, ...]:
+    """compare's mixes when none are named: the K-quant ones, and the i-quant ones with an imatrix."""
+    return DEFAULT_BASELINES + (IQ_BASELINES if imatrix else ())
 
 
 def parse_mixes(spec: str) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.tensors import GGUFTensor
-from lwq_gguf.quant.types import legal_type
+from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher
 from lwq_gguf.score.layers import resolve_device
@@ -134,10 +134,13 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
         """One type on one tensor under every setting (a task: the pool balances them)."""
         with phases.thread_cpu("sweeps"):
             experts = ft.expert_of_kept() if ft.experts > 1 else None
-            out = {key: sig6(tensor_damage(
-                quantizers[split_damage_key(key)[1]], ft.weight, fisher, [ty],
-                m.weights(t.name) if m is not None else None, experts)[ty])
-                for key, m in modes.items()}
+            out = {}
+            for key, m in modes.items():
+                im = m.weights(t.name) if m is not None else None
+                if im is None and QUANT_TYPES[ty].needs_imatrix:
+                    continue  # offered only with an importance matrix
+                out[key] = sig6(tensor_damage(quantizers[split_damage_key(key)[1]], ft.weight,
+                                              fisher, [ty], im, experts)[ty])
         bar.update(sweep(ft.weight.size * len(modes)))
         return t.name, ty, out
 
@@ -145,15 +148,18 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
         """The tensor's tasks, sharing its Fisher weighted by what each sampled row counts for."""
         t = todo[ft.name]
         fisher = ft.fisher * ft.row_weights.astype(np.float32)[:, None]
-        return [(t, ft, fisher, ty) for ty in sorted({legal_type(q, t.shape[0]) for q in ladder})]
+        return [(t, ft, fisher, ty) for ty in legal_types(ladder, t.shape[0])]
 
-    damage: dict[str, dict] = {key: {} for key in modes}
+    damage: dict[str, dict] = {key: {} for key in modes}  # (every tensor has its row, even
+    # when all of its types need the imatrix a setting lacks)
     workers = os.cpu_count() or 1
 
     def collect(done):
         name, ty, per_mode = done.result()
+        for key in modes:
+            damage[key].setdefault(name, {})
         for key, d in per_mode.items():
-            damage[key].setdefault(name, {})[ty] = d
+            damage[key][name][ty] = d
 
     # on a GPU the sweeps run on the CPU while the backward pass goes on; on the CPU after it
     # (both at once would oversubscribe the cores: PyTorch's threads spin while they wait)

@@ -24,7 +24,7 @@ import numpy as np
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.tensors import GGUFTensor
-from lwq_gguf.quant.types import legal_type
+from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.scores import sig6
 from lwq_gguf.score.sensitivity import ROWS, tensor_damage
 
@@ -59,7 +59,7 @@ class WeightDamage:
         keep = ROWS.rows(len(rows), cols, vocab=t.layer is None)
         w = np.ascontiguousarray(rows[keep])
         experts = keep // (len(rows) // t.experts) if t.experts > 1 else None
-        types = sorted({legal_type(q, t.shape[0]) for q in self.job.ladder})
+        types = legal_types(self.job.ladder, t.shape[0])
         scale = len(rows) / len(keep)
         for key, im in self.modes.items():
             a = im.weights(t.name) if im is not None else None
@@ -70,6 +70,7 @@ class WeightDamage:
                 weight = np.broadcast_to(per_row[experts] if per_row.shape[0] > 1
                                          else per_row, w.shape)
             quantizer = self.quantizers[split_damage_key(key)[1]]
-            d = tensor_damage(quantizer, w, weight, types, a, experts)
+            usable = [ty for ty in types if a is not None or not QUANT_TYPES[ty].needs_imatrix]
+            d = tensor_damage(quantizer, w, weight, usable, a, experts)
             # tensor_damage is 1/2 sum F e^2 (a KLD expansion); the weight error has no 1/2
             self.tables[key][t.name] = {ty: sig6(2 * v * scale) for ty, v in d.items()}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lwq_gguf.errors import ModelInputError
+from lwq_gguf.errors import ModelInputError, PlanError
 from lwq_gguf.quant.tensors import as_16bit, as_f32, materialize
 
 CHUNK_ELEMS = 1 << 22  # float32 elements per work item (16 MiB)
@@ -168,6 +168,10 @@ def requantize_writer(writer, job: QuantizeSettings, on_done
                                           f"from tensor size {shape[-1] * n_exp} for {name}: make "
                                           "the imatrix from this model")
                 im = None
+            if im is None and QUANT_TYPES[dst].needs_imatrix:
+                raise PlanError(f"{name}: {dst} needs importance weights for this tensor, and "
+                                f"{job.imatrix or 'no imatrix'} has none: choose a type of "
+                                "q2_k or above for it, or give an imatrix that covers it")
         ti_new = gguf.gguf_writer.TensorInfo(shape=shape, dtype=want.ggml if dst else ti.dtype,
                                              nbytes=nbytes)
         ti_new.tensor = Planned(_Target(name, ti.dtype, dst, shape, nbytes, im), ti.tensor, shared)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import KINDS, follows_ranking
 from lwq_gguf.errors import PlanError
-from lwq_gguf.plan.plan import Plan, PlanConfig, make_plan, parse_override
+from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan, parse_override
 from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
 from lwq_gguf.plan.knapsack import min_damage
 from lwq_gguf.quant.types import AUTO_LADDER, QUANT_TYPES, legal_type
@@ -140,6 +140,8 @@ def synthetic_damage(tensors, seed=0):
             out[t.name] = {}
             for q in AUTO_LADDER:
                 ty = legal_type(q, t.shape[0])
+                if ty is None:
+                    continue
                 out[t.name][ty] = (w * t.numel * 4 ** -QUANT_TYPES[ty].bpw
                                    * (1 if ty.endswith("_k") or ty == "q8_0" else 1.3))
     return out
@@ -175,6 +177,32 @@ def test_auto_strategy_needs_sensitivity_for_every_type():
     del damage["blk.3.attn_v.weight"]["q6_k"]
     with pytest.raises(PlanError, match="blk.3.attn_v.weight"):
         make_plan(inv, 30, PlanConfig(avg_bits=4.0), lim=LIM, damage=damage)
+
+
+def test_types_that_need_an_imatrix_are_planned_only_where_measured():
+    """With --imatrix none the sensitivity tables hold no damage for the types llama.cpp refuses
+    without one (IQ3_XXS, IQ2_*, IQ1_*): the planner leaves them out instead of failing."""
+    inv = inventory()
+    damage = synthetic_damage(inv)
+    no_im = {n: {ty: d for ty, d in row.items() if not QUANT_TYPES[ty].needs_imatrix}
+             for n, row in damage.items()}
+    plain = make_plan(inv, 30, PlanConfig(avg_bits=3.0), damage=no_im)
+    assert not any(QUANT_TYPES[ty].needs_imatrix for ty in plain.types)
+    rich = make_plan(inv, 30, PlanConfig(avg_bits=3.0), damage=damage)
+    assert any(QUANT_TYPES[ty].needs_imatrix for ty in rich.types)
+    assert total_damage(rich, damage) < total_damage(plain, damage)
+    assert abs(make_plan(inv, 30, PlanConfig(avg_bits=2.0), damage=damage).bpw() - 2.0) <= 0.02
+    # a ladder of such types alone cannot be written without an imatrix: said before scoring
+    cfg = PlanConfig(avg_bits=2.2, ladder=("iq2_xxs", "q2_k", "q4_k", "q8_0"))
+    check_reach(inv, cfg, imatrix=True)
+    with pytest.raises(PlanError, match="outside what ladder"):
+        check_reach(inv, cfg, imatrix=False)
+    with pytest.raises(PlanError, match="iq2_xxs need an importance matrix"):
+        PlanConfig(avg_bits=3.0, strategy="lim", ladder=("q2_k", "iq2_xxs"))
+    # a fixed type a row cannot hold, with no fallback in llama.cpp: refused by name
+    with pytest.raises(PlanError, match="blk.0.ffn_down.weight has rows of 1568 weights, which q1_0"):
+        make_plan(inventory(hidden=576, ffn=1568), 30,
+                  PlanConfig(avg_bits=4.5, overrides=(("ffn_down", "q1_0"),)), damage=damage)
 
 
 def test_knapsack_is_exact_on_small_problems():
