@@ -190,12 +190,20 @@ def main() -> None:
               f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
               f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
     lines = verdict(rows)
+    cost = {}  # the sensitivity analysis each setting ran (cached: when it was first measured)
+    for imatrix in a.imatrix.split(","):
+        sens = json.loads((a.out / a.model.resolve().name / f"imatrix-{imatrix}" / "scores.json")
+                          .read_text())["sensitivity"]
+        cost[imatrix] = {"seconds": sens["seconds"], "types": len(sens["ladder"]),
+                         "phases": sens.get("phases")}
+        lines.append(f"sensitivity analysis (imatrix {imatrix}): {sens['seconds']:.0f} s for "
+                     f"{len(sens['ladder'])} candidate types (target <= 600 s)")
     print(table(head, cells))
     print("\n".join(lines))
     model = a.model.resolve()
     doc = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
            "text": str(a.text), "chunks": a.chunks, "date": time.strftime("%Y-%m-%d"),
-           "machine": machine(), "seconds": round(time.time() - t0), "verdict": lines,
+           "machine": machine(), "seconds": round(time.time() - t0), "verdict": lines, "sensitivity": cost,
            "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows}
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps(doc, indent=1))

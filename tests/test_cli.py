@@ -106,8 +106,25 @@ def test_nan_in_a_weight(model, tmp_path):
 
 
 def test_avg_bits_outside_reachable_range(model, tmp_path):
-    line = convert_fails(model, tmp_path, "--avg-bits", "1.5")
+    line = convert_fails(model, tmp_path, "--avg-bits", "1.05")  # (Q1_0 alone is 1.125 BPW)
     assert "outside what ladder" in line and " to " in line
+
+
+def test_ladder_presets_and_types_that_need_an_imatrix(model, tmp_path):
+    from lwq_gguf.quant.types import K_LADDER
+
+    out = tmp_path / "plan.json"
+    run_cli("plan", model, "--avg-bits", "4", "--ladder", "k", "--calib-tokens", "64", "-q",
+            "-o", out, check=True)
+    planned = {t["type"] for t in json.loads(out.read_text())["tensors"]}
+    # K-quants, or llama.cpp's fallbacks for rows they do not fit; never an i-quant
+    assert planned <= set(K_LADDER) | {"q4_0", "q5_0", "q5_1", "f32"}, planned
+    line = error_line(run_cli("plan", model, "--avg-bits", "2.2", "--ladder", "iq2_xxs,iq1_m",
+                              "--imatrix", "none", "-q"))
+    assert "--ladder iq1_m,iq2_xxs" in line and "needs an importance matrix" in line
+    line = error_line(run_cli("plan", model, "--avg-bits", "3", "--ladder", "q2_k,iq2_xs",
+                              "--strategy", "zd", "-q"))
+    assert "iq2_xs need an importance matrix" in line and "--strategy auto" in line
 
 
 def test_unknown_type_name(model, tmp_path):
