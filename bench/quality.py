@@ -135,27 +135,29 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
     return rows
 
 
+def _worst(rows: list[dict], label: str, target: float | None = None) -> str:
+    """The point of ``rows`` with the highest KLD ratio, as one verdict line."""
+    worst = max(rows, key=lambda r: r["kld_ratio"])
+    line = (f"{label}: max KLD ratio {worst['kld_ratio']:.3f} ({worst['mix']}) over {len(rows)} "
+            "mixes")
+    if target is None:
+        return line
+    return f"{line} (target <= {target}): {'met' if worst['kld_ratio'] <= target else 'MISSED'}"
+
+
 def verdict(rows: list[dict]) -> list[str]:
     """One line per target of the issue, with its measured worst case."""
     lines = []
     for imatrix in ("none", "auto"):
         same = [r for r in rows if r["point"] == "same size" and r["imatrix"] == imatrix]
         if same:
-            worst = max(same, key=lambda r: r["kld_ratio"])
-            lines.append(f"same size, imatrix {imatrix}: max KLD ratio {worst['kld_ratio']:.3f} "
-                         f"({worst['mix']}) over {len(same)} mixes (target <= {TARGET_SAME}): "
-                         f"{'met' if worst['kld_ratio'] <= TARGET_SAME else 'MISSED'}")
+            lines.append(_worst(same, f"same size, imatrix {imatrix}", TARGET_SAME))
     small = [r for r in rows if r["point"].endswith("x size")]
     if small:
-        worst = max(small, key=lambda r: r["kld_ratio"])
-        lines.append(f"{SHRINK:g}x size: max KLD ratio {worst['kld_ratio']:.3f} ({worst['mix']}) "
-                     f"over {len(small)} mixes (target <= {TARGET_SMALLER}): "
-                     f"{'met' if worst['kld_ratio'] <= TARGET_SMALLER else 'MISSED'}")
+        lines.append(_worst(small, f"{SHRINK:g}x size", TARGET_SMALLER))
     pinned = [r for r in rows if r["point"].startswith("embedding pinned")]
     if pinned:
-        worst = max(pinned, key=lambda r: r["kld_ratio"])
-        lines.append(f"embedding pinned to the mix's type: max KLD ratio {worst['kld_ratio']:.3f} "
-                     f"({worst['mix']}) over {len(pinned)} mixes")
+        lines.append(_worst(pinned, "embedding pinned to the mix's type"))
     fits = all(r["ours_bytes"] <= r["mix_bytes"] * r["size_limit"] for r in rows)
     lines.append(f"every file within its size limit (bytes on disk): {fits}")
     return lines
