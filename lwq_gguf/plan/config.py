@@ -15,8 +15,8 @@ from lwq_gguf.errors import PlanError
 from lwq_gguf.plan.budget import dense_budget, gib, is_dense
 from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
 from lwq_gguf.quant.types import (DEFAULT_ENCODER, ENCODERS, QUANT_TYPES, default_ladder,
-                                  has_fallback, legal_type, parse_ladder, quant_type,
-                                  usable_ladder)
+                                  has_fallback, legal_type, legal_types, parse_ladder,
+                                  quant_type, usable_ladder)
 
 TOLERANCE = 0.02
 STRATEGIES = ("auto", "lim", "zd", "random")
@@ -188,7 +188,7 @@ def legal_fixed(ty: str, t: GGUFTensor, asked: str) -> str:
 
 def candidates(t: GGUFTensor, ladder: Sequence[str]) -> list[str]:
     """The types a tensor can really be written in for ``ladder``, smallest first."""
-    return sorted({ty for q in ladder if (ty := legal_type(q, t.shape[0])) is not None},
+    return sorted(legal_types(tuple(ladder), t.shape[0]),
                   key=lambda ty: (tensor_nbytes(ty, t.shape), ty))
 
 

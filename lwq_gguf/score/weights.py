@@ -24,7 +24,7 @@ import numpy as np
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.tensors import GGUFTensor
-from lwq_gguf.quant.types import QUANT_TYPES, legal_types
+from lwq_gguf.quant.types import legal_types, usable_ladder
 from lwq_gguf.score.scores import sig6
 from lwq_gguf.score.sensitivity import ROWS, tensor_damage
 
@@ -70,7 +70,7 @@ class WeightDamage:
                 weight = np.broadcast_to(per_row[experts] if per_row.shape[0] > 1
                                          else per_row, w.shape)
             quantizer = self.quantizers[split_damage_key(key)[1]]
-            usable = [ty for ty in types if a is not None or not QUANT_TYPES[ty].needs_imatrix]
+            usable = usable_ladder(tuple(types), a is not None)
             d = tensor_damage(quantizer, w, weight, usable, a, experts)
             # tensor_damage is 1/2 sum F e^2 (a KLD expansion); the weight error has no 1/2
             self.tables[key][t.name] = {ty: sig6(2 * v * scale) for ty, v in d.items()}
