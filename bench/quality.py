@@ -16,7 +16,9 @@ down; the verdict checks the bytes on disk):
   (ours / mix) <= 0.55;
 * "0.85x size" (with the imatrix): at 0.85x the bytes of Q3_K_M, Q4_K_S and Q4_K_M; target <= 1;
 * "embedding pinned" (ablation, with the imatrix): the tied embedding/output fixed to the type the
-  mix gives it (--token-embedding-type), so that the ratio shows what the repeating layers gain.
+  mix gives it (--token-embedding-type), so that the ratio shows what the repeating layers gain;
+* "estimated": the same ratio by the planner's own estimate (the measured damage of each tensor's
+  type, summed over the file), which says whether a miss is the estimate's or the type choice's.
 
 Every file is evaluated against the 16-bit base on the same chunks (llama.cpp, CPU). Writes
 RESULTS (.json and .md): per point the KLD ratio, same-top %, PPL, bytes on disk and how they split
@@ -43,7 +45,8 @@ from lwq_gguf.plan.plan import PlanConfig  # noqa: E402
 from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
 from lwq_gguf.quant.types import ENCODERS  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
+from lwq_gguf.quant.encoder import damage_key  # noqa: E402
+from lwq_gguf.score.scores import Scores, ScoreConfig  # noqa: E402
 from lwq_gguf.write.verify import read_back  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
@@ -77,10 +80,18 @@ def byte_split(path: Path) -> tuple[int, int]:
     return emb, other
 
 
+def estimate(path: Path, damage: dict) -> float:
+    """The planner's own estimate of a file's KLD: the sum over its tensors of the measured
+    per-type damage (Fisher-weighted quantization error, lwq-gguf's Q4_K encoder) of the type the
+    file gives each tensor. For a llama.cpp mix it says what the planner thinks that recipe costs."""
+    return sum(damage[n][ty] for n, ty in read_back(path).types.items() if n in damage)
+
+
 def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, base_ppl: float,
-         out: Path) -> dict:
+         out: Path, damage: dict) -> dict:
     ea, la = byte_split(out / a.file)
     eb, lb = byte_split(out / b.file)
+    pa, pb = estimate(out / a.file, damage), estimate(out / b.file, damage)
     types = read_back(out / a.file).types
     return {"point": point, "imatrix": imatrix, "mix": mix, "target": bits, "size_limit": limit,
             "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
@@ -93,6 +104,7 @@ def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, ba
             "kld_ratio": a.result.kld_mean / b.result.kld_mean,
             "mix_same_top": b.result.same_top_pct, "ours_same_top": a.result.same_top_pct,
             "mix_ppl": b.result.ppl, "ours_ppl": a.result.ppl, "base_ppl": base_ppl,
+            "mix_estimate": pb, "ours_estimate": pa, "estimate_ratio": pa / pb,
             "chunks": a.result.chunks}
 
 
@@ -118,8 +130,10 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
     write_outputs(c, res, f"bench/quality.py (imatrix {imatrix})")
     ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
     final = {r.label: r for r in res.rows if r.kind == "llama.cpp"}
+    damage = Scores.from_json((out / "scores.json").read_text()).damage(
+        damage_key(c.imatrix.key, encoder))
     rows = [_row(p, imatrix, m, bits[p, m], k, ours[f"lwq {bits[p, m]:g}"], final[m],
-                 res.base.result.ppl, out) for p, m, k in points]
+                 res.base.result.ppl, out, damage) for p, m, k in points]
     if ablation and with_im:  # the embedding/output pinned to the mix's own type
         pinned: dict[str, list[str]] = {}
         for m in mixes:
@@ -130,7 +144,8 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
                                         token_embedding_type=ty))
             r = {x.label: x for x in run_compare(c).rows if x.kind == "lwq-gguf"}
             rows += [_row(f"embedding pinned ({ty})", imatrix, m, bits["same size", m], 1.0,
-                          r[f"lwq {bits['same size', m]:g}"], final[m], res.base.result.ppl, out)
+                          r[f"lwq {bits['same size', m]:g}"], final[m], res.base.result.ppl, out,
+                          damage)
                      for m in ms]
     return rows
 
@@ -138,8 +153,8 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
 def _worst(rows: list[dict], label: str, target: float | None = None) -> str:
     """The point of ``rows`` with the highest KLD ratio, as one verdict line."""
     worst = max(rows, key=lambda r: r["kld_ratio"])
-    line = (f"{label}: max KLD ratio {worst['kld_ratio']:.3f} ({worst['mix']}) over {len(rows)} "
-            "mixes")
+    line = (f"{label}: max KLD ratio {worst['kld_ratio']:.3f} ({worst['mix']}; the planner's own "
+            f"estimate {worst['estimate_ratio']:.3f}) over {len(rows)} mixes")
     if target is None:
         return line
     return f"{line} (target <= {target}): {'met' if worst['kld_ratio'] <= target else 'MISSED'}"
@@ -183,13 +198,13 @@ def main() -> None:
         rows += run(a.text, a.chunks, a.out / a.model.resolve().name, imatrix, a.encoder, a.model,
                     not a.no_ablation)
     head = ("point", "imatrix", "mix", "MiB mix/ours", "embd type mix/ours",
-            "MiB embd+out mix/ours", "KLD mix", "KLD ours", "ratio", "same top mix/ours",
-            "PPL mix/ours")
+            "MiB embd+out mix/ours", "KLD mix", "KLD ours", "ratio", "estimated",
+            "same top mix/ours", "PPL mix/ours")
     cells = [(r["point"], r["imatrix"], r["mix"], f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}",
               f"{r['mix_embd_type']} / {r['ours_embd_type']}",
               f"{r['mix_embd_bytes'] / 2**20:.2f} / {r['ours_embd_bytes'] / 2**20:.2f}",
               f"{r['mix_kld']:.4f}", f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
-              f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
+              f"{r['estimate_ratio']:.3f}", f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
               f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
     lines = verdict(rows)
     cost = {}  # the sensitivity analysis each setting ran (cached: when it was first measured)
