@@ -1,6 +1,7 @@
 """Probe: how much layer-output error would error feedback (GPTQ) inside ggml's Q4_K remove?
 
     .venv/bin/python bench/gptq_probe.py [--model DIR] [--layers 2,15,27] [--tokens 4096]
+    .venv/bin/python bench/gptq_probe.py --kld [--chunks 40]    (after bench/quality.py)
 
 Not a feature yet: a measurement that decides the next step of the quality work. For a few layers
 of the continuous-weight demo model it collects H = X^T X of each linear layer's input over the
@@ -16,6 +17,13 @@ tr((W - Q) H (W - Q)^T) of
 * Q5_K round-to-nearest with the imatrix (a whole bit more), for scale.
 
 Writes bench/results/gptq-probe.json and .md.
+
+With --kld, the same in llama.cpp's terms, on every layer: from the F16 GGUF and the imatrix that
+bench/quality.py left in out/quality/MODEL/imatrix-auto, llama-quantize writes an all-Q4_K file
+(`--pure`, the imatrix; ggml's encoder), then two copies get every linear layer of the repeating
+blocks re-encoded in place - by lwq-gguf's encoder (round-to-nearest) and with error feedback on
+top of it - and all three are evaluated against F16 (mean KLD, WikiText-2 test). Writes
+bench/results/gptq-probe-kld.json and .md.
 """
 
 from __future__ import annotations
@@ -88,20 +96,107 @@ def q4k_grid(raw: bytes, nrows: int, ncols: int) -> tuple[np.ndarray, np.ndarray
 
 
 def q4k_feedback(qz: Quantizer, w: np.ndarray, h: np.ndarray, imatrix: np.ndarray,
-                 damp: float = 0.01) -> np.ndarray:
-    """Q4_K of ``w`` with GPTQ error feedback (dequantized)."""
-    w, n = w.copy(), w.shape[1]
+                 damp: float = 0.01) -> tuple[np.ndarray, bytes]:
+    """Q4_K of ``w`` with GPTQ error feedback: (dequantized weights, the Q4_K bytes)."""
+    w, (rows, n) = w.copy(), w.shape
     u = np.linalg.cholesky(np.linalg.inv(h + damp * np.mean(np.diag(h)) * np.eye(n))).T
-    out = np.zeros_like(w)
+    out, q = np.zeros_like(w), np.zeros((rows, n), dtype=np.uint8)
+    blocks = []
     for b0 in range(0, n, 256):
-        raw = qz.quantize(w[:, b0:b0 + 256].astype(np.float32), "q4_k",
-                          imatrix[b0:b0 + 256].astype(np.float32))
-        step, off = q4k_grid(raw, w.shape[0], 256)
-        for c in range(b0, b0 + 256):
+        b1 = b0 + 256
+        raw = qz.quantize(w[:, b0:b1].astype(np.float32), "q4_k",
+                          imatrix[b0:b1].astype(np.float32))
+        step, off = q4k_grid(raw, rows, 256)
+        err = np.zeros((rows, 256))
+        for c in range(b0, b1):  # within the block column by column, beyond it in one product
             s, o = step[:, (c - b0) // 32], off[:, (c - b0) // 32]
-            out[:, c] = s * np.clip(np.round((w[:, c] - o) / np.where(s == 0, 1, s)), 0, 15) + o
-            w[:, c + 1:] -= np.outer((w[:, c] - out[:, c]) / u[c, c], u[c, c + 1:])
-    return out
+            q[:, c] = np.clip(np.round((w[:, c] - o) / np.where(s == 0, 1, s)), 0, 15)
+            out[:, c] = s * q[:, c] + o
+            err[:, c - b0] = (w[:, c] - out[:, c]) / u[c, c]
+            w[:, c + 1:b1] -= np.outer(err[:, c - b0], u[c, c + 1:b1])
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+        lo = q[:, b0:b1].reshape(rows, 4, 2, 32)  # ggml: qs[32 j + l] = q[64 j + l] | q[64 j + 32 + l] << 4
+        packed = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(rows, 128)
+        head = np.frombuffer(raw, dtype=np.uint8).reshape(rows, 144)[:, :16]  # d, dmin, scales
+        blocks.append(np.concatenate([head, packed], axis=1))
+    return out, np.stack(blocks, axis=1).tobytes()
+
+
+LINEAR_INPUT = {"attn_q": "attn_q", "attn_k": "attn_q", "attn_v": "attn_q",
+                "attn_output": "attn_output", "ffn_gate": "ffn_up", "ffn_up": "ffn_up",
+                "ffn_down": "ffn_down"}  # the GGUF tensor -> the probed layer with its input
+
+
+def kld_probe(a) -> None:
+    """--kld: llama-quantize's pure Q4_K against lwq-gguf's encoder with and without feedback."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many
+    from lwq_gguf.llamacpp import run_tool
+    from lwq_gguf.quant.imatrix import read_imatrix
+
+    t0 = time.time()
+    src = ROOT / "out" / "quality" / a.model.resolve().name / "imatrix-auto"
+    base = next((src / "gguf").glob("*-F16.gguf"), None)
+    if base is None or not (src / "imatrix.gguf").is_file():
+        sys.exit(f"gptq_probe: {src} has no F16 GGUF or imatrix: run bench/quality.py first")
+    lc, out = find_llama_cpp(), ROOT / "out" / "gptq-probe"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {k: out / f"q4_k-{k}.gguf" for k in ("ggml", "lwq", "lwq-feedback")}
+    run_tool([str(lc.tool("llama-quantize")), "--pure", "--imatrix", str(src / "imatrix.gguf"),
+              str(base), str(files["ggml"]), "Q4_K_M"], what="llama-quantize")
+    n_layers = sum(1 for t in GGUFReader(str(base)).tensors if t.name.endswith("attn_q.weight"))
+    hs, _ = hessians(a.model, list(range(n_layers)), a.tokens)
+    imat, qz = read_imatrix(src / "imatrix.gguf"), Quantizer(lc, "lwq")
+    f16 = {t.name: t for t in GGUFReader(str(base)).tensors}
+    for k in ("lwq", "lwq-feedback"):
+        shutil.copyfile(files["ggml"], files[k])
+    readers = {k: GGUFReader(str(files[k]), "r+") for k in ("lwq", "lwq-feedback")}
+    done = 0
+    for t in readers["lwq"].tensors:
+        parts = t.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LINEAR_INPUT:
+            continue
+        w = np.asarray(f16[t.name].data, dtype=np.float64)
+        im = imat.weights(t.name)
+        h = hs[int(parts[1]), LINEAR_INPUT[parts[2]]]
+        t.data[...] = np.frombuffer(qz.quantize(w.astype(np.float32), "q4_k", im),
+                                    dtype=np.uint8).reshape(t.data.shape)
+        deq, raw = q4k_feedback(qz, w, h, im)
+        assert np.allclose(qz.dequantize(raw, "q4_k", w.shape), deq, atol=1e-5), t.name
+        fb = next(x for x in readers["lwq-feedback"].tensors if x.name == t.name)
+        fb.data[...] = np.frombuffer(raw, dtype=np.uint8).reshape(fb.data.shape)
+        done += 1
+    for r in readers.values():
+        r.data.flush()
+    del readers
+    res = evaluate_many(list(files.values()), a.text, lc, EvalConfig(ctx=512, chunks=a.chunks),
+                        base=base)
+    rows = [{"file": k, "kld": r.kld_mean, "kld_err": r.kld_err, "same_top": r.same_top_pct,
+             "ppl": r.ppl, "bytes": files[k].stat().st_size} for k, r in zip(files, res)]
+    head = ("Q4_K encoding of the layers", "MiB", "mean KLD", "same top %", "PPL")
+    cells = [(r["file"], f"{r['bytes'] / 2**20:.2f}", f"{r['kld']:.4f} ± {r['kld_err']:.4f}",
+              f"{r['same_top']:.1f}", f"{r['ppl']:.2f}") for r in rows]
+    summary = (f"error feedback / lwq-gguf round-to-nearest, mean KLD: "
+               f"{rows[2]['kld'] / rows[1]['kld']:.3f}; / llama-quantize's Q4_K: "
+               f"{rows[2]['kld'] / rows[0]['kld']:.3f} ({done} tensors re-encoded)")
+    print(table(head, cells))
+    print(summary)
+    doc = {"model": str(a.model), "text": str(a.text), "chunks": a.chunks, "tokens": a.tokens,
+           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+           "seconds": round(time.time() - t0), "command": "bench/gptq_probe.py " +
+           " ".join(sys.argv[1:]), "summary": summary, "rows": rows}
+    res_path = a.results.with_name(a.results.stem + "-kld.json")
+    res_path.write_text(json.dumps(doc, indent=1))
+    res_path.with_suffix(".md").write_text(
+        f"# Probe: error feedback inside Q4_K, in KLD\n\nCommand: `{doc['command']}`; "
+        f"{doc['date']}; {doc['machine']}; {doc['seconds']} s; {a.chunks} x 512 tokens of "
+        f"{a.text.name}; every tensor Q4_K (llama-quantize --pure with the imatrix), the "
+        f"repeating layers' linear tensors re-encoded in place\n\n{markdown_table(head, cells)}"
+        f"\n\n{summary}\n")
+    print(f"wrote {res_path}")
 
 
 def main() -> None:
@@ -110,7 +205,13 @@ def main() -> None:
     ap.add_argument("--layers", default="2,15,27")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "gptq-probe.json")
+    ap.add_argument("--kld", action="store_true", help="every layer, in llama.cpp: mean KLD")
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--text", type=Path,
+                    default=ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
     a = ap.parse_args()
+    if a.kld:
+        return kld_probe(a)
     t0 = time.time()
     hs, weights = hessians(a.model, [int(x) for x in a.layers.split(",")], a.tokens)
     qz = Quantizer(find_llama_cpp(), "lwq")
@@ -128,7 +229,7 @@ def main() -> None:
 
         r = {"tensor": f"blk.{layer}.{kind}.weight", "shape": list(w.shape),
              "q4_k_rtn_plain": rtn("q4_k", None), "q4_k_rtn": rtn("q4_k", imatrix),
-             "q4_k_feedback": err(q4k_feedback(qz, w, h, imatrix)),
+             "q4_k_feedback": err(q4k_feedback(qz, w, h, imatrix)[0]),
              "q5_k_rtn": rtn("q5_k", imatrix)}
         r["feedback_ratio"] = r["q4_k_feedback"] / r["q4_k_rtn"]
         rows.append(r)

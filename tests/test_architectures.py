@@ -40,8 +40,10 @@ def converts_loads_and_evaluates(tiny, arch, tmp_path):
     """(Also run on the MoE architectures by tests/test_moe.py.)"""
     path = tiny(arch, 2, tied=arch == "gemma2")
     out = tmp_path / "q.gguf"
+    # (--ladder k: the i-quant grids cost ~20 s to set up per process; tests/quant and the demo
+    # model's default run cover them)
     p = run_cli("-q", "convert", path, "--avg-bits", "4", "-o", out, "--calib-tokens", "256",
-                check=True)
+                "--ladder", "k", check=True)
     ppl = float(re.search(r"llama.cpp check PPL ([0-9.]+)", p.stdout).group(1))
     assert math.isfinite(ppl) and ppl > 1, p.stdout
     reader = GGUFReader(str(out))
@@ -76,7 +78,8 @@ def test_unscored_architecture_gets_a_labelled_weight_error_plan(tiny, tmp_path)
     from weight error (weighted by a llama-imatrix file when given), and says so everywhere."""
     path = tiny("stablelm", 2)
     out = tmp_path / "q.gguf"
-    p = run_cli("convert", path, "--avg-bits", "3.5", "-o", out, "--no-verify", check=True)
+    p = run_cli("convert", path, "--avg-bits", "3.5", "-o", out, "--no-verify", "--ladder", "k",
+                check=True)
     assert "no forward pass" in p.stderr and "weight error" in p.stdout
     b = json.loads(GGUFReader(str(out)).get_field("lwq.plan").contents())
     assert b["basis"].startswith("weight error")
@@ -90,7 +93,7 @@ def test_unscored_architecture_gets_a_labelled_weight_error_plan(tiny, tmp_path)
               "-c", "256", "--chunks", "2", "-o", str(imat)], what="llama-imatrix")
     weighted = tmp_path / "w.json"
     run_cli("-q", "plan", path, "--avg-bits", "3.5", "--imatrix", imat, "-o", weighted,
-            check=True)
+            "--ladder", "k", check=True)
     a = json.loads(weighted.read_text())
     assert a["basis"] == b["basis"]
     assert [t["type"] for t in a["tensors"]] != [t["type"] for t in b["tensors"]]

@@ -114,14 +114,14 @@ def test_dense_size_end_to_end(tiny, tmp_path):
     path = tiny("mixtral", 2)
     free = tmp_path / "free.json"
     run_cli("-q", "plan", path, "--avg-bits", "3", "-o", free, "--calib-tokens", "512",
-            check=True)
+            "--ladder", "k", check=True)
     p0 = Plan.from_json(free.read_text())
     experts_max = sum(tensor_nbytes("q8_0", t.shape) for t in p0.tensors if "_exps." in t.name)
     room = experts_max - (p0.nbytes - p0.dense_nbytes)
     limit = p0.dense_nbytes - room // 2  # binding: the experts must take what the rest gives up
     out = tmp_path / "split.gguf"
     p = run_cli("convert", path, "--avg-bits", "3", "--dense-size", str(limit), "-o", out,
-                "--calib-tokens", "512", "--no-verify", check=True)
+                "--ladder", "k", "--calib-tokens", "512", "--no-verify", check=True)
     assert f"(limit {limit / 2**20:.1f} MiB)" in p.stdout and "routed experts" in p.stdout
     plan = Plan.from_json(GGUFReader(str(out)).get_field("lwq.plan").contents())
     assert plan.dense_nbytes <= limit < p0.dense_nbytes

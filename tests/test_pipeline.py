@@ -69,7 +69,7 @@ def test_architectures_convert_and_load_in_llama_cpp(tiny, tmp_path, arch, layer
     model = tiny(arch, layers, **kw)
     out = tmp_path / f"{arch}.gguf"
     p = run_cli("-q", "convert", model, "--avg-bits", "4.0", "-o", out, "--calib-tokens", "512",
-                check=True)
+                "--ladder", "k", check=True)
     info, plan = check_output_file(out, 4.0)
     m = re.search(r"llama.cpp check PPL ([0-9.]+)", p.stdout)
     assert m and math.isfinite(float(m.group(1))), p.stdout

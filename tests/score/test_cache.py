@@ -123,7 +123,7 @@ def test_sigkill_during_scoring_leaves_no_file_and_an_intact_cache(model, tmp_pa
     env = dict(os.environ, LWQ_SCORES_CACHE=str(cache), PYTHONUNBUFFERED="1")
     out = tmp_path / "k.gguf"
     args = [sys.executable, "-m", "lwq_gguf", "convert", str(model), "--avg-bits", "4",
-            "--calib-tokens", "512", "--no-verify", "-o", str(out)]
+            "--calib-tokens", "512", "--no-verify", "-o", str(out), "--ladder", "k"]
     run_cli(*args[3:], env=env, check=True)
     (entry,) = cache.glob("*.json")
     good = entry.read_bytes()

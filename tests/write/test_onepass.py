@@ -68,7 +68,7 @@ def test_sigkill_while_writing_leaves_nothing_and_rerun_succeeds(tiny, tmp_path)
     out, partial = tmp_path / "k.gguf", tmp_path / ".k.gguf.partial"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "lwq_gguf", "-q", "convert", str(model), "--avg-bits", "4",
-           "-o", str(out), "--calib-tokens", "512"]
+           "-o", str(out), "--calib-tokens", "512", "--ladder", "k"]
     subprocess.run(cmd + ["--no-verify", "-o", str(tmp_path / "warm.gguf")], check=True,
                    capture_output=True, env=env)  # scores cached: the next run goes to writing
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
