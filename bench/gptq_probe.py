@@ -154,6 +154,7 @@ def kld_probe(a) -> None:
     for k in ("lwq", "lwq-feedback"):
         shutil.copyfile(files["ggml"], files[k])
     readers = {k: GGUFReader(str(files[k]), "r+") for k in ("lwq", "lwq-feedback")}
+    feedback = {t.name: t for t in readers["lwq-feedback"].tensors}
     done = 0
     for t in readers["lwq"].tensors:
         parts = t.name.split(".")
@@ -166,7 +167,7 @@ def kld_probe(a) -> None:
                                     dtype=np.uint8).reshape(t.data.shape)
         deq, raw = q4k_feedback(qz, w, h, im)
         assert np.allclose(qz.dequantize(raw, "q4_k", w.shape), deq, atol=1e-5), t.name
-        fb = next(x for x in readers["lwq-feedback"].tensors if x.name == t.name)
+        fb = feedback[t.name]
         fb.data[...] = np.frombuffer(raw, dtype=np.uint8).reshape(fb.data.shape)
         done += 1
     for r in readers.values():

@@ -80,26 +80,26 @@ def byte_split(path: Path) -> tuple[int, int]:
     return emb, other
 
 
-def estimate(path: Path, damage: dict) -> float:
+def estimate(types: dict[str, str], damage: dict) -> float:
     """The planner's own estimate of a file's KLD: the sum over its tensors of the measured
     per-type damage (Fisher-weighted quantization error, lwq-gguf's Q4_K encoder) of the type the
     file gives each tensor. For a llama.cpp mix it says what the planner thinks that recipe costs."""
-    return sum(damage[n][ty] for n, ty in read_back(path).types.items() if n in damage)
+    return sum(damage[n][ty] for n, ty in types.items() if n in damage)
 
 
 def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, base_ppl: float,
          out: Path, damage: dict) -> dict:
     ea, la = byte_split(out / a.file)
     eb, lb = byte_split(out / b.file)
-    pa, pb = estimate(out / a.file, damage), estimate(out / b.file, damage)
-    types = read_back(out / a.file).types
+    types, mix_types = read_back(out / a.file).types, read_back(out / b.file).types
+    pa, pb = estimate(types, damage), estimate(mix_types, damage)
     return {"point": point, "imatrix": imatrix, "mix": mix, "target": bits, "size_limit": limit,
             "mix_bpw": b.bpw, "ours_bpw": a.bpw, "mix_bytes": (out / b.file).stat().st_size,
             "ours_bytes": (out / a.file).stat().st_size, "mix_mib": b.size_mib,
             "ours_mib": a.size_mib, "mix_embd_bytes": eb, "mix_layer_bytes": lb,
             "ours_embd_bytes": ea, "ours_layer_bytes": la,
             "ours_embd_type": types.get("token_embd.weight"),
-            "mix_embd_type": read_back(out / b.file).types.get("token_embd.weight"),
+            "mix_embd_type": mix_types.get("token_embd.weight"),
             "mix_kld": b.result.kld_mean, "ours_kld": a.result.kld_mean,
             "kld_ratio": a.result.kld_mean / b.result.kld_mean,
             "mix_same_top": b.result.same_top_pct, "ours_same_top": a.result.same_top_pct,
