@@ -20,7 +20,7 @@ from lwq_gguf.errors import LwqError
 from lwq_gguf.plan.budget import parse_size
 from lwq_gguf.plan.plan import STRATEGIES, PlanConfig, parse_override
 from lwq_gguf.quant.types import (DEFAULT_BASELINES, DEFAULT_ENCODER, DEFAULT_LADDER, ENCODERS,
-                                  IQ_BASELINES)
+                                  IQ_BASELINES, parse_ladder)
 
 EPILOG = "Types are llama.cpp's names (iq1_m ... q8_0, f16). BPW = tensor bytes * 8 / tensor elements."
 EX_BUG = 70  # an internal error (sysexits EX_SOFTWARE)
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--no-sensitivity", action="store_true", help="LIM and ZD only (the paper's "
                    "strategies); skip the sensitivity analysis and imatrix of --strategy auto")
+    s.add_argument("--ladder", help="types to measure, comma-separated, or a preset: all "
+                   "(default), k (K-quants and q8_0; converts that reuse these scores need a "
+                   "ladder within it)")
     _score_args(s)
 
     p = sub.add_parser("plan", help="choose a type for every tensor", epilog=EPILOG)
@@ -218,7 +221,8 @@ def cmd_score(a) -> None:
         check_output(path, a.force)
     if a.scores:
         raise LwqError("score measures the scores: drop --scores")
-    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto",))).scores
+    ladder = {"ladder": parse_ladder(a.ladder)} if a.ladder else {}
+    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto",), **ladder)).scores
     atomic_write_text(out, scores.to_json(), a.force)
     if scores.imatrix:
         write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)

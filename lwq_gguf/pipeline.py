@@ -46,6 +46,7 @@ class Job:
     scores_file: Path | None = None  # --scores: reuse `lwq-gguf score`'s output
     measure: tuple[str, ...] | None = None  # (score) imatrix settings to measure sensitivity
     # for; None: what the plan and --imatrix need
+    ladder: tuple[str, ...] = AUTO_LADDER  # (score) the types measured; a plan brings its own
     progress: bool = True
 
 
@@ -177,7 +178,7 @@ def _needs(job: Job, plan: Plan | None) -> tuple[tuple[str, ...], tuple[str, ...
     encoder = plan.config.encoder if plan is not None else DEFAULT_ENCODER
     keys = job.measure if job.measure is not None else (
         ("auto",) if job.imatrix.mode == "auto" else ())
-    return AUTO_LADDER, tuple(damage_key(k, encoder) for k in keys)
+    return job.ladder, tuple(damage_key(k, encoder) for k in keys)
 
 
 def prepare(job: Job) -> Prepared:

@@ -18,6 +18,7 @@ from conftest import run_cli
 from lwq_gguf.write.converter import write_16bit
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.plan.plan import Plan
+from lwq_gguf.quant.types import K_LADDER
 from lwq_gguf.write.verify import read_back
 
 
@@ -46,8 +47,10 @@ def llama2(tiny):
 @pytest.fixture(scope="module")
 def llama2_scores(llama2, tmp_path_factory):
     out = tmp_path_factory.mktemp("scores") / "s.json"
-    p = run_cli("-q", "score", llama2, "-o", out, "--calib-tokens", "1024", check=True)
+    p = run_cli("-q", "score", llama2, "-o", out, "--calib-tokens", "1024", "--ladder", "k",
+                check=True)  # (K-quants: ggml's i-quant grids cost ~20 s per process)
     assert out.with_suffix(".png").stat().st_size > 1000 and "LIM rank" in p.stdout
+    assert json.loads(out.read_text())["sensitivity"]["ladder"] == list(K_LADDER)  # as asked
     return out
 
 
@@ -83,21 +86,24 @@ def test_architectures_convert_and_load_in_llama_cpp(tiny, tmp_path, arch, layer
 def test_more_targets_with_reused_scores(llama2, llama2_scores, tmp_path, target):
     out = tmp_path / "t.gguf"
     run_cli("-q", "convert", llama2, "--avg-bits", target, "--scores", llama2_scores, "-o", out,
-            "--no-verify", check=True)
+            "--no-verify", "--ladder", "k", check=True)
     check_output_file(out, target)
 
 
 @pytest.mark.slow
 def test_two_runs_are_byte_identical_and_plan_file_reproduces(llama2, tmp_path):
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
-    run_cli("-q", "convert", llama2, "--avg-bits", "3.6", "-o", a, "--no-verify", "--calib-tokens", "1024", check=True)
-    run_cli("-q", "convert", llama2, "--avg-bits", "3.6", "-o", b, "--no-verify", "--calib-tokens", "1024", check=True)
+    run_cli("-q", "convert", llama2, "--avg-bits", "3.6", "-o", a, "--no-verify", "--calib-tokens", "1024",
+            "--ladder", "k", check=True)
+    run_cli("-q", "convert", llama2, "--avg-bits", "3.6", "-o", b, "--no-verify", "--calib-tokens", "1024",
+            "--ladder", "k", check=True)
     assert sha(a) == sha(b)
     # the same plan, saved and re-used, gives the same tensors
     plan = tmp_path / "p.json"
     run_cli("-q", "plan", llama2, "--avg-bits", "3.6", "-o", plan, "--calib-tokens", "1024",
-            check=True)
-    run_cli("-q", "convert", llama2, "--plan", plan, "-o", c, "--no-verify", "--calib-tokens", "1024", check=True)
+            "--ladder", "k", check=True)
+    run_cli("-q", "convert", llama2, "--plan", plan, "-o", c, "--no-verify", "--calib-tokens", "1024",
+            "--ladder", "k", check=True)
     assert tensor_bytes(c) == tensor_bytes(a)
 
 
@@ -107,9 +113,10 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
     lc = find_llama_cpp()
     ours, types = tmp_path / "ours.gguf", tmp_path / "types.txt"
     run_cli("-q", "plan", llama2, "--avg-bits", "4.1", "--scores", llama2_scores,
-            "--imatrix", "none", "--tensor-type-file", types, "--encoder", "ggml", check=True)
+            "--imatrix", "none", "--tensor-type-file", types, "--encoder", "ggml", "--ladder", "k",
+            check=True)
     run_cli("-q", "convert", llama2, "--avg-bits", "4.1", "--scores", llama2_scores, "-o", ours,
-            "--imatrix", "none", "--no-verify", "--encoder", "ggml", check=True)
+            "--imatrix", "none", "--no-verify", "--encoder", "ggml", "--ladder", "k", check=True)
     base, plain = tmp_path / "base.gguf", tmp_path / "plain.gguf"
     write_16bit(lc, llama2, base, "auto")
     run_tool([str(lc.tool("llama-quantize")), "--tensor-type-file", str(types), str(base),
@@ -123,7 +130,7 @@ def test_tensor_type_file_drives_plain_llama_quantize_and_imatrix_is_honoured(
               "--chunks", "4", "-o", str(imat)], what="llama-imatrix")
     with_im = tmp_path / "im.gguf"
     run_cli("-q", "convert", llama2, "--avg-bits", "4.1", "--scores", llama2_scores, "-o", with_im,
-            "--imatrix", imat, "--encoder", "ggml", check=True)
+            "--imatrix", imat, "--encoder", "ggml", "--ladder", "k", check=True)
     a, b = tensor_bytes(with_im), tensor_bytes(ours)
     assert a.keys() == b.keys()
     assert a["blk.0.ffn_up.weight"] != b["blk.0.ffn_up.weight"]  # the imatrix changed the quants
@@ -139,7 +146,7 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, llama2_scor
     for marker in (work / "base.gguf", tmp_path / ".k.gguf.partial"):
         proc = subprocess.Popen([sys.executable, "-m", "lwq_gguf", "-q", "convert", str(llama2),
                                  "--avg-bits", "4", "-o", str(out), "--calib-tokens", "1024",
-                                 "--two-step", "--encoder", "ggml"], env=env,
+                                 "--two-step", "--encoder", "ggml", "--ladder", "k"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 120
@@ -149,10 +156,10 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, llama2_scor
         proc.wait()
         assert not out.exists()
     run_cli("-q", "convert", llama2, "--avg-bits", "4", "-o", out, "--no-verify",
-            "--calib-tokens", "1024", check=True)  # (the scores of llama2_scores, cached)
+            "--calib-tokens", "1024", "--ladder", "k", check=True)  # (llama2_scores', cached)
     assert out.exists() and not work.exists() and not (tmp_path / ".k.gguf.partial").exists()
     first = sha(out)
     run_cli("-q", "convert", llama2, "--avg-bits", "5", "-o", out, "--no-verify", "--force",
-            "--calib-tokens", "1024", check=True)
+            "--calib-tokens", "1024", "--ladder", "k", check=True)
     assert sha(out) != first
     check_output_file(out, 5.0)

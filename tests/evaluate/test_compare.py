@@ -9,7 +9,7 @@ from lwq_gguf.score.scores import default_calibration
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TEXT = WIKI if WIKI.is_file() else default_calibration()
 ARGS = ("--baselines", "Q4_K_M,Q8_0", "--chunks", "2", "--ctx", "128", "--text", TEXT,
-        "--calib-tokens", "256")
+        "--calib-tokens", "256", "--ladder", "k")  # (K-quants: no i-quant grids to set up)
 
 
 @pytest.mark.slow
