@@ -1,3 +1,3 @@
-from lwq_gguf.cli import main
+from lwq_gguf.cli.main import main
 
 raise SystemExit(main())

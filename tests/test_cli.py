@@ -226,7 +226,7 @@ def test_an_internal_error_is_one_line_and_a_traceback_only_with_debug(model, mo
                                                                       capsys):
     """A bug (here: a stage made to raise) is one line that says so; --debug shows where."""
     import lwq_gguf.pipeline
-    from lwq_gguf.cli import EX_BUG, main
+    from lwq_gguf.cli.main import EX_BUG, main
 
     def broken(*_a, **_k):
         raise RuntimeError("injected fault")
@@ -248,7 +248,7 @@ def test_an_os_error_that_is_not_a_full_disk_is_not_called_one(monkeypatch, caps
     import errno
 
     import lwq_gguf.pipeline
-    from lwq_gguf.cli import main
+    from lwq_gguf.cli.main import main
 
     def denied(*_a, **_k):
         raise PermissionError(errno.EACCES, "Permission denied", "/some/file")

@@ -9,7 +9,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "lwq_gguf"
 # lowest first: a module may import from its own layer or a lower one
 LAYERS = (("__init__", "errors", "files", "llamacpp"), ("model",), ("quant",), ("score",),
-          ("plan",), ("write",), ("pipeline",), ("report",), ("evaluate",), ("cli", "__main__"))
+          ("plan",), ("write",), ("pipeline",), ("report",), ("evaluate",), ("publish",),
+          ("cli", "__main__"))
 
 
 def _modules() -> dict[str, Path]:

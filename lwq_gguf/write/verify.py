@@ -15,7 +15,7 @@ import math
 import mmap
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, VerifyError
@@ -28,6 +28,9 @@ class FileInfo:
     nbytes: int
     nelements: int
     metadata: dict[str, object]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ggml order (row length first)
+    sizes: dict[str, int] = field(default_factory=dict)  # tensor name -> bytes of its data
+    header_bytes: int = 0  # header, metadata and tensor infos (before the aligned data)
 
     @property
     def bpw(self) -> float:
@@ -111,7 +114,7 @@ def _parse(h: _Header) -> FileInfo:
             align = int(v) if isinstance(v, int) and v > 0 else 32
         if v is not None and key.startswith(_META):
             meta[key] = v
-    types, nbytes, nel, extent = {}, 0, 0, 0
+    types, shapes, sizes, nbytes, nel, extent = {}, {}, {}, 0, 0, 0
     for _ in range(n_tensors):
         name = h.string()
         n_dims = h.take("I")
@@ -123,14 +126,14 @@ def _parse(h: _Header) -> FileInfo:
         n = math.prod(dims)
         if n % block:
             raise ValueError(f"tensor {name!r}: {n} elements is not whole {ty.name} blocks")
-        types[name] = ty.name.lower()
+        types[name], shapes[name], sizes[name] = ty.name.lower(), tuple(dims), n // block * size
         nbytes += n // block * size
         nel += n
         extent = max(extent, offset + n // block * size)
     data_start = -(-h.pos // align) * align
     if data_start + extent > len(h.buf):
         raise ValueError(f"truncated: tensor data needs {data_start + extent} bytes, file has {len(h.buf)}")
-    return FileInfo(types, nbytes, nel, meta)
+    return FileInfo(types, nbytes, nel, meta, shapes, sizes, h.pos)
 
 
 @dataclass(frozen=True)

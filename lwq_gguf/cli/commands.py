@@ -1,0 +1,224 @@
+"""The commands: the parsed arguments built once into frozen configs, one call into the
+pipeline (or the evaluate / publish stage), a printed summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lwq_gguf.errors import LwqError
+from lwq_gguf.plan.budget import parse_size
+from lwq_gguf.plan.plan import PlanConfig, parse_override
+from lwq_gguf.quant.types import DEFAULT_ENCODER, parse_ladder
+
+
+# ---- intent: the parsed arguments as frozen configs, built once -------------------------------
+
+def _score_config(a):
+    from lwq_gguf.score.scores import ScoreConfig
+
+    if a.device_map == "auto" and a.device == "cpu":
+        raise LwqError("--device-map auto places the model on the GPUs: drop --device cpu")
+    return ScoreConfig(calib=a.calib, calib_tokens=a.calib_tokens,
+                       fisher_tokens=a.fisher_tokens, device=a.device,
+                       device_map=a.device_map, rescore=a.rescore)
+
+
+def _one_target(a) -> float | None:
+    if a.avg_bits is not None and len(a.avg_bits) != 1:
+        raise LwqError(f"{a.command} takes one --avg-bits (got {len(a.avg_bits)}): use "
+                       "`lwq-gguf compare` for several targets")
+    return a.avg_bits[0] if a.avg_bits else None
+
+
+def _plan_config(a, bits: float) -> PlanConfig:
+    return PlanConfig(avg_bits=bits, ladder=tuple(a.ladder.split(",")) if a.ladder else (),
+                      strategy=a.strategy, seed=a.seed,
+                      token_embedding_type=a.token_embedding_type.lower(),
+                      output_tensor_type=a.output_tensor_type.lower(),
+                      overrides=tuple(parse_override(s) for s in a.tensor_type),
+                      encoder=a.encoder or DEFAULT_ENCODER,
+                      dense_bytes=parse_size(a.dense_size) if a.dense_size else None,
+                      dense_bits=a.dense_bits)
+
+
+def _job(a, **kw):
+    from lwq_gguf.pipeline import Job
+    from lwq_gguf.quant.imatrix import ImatrixChoice
+
+    imatrix = ImatrixChoice.parse(getattr(a, "imatrix", "auto"))
+    return Job(model=a.model, score=_score_config(a), imatrix=imatrix, scores_file=a.scores,
+               progress=not a.quiet, **kw)
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+def cmd_score(a) -> None:
+    from lwq_gguf.files import atomic_write_text, check_output
+    from lwq_gguf.pipeline import prepare
+    from lwq_gguf.quant.imatrix import imatrix_from_dict, write_imatrix
+    from lwq_gguf.report import table
+    from lwq_gguf.score.layers import plot_scores
+
+    out = a.output or Path(f"{a.model.resolve().name}.scores.json")
+    png = a.png or out.with_suffix(".png")
+    imatrix = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".imatrix.gguf")
+    for path in (out, png) + (() if a.no_sensitivity else (imatrix,)):
+        check_output(path, a.force)
+    if a.scores:
+        raise LwqError("score measures the scores: drop --scores")
+    ladder = {"ladder": parse_ladder(a.ladder)} if a.ladder else {}
+    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto",), **ladder)).scores
+    atomic_write_text(out, scores.to_json(), a.force)
+    if scores.imatrix:
+        write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
+    plot_scores(scores, png, f"{a.model.name}: layer importance")
+    lim = scores.lim or (0.0,) * scores.n_layers  # (): no forward pass of this architecture
+    order = sorted(range(scores.n_layers), key=lambda i: -lim[i])
+    rank = {layer: i + 1 for i, layer in enumerate(order)}
+    print(table(("layer", "LIM", "LIM rank", "ZD"),
+                [(i, f"{scores.lim[i]:.4f}" if scores.lim else "-", rank[i] if scores.lim else "-",
+                  f"{scores.zd[i]:.4f}") for i in range(scores.n_layers)]))
+    sens = scores.sensitivity
+    if sens:
+        keys = " and ".join(k.rpartition("@")[0] for k in sens["damage"])
+        print(f"sensitivity ({sens.get('basis', 'expected KLD')}) of "
+              f"{len(next(iter(sens['damage'].values())))} tensors x {len(sens['ladder'])} types "
+              f"(imatrix {keys}) in {sens['seconds']:.0f} s"
+              + (f"; imatrix written to {imatrix} (llama-quantize --imatrix)"
+                 if scores.imatrix else ""))
+        if sens.get("phases"):
+            print("time (s): " + ", ".join(f"{k} {v:g}" for k, v in sens["phases"].items())
+                  + " (sweeps: CPU seconds over the worker threads)")
+    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
+
+
+def cmd_plan(a) -> None:
+    from lwq_gguf.files import atomic_write_text, check_output
+    from lwq_gguf.pipeline import prepare
+    from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
+
+    job = _job(a, plan=_plan_config(a, _one_target(a)))
+    for path in (a.output, a.tensor_type_file):
+        if path:
+            check_output(path, a.force)
+    p = prepare(job)
+    print(plan_layers_table(p.plan, p.scores.lim if p.scores else None))
+    print(plan_types_table(p.plan))
+    print(plan_summary(p.plan))
+    if a.output:
+        atomic_write_text(a.output, p.plan.to_json(), a.force)
+        print(f"wrote {a.output}")
+    if a.tensor_type_file:
+        atomic_write_text(a.tensor_type_file, p.plan.tensor_type_file(), a.force)
+        print(f"wrote {a.tensor_type_file} (llama-quantize --tensor-type-file)")
+
+
+def cmd_convert(a) -> None:
+    from lwq_gguf.evaluate.perplexity import check_perplexity
+    from lwq_gguf.files import atomic_write_text, check_output
+    from lwq_gguf.pipeline import convert
+    from lwq_gguf.report import plan_summary, plan_types_table
+    from lwq_gguf.write.writer import WriteConfig
+
+    bits = _one_target(a)
+    if a.plan is None and bits is None:
+        raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
+    if a.plan is not None:
+        job = _job(a, plan_file=a.plan, encoder=a.encoder)
+    else:
+        job = _job(a, plan=_plan_config(a, bits))
+    write = WriteConfig(output=a.output, outtype=a.outtype, force=a.force, threads=a.threads,
+                        two_step=a.two_step)
+    modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
+    if modelfile is not None:
+        check_output(modelfile, a.force)
+    r = convert(job, write, verify=not a.no_verify, perplexity=check_perplexity)
+    print(plan_types_table(r.plan))
+    print(plan_summary(r.plan))
+    check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
+    size = r.output.stat().st_size / 2**20
+    print(f"wrote {r.output}: {size:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
+          f"{r.seconds:.0f} s")
+    if modelfile is not None:
+        from lwq_gguf.write.ollama import modelfile_text
+
+        text, notes = modelfile_text(r.output, a.model, modelfile)
+        atomic_write_text(modelfile, text, a.force)
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
+
+
+def _eval_config(a):
+    from lwq_gguf.evaluate.perplexity import EvalConfig
+
+    if a.ctx < 16 or (a.chunks is not None and a.chunks < 1):
+        raise LwqError("--ctx must be at least 16 and --chunks at least 1")
+    return EvalConfig(ctx=a.ctx, chunks=a.chunks, device=a.device, threads=a.threads)
+
+
+def cmd_eval(a) -> None:
+    import json
+
+    from lwq_gguf.evaluate.perplexity import evaluate
+    from lwq_gguf.llamacpp import find_llama_cpp
+    from lwq_gguf.report import table
+
+    r = evaluate(a.quant, a.text, find_llama_cpp(), _eval_config(a), a.base,
+                 progress=not (a.quiet or a.json))
+    if a.json:
+        print(json.dumps(r.to_dict()))
+        return
+    rows = [("PPL", f"{r.ppl:.4f} ± {r.ppl_err:.4f}")]
+    if r.kld_mean is not None:
+        rows += [("PPL ratio (quant/base)", f"{r.ppl_ratio:.4f}"),
+                 ("mean KLD", f"{r.kld_mean:.6f} ± {r.kld_err:.6f}"),
+                 ("99th pct KLD", f"{r.kld_p99:.6f}"), ("same top token", f"{r.same_top_pct:.2f}%")]
+    print(table(("metric", "value"), rows))
+    print(f"{r.chunks} chunks x {a.ctx} tokens, {r.tokens_scored} scored, llama.cpp on {r.device}")
+
+
+def cmd_compare(a) -> None:
+    import shlex
+
+    from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs
+    from lwq_gguf.quant.imatrix import ImatrixChoice
+    from lwq_gguf.quant.types import default_baselines, parse_mixes
+    from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
+
+    if a.scores:
+        raise LwqError("compare scores the model once itself (OUT/scores.json): drop --scores")
+    targets = tuple(dict.fromkeys(a.avg_bits or ()))
+    imatrix = ImatrixChoice.parse(a.imatrix)
+    cfg = CompareConfig(model=a.model, out_dir=a.output or Path(f"compare-{a.model.resolve().name}"),
+                        text=a.text, targets=targets,
+                        plan=_plan_config(a, targets[0] if targets else 4.0),
+                        baselines=parse_mixes(a.baselines) if a.baselines is not None
+                        else default_baselines(imatrix.mode != "none"), imatrix=imatrix,
+                        score=_score_config(a), eval=_eval_config(a), threads=a.threads)
+    res = run_compare(cfg, progress=not a.quiet)
+    paths = write_outputs(cfg, res, "lwq-gguf " + shlex.join(a.argv))
+    print(table(COMPARE_HEADERS, compare_rows(res.rows)))
+    print(f"{res.base.result.chunks} chunks x {a.ctx} tokens on {res.device}; {res.built} file(s) "
+          f"built, {res.evaluated} evaluated, {len(res.rows) - res.evaluated} from cache; "
+          f"{res.seconds:.0f} s")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_inspect(a) -> None:
+    import json
+
+    from lwq_gguf.files import check_output
+    from lwq_gguf.publish.inspect import describe, heatmap, render
+
+    if len(a.files) > 2:
+        raise LwqError(f"inspect takes one or two files (got {len(a.files)}): inspect A.gguf "
+                       "[B.gguf]")
+    if a.png:
+        check_output(a.png, a.force)
+    doc = describe(a.files)
+    print(json.dumps(doc) if a.json else render(doc))
+    if a.png:
+        heatmap(doc, a.png)
+        if not a.json:
+            print(f"wrote {a.png}")
