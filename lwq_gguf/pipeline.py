@@ -14,23 +14,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lwq_gguf.errors import PlanError
+from lwq_gguf.errors import PlanError, VerifyError
 from lwq_gguf.files import atomic_output, check_output, read_user_text, sha256_file
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel, open_model
+from lwq_gguf.plan.budget import ALIGN, IMATRIX_KV_MAX, file_bytes, in_unit_of, kv_bytes, pad
+from lwq_gguf.plan.config import reach_bytes
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.quant.encoder import damage_key, split_damage_key
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_dict, write_imatrix
-from lwq_gguf.quant.tensors import GGUFTensor
-from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
+from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER, QUANT_TYPES
 from lwq_gguf.score.cache import ScoreCache, model_sha256
 from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
-from lwq_gguf.write.converter import model_tensors
+from lwq_gguf.write.converter import inventory, model_tensors
 from lwq_gguf.write.verify import CheckResult, Perplexity, check_file, read_back
-from lwq_gguf.write.writer import WriteConfig, check_plan_matches, cleanup, work_paths, write_gguf
+from lwq_gguf.write.writer import (WriteConfig, check_plan_matches, cleanup, lwq_metadata,
+                                   work_paths, write_gguf)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +50,10 @@ class Job:
     measure: tuple[str, ...] | None = None  # (score) imatrix settings to measure sensitivity
     # for; None: what the plan and --imatrix need
     ladder: tuple[str, ...] = AUTO_LADDER  # (score) the types measured; a plan brings its own
+    # --size: the whole file at most this many bytes (the plan's avg_bits from size_target),
+    # and within SIZE_SLACK of it; size_spec: as the user wrote it, for messages
+    size_limit: int | None = None
+    size_spec: str = ""
     progress: bool = True
 
 
@@ -68,10 +75,54 @@ def load_scores(path: Path, model: HFModel) -> Scores:
 
 
 def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
+    """A plan JSON (`lwq-gguf plan -o`), or any GGUF of the same model shape (--recipe): its
+    per-tensor types."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return recipe_plan(path, tensors)
+    except OSError:
+        pass  # said by read_user_text, in its words
     text = read_user_text(path, "plan", "make one with `lwq-gguf plan`", PlanError)
     plan = Plan.from_json(text, str(path))
     check_plan_matches(plan, tensors, str(path))
     return plan
+
+
+def _trim_ones(shape) -> tuple[int, ...]:
+    """A ggml shape without its trailing dimensions of 1 (the writer leaves them out)."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
+
+
+def recipe_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
+    """The per-tensor types of another GGUF of the same architecture and shapes, as a plan."""
+    info = read_back(path)
+    arch = info.metadata.get("general.architecture", "?")
+    fix = f"use a GGUF of this model's architecture and size (the recipe is {arch})"
+    want = {t.name: t for t in tensors}
+    odd = sorted(set(info.types) ^ set(want))
+    if odd:
+        where = "only in the recipe" if odd[0] in info.types else "missing from the recipe"
+        raise PlanError(f"{path}: tensor {odd[0]!r} is {where} ({len(odd)} names differ): {fix}")
+    for name, t in want.items():
+        if _trim_ones(info.shapes[name]) != _trim_ones(t.shape):
+            raise PlanError(f"{path}: {name} is {list(info.shapes[name])} there and "
+                            f"{list(t.shape)} in this model: {fix}")
+        if info.types[name] not in QUANT_TYPES:
+            raise PlanError(f"{path}: {name} is {info.types[name]}, a type the pinned "
+                            "llama.cpp cannot write: choose another recipe")
+    types = tuple(info.types[t.name] for t in tensors)
+    total = sum(t.numel for t in tensors)
+    bpw = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, types)) * 8 / total
+    used = sorted({ty for t, ty in zip(tensors, types) if t.quantizable} or {"f16"},
+                  key=lambda ty: QUANT_TYPES[ty].bpw)
+    n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=-1)
+    cfg = PlanConfig(avg_bits=min(32.0, max(1.0, round(bpw, 4))))
+    return Plan(cfg, tensors, types, tuple(range(n_layers)), (used[0], used[-1]),
+                basis=f"recipe of {path.name}")
 
 
 def _has(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
@@ -202,12 +253,67 @@ def prepare(job: Job) -> Prepared:
             scores = get_scores(job, model, listing.result, ladder, keys)
         tensors = listing.result()
     if job.plan is not None:
-        cfg = job.plan
-        plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,
-                         scores.damage(damage_key(job.imatrix.key, cfg.encoder)))
-        if cfg.strategy == "auto":
-            plan = replace(plan, basis=scores.sensitivity.get("basis", BASIS_FISHER))
+        def make(cfg: PlanConfig) -> Plan:
+            plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,
+                             scores.damage(damage_key(job.imatrix.key, cfg.encoder)))
+            if cfg.strategy == "auto":
+                plan = replace(plan, basis=scores.sensitivity.get("basis", BASIS_FISHER))
+            return plan
+
+        plan = make(job.plan) if job.size_limit is None else _fit_size(job, model, scores, make)
     return Prepared(model, tensors, scores, plan, job.imatrix)
+
+
+SIZE_SLACK = 0.005  # --size: the file lands at or below the size, within this fraction of it
+
+
+def predicted_bytes(header_bytes: int, plan: Plan, scores: Scores | None, imatrix: bool) -> int:
+    """The planned file's size on disk, at most (exact but for the imatrix keys' strings and
+    any dimension of 1 the writer drops)."""
+    extra = kv_bytes(lwq_metadata(plan, scores)) + (IMATRIX_KV_MAX if imatrix else 0)
+    return file_bytes(header_bytes, plan.tensor_bytes(), extra)
+
+
+def size_target(model: HFModel, size: int, spec: str, cfg: PlanConfig, imatrix: bool) -> float:
+    """--size: a first --avg-bits for a file of at most ``size`` bytes; a size this model's
+    file cannot have under ``cfg``'s ladder is refused with the range it can, in ``spec``'s
+    unit. (:func:`prepare` then plans, measures the planned file and plans again lower while
+    it would not fit.)"""
+    inv = inventory(model)
+    n, total = len(inv.tensors), sum(t.numel for t in inv.tensors)
+    lo, hi = reach_bytes(inv.tensors, cfg, imatrix)
+    # the metadata lwq-gguf adds (the plan: ~100 bytes a tensor) and every tensor's padding
+    over = pad(inv.header_bytes + 100 * n + 4096 + (IMATRIX_KV_MAX if imatrix else 0)) + ALIGN * n
+    if not lo + over <= size <= hi + over:
+        raise PlanError(f"--size {spec}: with ladder {','.join(cfg.ladder)} this model's file "
+                        f"takes {in_unit_of(lo + over, spec)} to {in_unit_of(hi + over, spec)}: "
+                        "choose a size in that range (or widen the ladder)")
+    return (size - over) * 8 / total
+
+
+def _fit_size(job: Job, model: HFModel, scores: Scores | None, make) -> Plan:
+    """Plan for ``job.size_limit``: lower the target while the planned file would not fit."""
+    header, total = inventory(model).header_bytes, model_total(model)
+    cfg, imatrix = job.plan, job.imatrix.mode != "none"
+    for _ in range(4):
+        plan = make(cfg)
+        need = predicted_bytes(header, plan, scores, imatrix)
+        if need <= job.size_limit:
+            break
+        cfg = replace(cfg, avg_bits=cfg.avg_bits - (need - job.size_limit + ALIGN) * 8 / total)
+    else:
+        raise PlanError(f"--size {job.size_spec}: the planned file stays above it "
+                        f"({in_unit_of(need, job.size_spec)}): choose a larger size")
+    if need < job.size_limit * (1 - SIZE_SLACK):
+        raise PlanError(f"--size {job.size_spec}: the closest this model's tensors allow is "
+                        f"{in_unit_of(need, job.size_spec)}, more than {SIZE_SLACK:.1%} below: "
+                        "choose a size nearer that")
+    return plan
+
+
+def model_total(model: HFModel) -> int:
+    """Elements of every GGUF tensor of the model (what BPW divides by)."""
+    return sum(t.numel for t in inventory(model).tensors)
 
 
 @dataclass(frozen=True)
@@ -261,6 +367,9 @@ def convert(job: Job, write: WriteConfig, verify: bool = True,
             assert written == partial, (written, partial)
             check = (check_file(partial, p.plan, job.score.calib_file, out, perplexity) if verify
                      else CheckResult(read_back(partial).bpw, None))
+            if job.size_limit is not None and partial.stat().st_size > job.size_limit:
+                raise VerifyError(f"{out}: {partial.stat().st_size} bytes, above --size "
+                                  f"{job.size_spec}: report this bug")
     finally:
         cleanup(out)  # the work folder (and a partial file, never the target)
     return ConvertResult(out, p.plan, p.scores, check, time.time() - t0)

@@ -23,11 +23,24 @@ def _score_config(a):
                        device_map=a.device_map, rescore=a.rescore)
 
 
-def _one_target(a) -> float | None:
-    if a.avg_bits is not None and len(a.avg_bits) != 1:
-        raise LwqError(f"{a.command} takes one --avg-bits (got {len(a.avg_bits)}): use "
-                       "`lwq-gguf compare` for several targets")
-    return a.avg_bits[0] if a.avg_bits else None
+def _targets(a):
+    """--avg-bits B ... or --size SIZE ... as family targets (lwq_gguf.publish.family)."""
+    from lwq_gguf.publish.family import parse_targets
+
+    return parse_targets(a.avg_bits, getattr(a, "size", None))
+
+
+def _one_job(a, targets, **kw):
+    """The Job of a command that makes one plan: one target, a size resolved to its BPW."""
+    from lwq_gguf.publish.family import target_job
+
+    if len(targets) != 1:
+        raise LwqError(f"{a.command} takes one target (got {len(targets)}): --avg-bits B or "
+                       "--size SIZE" + (", or several to convert a family into a folder"
+                                        if a.command == "plan" else ""))
+    t = targets[0]
+    job = _job(a, plan=_plan_config(a, t.bits if t.bits is not None else 4.0), **kw)
+    return target_job(job, t) if t.size is not None else job
 
 
 def _plan_config(a, bits: float) -> PlanConfig:
@@ -97,7 +110,7 @@ def cmd_plan(a) -> None:
     from lwq_gguf.pipeline import prepare
     from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
 
-    job = _job(a, plan=_plan_config(a, _one_target(a)))
+    job = _one_job(a, _targets(a))
     for path in (a.output, a.tensor_type_file):
         if path:
             check_output(path, a.force)
@@ -120,15 +133,25 @@ def cmd_convert(a) -> None:
     from lwq_gguf.report import plan_summary, plan_types_table
     from lwq_gguf.write.writer import WriteConfig
 
-    bits = _one_target(a)
-    if a.plan is None and bits is None:
-        raise LwqError("convert needs --avg-bits B (or --plan PLAN.json)")
-    if a.plan is not None:
-        job = _job(a, plan_file=a.plan, encoder=a.encoder)
-    else:
-        job = _job(a, plan=_plan_config(a, bits))
+    targets = _targets(a)
     write = WriteConfig(output=a.output, outtype=a.outtype, force=a.force, threads=a.threads,
                         two_step=a.two_step)
+    fixed = a.plan or a.recipe  # (read_plan tells a GGUF recipe from a plan JSON)
+    if a.plan and a.recipe:
+        raise LwqError("--plan and --recipe both fix every tensor's type: give one")
+    if fixed is None and not targets:
+        raise LwqError("convert needs --avg-bits B (or --size SIZE, --plan PLAN.json or "
+                       "--recipe OTHER.gguf)")
+    if fixed is not None:
+        if targets:
+            raise LwqError(f"{fixed} fixes every tensor's type: drop --avg-bits/--size")
+        if a.recipe and not a.recipe.is_file():
+            raise LwqError(f"{a.recipe}: no such file: give --recipe the path of a .gguf file")
+        job = _job(a, plan_file=fixed, encoder=a.encoder)
+    elif len(targets) > 1 or a.output.is_dir():
+        return _convert_family(a, targets, write)
+    else:
+        job = _one_job(a, targets)
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
         check_output(modelfile, a.force)
@@ -147,6 +170,44 @@ def cmd_convert(a) -> None:
         for note in notes:
             print(f"note: {note}")
         print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
+
+
+def _convert_family(a, targets, write) -> None:
+    from lwq_gguf.evaluate.perplexity import check_perplexity
+    from lwq_gguf.files import atomic_write_text
+    from lwq_gguf.publish.family import run_family
+    from lwq_gguf.report import table
+
+    if a.modelfile:
+        raise LwqError("--modelfile names one Modelfile; a family gets FILE.Modelfile beside each "
+                       "file with --ollama: drop --modelfile")
+    job = _job(a, plan=_plan_config(a, targets[0].bits or 4.0))
+
+    def done(o) -> None:
+        if o.result is None:
+            print(f"FAILED {o.target.label}: {o.error}")
+            return
+        print(f"wrote {o.path}: {o.path.stat().st_size / 2**20:.1f} MiB, "
+              f"{o.result.check.bpw:.3f} BPW; {o.result.seconds:.0f} s", flush=True)
+        if a.ollama:
+            from lwq_gguf.write.ollama import modelfile_text
+
+            mf = o.path.with_suffix(".Modelfile")
+            atomic_write_text(mf, modelfile_text(o.path, a.model, mf)[0], a.force)
+
+    outcomes = run_family(job, targets, write, verify=not a.no_verify,
+                          perplexity=check_perplexity, on_done=done)
+    rows = [(o.target.label, o.path.name, f"{o.path.stat().st_size / 2**20:.1f}",
+             f"{o.result.check.bpw:.3f}", f"{o.result.check.ppl:.2f}" if o.result.check.ppl
+             else "-", ", ".join(f"{ty}" for ty in o.result.plan.pair)) if o.result else
+            (o.target.label, o.path.name, "-", "-", "-", "FAILED") for o in outcomes]
+    print(table(("target", "file", "MiB", "BPW", "check PPL", "levels"), rows))
+    failed = [o for o in outcomes if o.result is None]
+    if failed:
+        raise LwqError(f"{len(failed)} of {len(outcomes)} targets failed "
+                       f"({', '.join(o.target.label for o in failed)}; the others are written "
+                       f"in {a.output}): {failed[0].target.label}: {failed[0].error}")
+    print(f"{len(outcomes)} files in {a.output}")
 
 
 def _eval_config(a):

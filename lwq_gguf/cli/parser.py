@@ -40,11 +40,16 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                    "reusing the score cache (~/.cache/lwq-gguf/scores, $LWQ_SCORES_CACHE)")
 
 
-def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False) -> None:
+def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False,
+               sizes: bool = False) -> None:
     g = p.add_argument_group("planning")
     g.add_argument("--avg-bits", type=float, required=required, nargs="+", metavar="B",
                    help="target BPW of the whole file (llama.cpp's BPW, embeddings included)"
                    + ("; several targets allowed" if several else ""))
+    if sizes:
+        g.add_argument("--size", nargs="+", metavar="SIZE", help="instead of --avg-bits: the "
+                       "whole file at or below SIZE on disk and within 0.5%% of it (4.2GiB, "
+                       "4.5GB, 3900MiB)" + ("; several: a family" if several else ""))
     g.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="auto (default): least expected KLD for the size (measured sensitivity, "
                    "knapsack); lim, zd, random: the paper's two-level layer ranking")
@@ -100,14 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="plan JSON (default: print the tables only)")
     p.add_argument("--tensor-type-file", type=Path, help="also export for llama-quantize")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
-    _plan_args(p, required=True)
+    _plan_args(p, required=False, sizes=True)
     _score_args(p)
 
     c = sub.add_parser("convert", help="HF folder -> layer-wise mixed-precision GGUF", epilog=EPILOG)
     _common(c, top=False)
     c.add_argument("model", type=Path)
-    c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write")
+    c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write; with "
+                   "several targets (a family) or an existing folder, the folder to write "
+                   "MODEL-lwq-3.5bpw.gguf ... into")
     c.add_argument("--plan", type=Path, help="use this plan JSON instead of planning")
+    c.add_argument("--recipe", type=Path, metavar="OTHER.gguf", help="take every tensor's type "
+                   "from another GGUF of the same architecture and shapes (e.g. the base "
+                   "model's published quant) instead of planning")
     c.add_argument("--outtype", default="auto", choices=["auto", "f16", "bf16", "f32"],
                    help="precision the converter hands to the quantizer (auto: bf16 for bf16 "
                    "models, else f16)")
@@ -120,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile (TEMPLATE, "
                    "SYSTEM and stop tokens from the chat template) beside the GGUF")
     c.add_argument("--modelfile", type=Path, help="where --ollama writes it (default: Modelfile "
-                   "in the output's folder)")
-    _plan_args(c, required=False)
+                   "in the output's folder; a family: FILE.Modelfile beside each file)")
+    _plan_args(c, required=False, several=True, sizes=True)
     _score_args(c)
 
     e = sub.add_parser("eval", help="perplexity and KL-divergence in llama.cpp "

@@ -20,13 +20,46 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "tb": 1000**4, "tib": 1 << 40}
 
 
-def parse_size(spec: str) -> int:
+def parse_size(spec: str, option: str = "--dense-size") -> int:
     """'3.5GiB', '3500MB', '800M', '123456' -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(spec))
     unit = m and _UNITS.get(m.group(2).lower())
     if not m or unit is None or float(m.group(1)) <= 0:
-        raise PlanError(f"--dense-size {spec!r}: give a size such as 3.5GiB, 3500MB or 800MiB")
+        raise PlanError(f"{option} {spec!r}: give a size such as 3.5GiB, 3500MB or 800MiB")
     return int(float(m.group(1)) * unit)
+
+
+def in_unit_of(n: int, spec: str) -> str:
+    """``n`` bytes in the unit ``spec`` was given in ('4.2GiB' -> '3.981GiB'; bytes: '123 B')."""
+    m = re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([a-zA-Z]*)\s*", str(spec))
+    unit = m.group(1) if m and m.group(1).lower() in _UNITS and m.group(1).lower() not in (
+        "", "b") else ""
+    return f"{n / _UNITS[unit.lower()]:.3f}{unit}" if unit else f"{n} B"
+
+
+# ---- the file around the tensors: what --size must leave room for ------------------------------
+
+ALIGN = 32  # GGUF's default data alignment (general.alignment)
+# llama-quantize's quantize.imatrix.* keys, at most: two strings (cut to 127 bytes) and two uint32
+IMATRIX_KV_MAX = sum(8 + len(k) + 4 + 8 + 127 for k in ("quantize.imatrix.file",
+                                                         "quantize.imatrix.dataset")) + sum(
+    8 + len(k) + 4 + 4 for k in ("quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"))
+
+
+def pad(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def kv_bytes(kv: dict) -> int:
+    """GGUF bytes of metadata entries as lwq-gguf writes them (strings, float32, uint32)."""
+    return sum(8 + len(k.encode()) + 4 + (8 + len(v.encode()) if isinstance(v, str) else 4)
+               for k, v in kv.items())
+
+
+def file_bytes(header_bytes: int, tensor_bytes: Sequence[int], extra_kv: int) -> int:
+    """A GGUF's size on disk, at most: the converter's 16-bit header (its metadata and tensor
+    infos), the metadata added to it, then every tensor's data padded to the alignment."""
+    return pad(header_bytes + extra_kv) + sum(pad(b) for b in tensor_bytes)
 
 
 def is_dense(t: GGUFTensor) -> bool:

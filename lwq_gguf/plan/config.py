@@ -104,9 +104,13 @@ class Plan:
             elems += t.numel
         return bits / elems
 
+    def tensor_bytes(self) -> list[int]:
+        """Each tensor's bytes in the file, in plan order."""
+        return [tensor_nbytes(ty, t.shape) for t, ty in zip(self.tensors, self.types)]
+
     @property
     def nbytes(self) -> int:
-        return sum(tensor_nbytes(ty, t.shape) for t, ty in zip(self.tensors, self.types))
+        return sum(self.tensor_bytes())
 
     @property
     def dense_nbytes(self) -> int:
@@ -200,11 +204,10 @@ def check_range(cfg: PlanConfig, lo_bpw: float, hi_bpw: float) -> None:
             "a target in that range or widen the ladder")
 
 
-def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig, imatrix: bool = True) -> None:
-    """Refuse a target the ladder cannot reach on these tensors (before any slow work), and a
-    non-expert limit (--dense-size/--dense-bits) that cannot be met with it. ``imatrix``: whether
-    the types that need an importance matrix can be used."""
-    total = sum(t.numel for t in tensors)
+def _reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig, imatrix: bool
+           ) -> tuple[int, int, int, int]:
+    """Tensor bytes at the least and the most the ladder allows: of the whole, of the non-expert
+    part."""
     lo = hi = dense_lo = dense_hi = 0
     ladder = usable_ladder(cfg.ladder, imatrix)
     if not ladder:
@@ -221,6 +224,21 @@ def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig, imatrix: bool = 
         lo, hi = lo + min(sizes), hi + max(sizes)
         if is_dense(t):
             dense_lo, dense_hi = dense_lo + min(sizes), dense_hi + max(sizes)
+    return lo, hi, dense_lo, dense_hi
+
+
+def reach_bytes(tensors: Sequence[GGUFTensor], cfg: PlanConfig, imatrix: bool = True
+                ) -> tuple[int, int]:
+    """(least, most) tensor bytes the ladder allows on these tensors."""
+    return _reach(tensors, cfg, imatrix)[:2]
+
+
+def check_reach(tensors: Sequence[GGUFTensor], cfg: PlanConfig, imatrix: bool = True) -> None:
+    """Refuse a target the ladder cannot reach on these tensors (before any slow work), and a
+    non-expert limit (--dense-size/--dense-bits) that cannot be met with it. ``imatrix``: whether
+    the types that need an importance matrix can be used."""
+    total = sum(t.numel for t in tensors)
+    lo, hi, dense_lo, dense_hi = _reach(tensors, cfg, imatrix)
     check_range(cfg, lo * 8 / total, hi * 8 / total)
     limit = dense_budget(tensors, cfg.dense_bytes, cfg.dense_bits)
     if limit is None:

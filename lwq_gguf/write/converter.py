@@ -123,7 +123,8 @@ def _convert(job: ConverterJob) -> int:
             rows = [{"name": name, "shape": [int(d) for d in reversed(ti.shape)],
                      "type": ti.dtype.name.lower()}
                     for shard in inst.gguf_writer.tensors for name, ti in shard.items()]
-            Path(job.out).write_text(json.dumps(rows))
+            Path(job.out).write_text(json.dumps({"tensors": rows,
+                                                 "header_bytes": _header_bytes(inst, job)}))
             return 0
         if job.mode == "damage":
             return _damage(inst, job)
@@ -142,6 +143,19 @@ def _convert(job: ConverterJob) -> int:
             w.write_tensors_to_file(progress=False)
             w.close()
     return 0
+
+
+def _header_bytes(inst, job: ConverterJob) -> int:
+    """Bytes of the 16-bit file's header, metadata and tensor infos (what precedes the data):
+    written to a scratch file without the tensors."""
+    inst.prepare_metadata(vocab_only=False)
+    w = inst.gguf_writer
+    scratch = Path(job.out).with_name("header.gguf")
+    w.write_header_to_file(path=scratch)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return scratch.stat().st_size
 
 
 def _damage(inst, job: ConverterJob) -> int:
@@ -190,20 +204,38 @@ def write_16bit(lc: LlamaCpp, model_dir: Path, out: Path, outtype: str = "auto")
                          outtype=outtype))
 
 
-def _inventory_rows(path: Path) -> list[dict] | None:
+@dataclass(frozen=True)
+class Inventory:
+    """What the converter would write for a model: its tensors, and the bytes before their data
+    (header, metadata - the vocabulary among it - and tensor infos) in the 16-bit file."""
+
+    tensors: tuple[GGUFTensor, ...]
+    header_bytes: int
+
+
+def _inventory_rows(path: Path) -> dict | None:
     try:
-        rows = json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("header_bytes"), int):
+        return None
+    rows = doc.get("tensors")
     ok = isinstance(rows, list) and rows and all(
         isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("type"), str)
         and isinstance(r.get("shape"), list) and all(isinstance(d, int) for d in r["shape"])
         for r in rows)
-    return rows if ok else None
+    return doc if ok else None
 
 
 def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
-    """The GGUF tensor list of ``model``, from the pinned converter itself.
+    """The GGUF tensor list of ``model``, from the pinned converter itself (:func:`inventory`)."""
+    return inventory(model).tensors
+
+
+def inventory(model: HFModel) -> Inventory:
+    """The GGUF tensor list of ``model`` and its 16-bit file's header size, from the pinned
+    converter itself.
 
     Cached in ``scores_cache_dir()/inventory`` by what it
     depends on: config.json and the tensors' names, dtypes and shapes (read from the headers; no
@@ -218,18 +250,19 @@ def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
              "code": code_digest("write/converter.py", "write/onepass.py")}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     path = root / "inventory" / f"{key}.json"
-    rows = _inventory_rows(path)
-    if rows is None:
+    doc = _inventory_rows(path)
+    if doc is None:
         with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
             out = Path(tmp) / "inventory.json"
             run_job(ConverterJob(mode="inventory", src=str(lc.src), model=str(model.path),
                                  out=str(out)))
-            rows = _inventory_rows(out)
-        if rows is None:
+            doc = _inventory_rows(out)
+        if doc is None:
             raise ToolError(f"convert_hf_to_gguf on {model.path} listed no tensors: check the "
                             "model folder")
-        write_cache_text(path, json.dumps(rows))
-    return tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"]) for r in rows)
+        write_cache_text(path, json.dumps(doc))
+    return Inventory(tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"])
+                           for r in doc["tensors"]), doc["header_bytes"])
 
 
 if __name__ == "__main__":

@@ -73,3 +73,34 @@ def test_inspect_bad_input(mixes, tmp_path):
     assert str(cut) in line and "not a readable GGUF" in line
     assert "no such file" in error_line(run_cli("inspect", tmp_path / "none.gguf"))
     assert "one or two" in error_line(run_cli("inspect", cut, cut, cut))
+
+
+def tensor_bytes(path):
+    from gguf import GGUFReader
+
+    return {t.name: bytes(t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.slow
+def test_recipe_reproduces_llama_quantize_and_refuses_other_shapes(mixes, tiny, tmp_path):
+    """--recipe Q4_K_M.gguf with llama-quantize's encoder and no imatrix: the very tensors
+    llama-quantize wrote; a recipe of a model of another depth: one line, nothing written."""
+    out = tmp_path / "r.gguf"
+    p = run_cli("-q", "convert", mixes["model"], "--recipe", mixes["Q4_K_M"], "-o", out,
+                "--imatrix", "none", "--encoder", "ggml", "--calib-tokens", "256", check=True)
+    assert "recipe of Q4_K_M.gguf" in p.stdout
+    assert read_back(out).types == read_back(mixes["Q4_K_M"]).types
+    assert tensor_bytes(out) == tensor_bytes(mixes["Q4_K_M"])
+    diff = json.loads(run_cli("inspect", out, mixes["Q4_K_M"], "--json", check=True).stdout)
+    assert diff["diff"]["changed"] == [] and diff["files"][0]["lwq_plan"]["encoder"] == "ggml"
+
+    other = tmp_path / "o.gguf"
+    line = error_line(run_cli("convert", tiny("llama", 2), "--recipe", mixes["Q4_K_M"], "-o",
+                              other))
+    assert str(mixes["Q4_K_M"]) in line and "architecture" in line and not other.exists()
+    line = error_line(run_cli("convert", mixes["model"], "--recipe", mixes["Q4_K_M"],
+                              "--avg-bits", "4", "-o", other))
+    assert "drop --avg-bits" in line
+    line = error_line(run_cli("convert", mixes["model"], "--recipe", tmp_path / "none.gguf",
+                              "-o", other))
+    assert "no such file" in line and not other.exists()
