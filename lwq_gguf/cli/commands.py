@@ -36,8 +36,8 @@ def _one_job(a, targets, **kw):
 
     if len(targets) != 1:
         raise LwqError(f"{a.command} takes one target (got {len(targets)}): --avg-bits B or "
-                       "--size SIZE" + (", or several to convert a family into a folder"
-                                        if a.command == "plan" else ""))
+                       "--size SIZE (`lwq-gguf convert ... -o FOLDER/` writes a family of "
+                       "several; `lwq-gguf compare` measures several)")
     t = targets[0]
     job = _job(a, plan=_plan_config(a, t.bits if t.bits is not None else 4.0), **kw)
     return target_job(job, t) if t.size is not None else job
