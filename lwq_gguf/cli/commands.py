@@ -148,7 +148,8 @@ def cmd_convert(a) -> None:
         if a.recipe and not a.recipe.is_file():
             raise LwqError(f"{a.recipe}: no such file: give --recipe the path of a .gguf file")
         job = _job(a, plan_file=fixed, encoder=a.encoder)
-    elif len(targets) > 1 or a.output.is_dir():
+    elif len(targets) > 1 or a.output.is_dir() or a.raw_output.endswith("/") or a.card \
+            or a.eval:
         return _convert_family(a, targets, write)
     else:
         job = _one_job(a, targets)
@@ -181,7 +182,20 @@ def _convert_family(a, targets, write) -> None:
     if a.modelfile:
         raise LwqError("--modelfile names one Modelfile; a family gets FILE.Modelfile beside each "
                        "file with --ollama: drop --modelfile")
+    if a.output.suffix == ".gguf":
+        raise LwqError(f"-o {a.output}: a family, a card or --eval write into a folder: give -o "
+                       "FOLDER/")
+    if a.card and a.no_card:
+        raise LwqError("--card and --no-card: give one")
     job = _job(a, plan=_plan_config(a, targets[0].bits or 4.0))
+    compare = _family_compare(a, job) if a.eval else None
+    card = not a.no_card
+    if card and a.output.is_dir():  # an earlier card is replaced only with --force
+        from lwq_gguf.files import check_output
+        from lwq_gguf.publish.card import CARD_FILES
+
+        for name in CARD_FILES:
+            check_output(a.output / name, a.force)
 
     def done(o) -> None:
         if o.result is None:
@@ -199,15 +213,58 @@ def _convert_family(a, targets, write) -> None:
                           perplexity=check_perplexity, on_done=done)
     rows = [(o.target.label, o.path.name, f"{o.path.stat().st_size / 2**20:.1f}",
              f"{o.result.check.bpw:.3f}", f"{o.result.check.ppl:.2f}" if o.result.check.ppl
-             else "-", ", ".join(f"{ty}" for ty in o.result.plan.pair)) if o.result else
+             else "-", "…".join(o.result.plan.pair)) if o.result else
             (o.target.label, o.path.name, "-", "-", "-", "FAILED") for o in outcomes]
-    print(table(("target", "file", "MiB", "BPW", "check PPL", "levels"), rows))
+    print(table(("target", "file", "MiB", "BPW", "check PPL", "types"), rows))
+    ok = [o for o in outcomes if o.result is not None]
+    evaluation = None
+    if compare is not None and ok:
+        import json
+        import shlex
+        from dataclasses import replace
+
+        from lwq_gguf.evaluate.compare import run_compare, write_outputs
+        from lwq_gguf.report import COMPARE_HEADERS, compare_rows
+
+        compare = replace(compare, files=tuple((f"lwq {o.target.label}", o.path) for o in ok))
+        res = run_compare(compare, progress=not a.quiet)
+        paths = write_outputs(compare, res, "lwq-gguf " + shlex.join(a.argv))
+        evaluation = json.loads(paths[0].read_text())
+        print(table(COMPARE_HEADERS, compare_rows(res.rows)))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    if card and ok:
+        import shlex
+
+        from lwq_gguf.llamacpp import find_llama_cpp
+        from lwq_gguf.publish.card import CardInput, write_card
+
+        readme = write_card(CardInput(
+            model=a.model, files=tuple((o.target.label, o.path) for o in ok),
+            command="lwq-gguf " + shlex.join(a.argv), calib=job.score.calib_file,
+            calib_tokens=job.score.calib_tokens, imatrix=job.imatrix.describe(),
+            llama_cpp=find_llama_cpp().root.name, evaluation=evaluation), a.output)
+        print(f"wrote {readme} (the model card)")
     failed = [o for o in outcomes if o.result is None]
     if failed:
         raise LwqError(f"{len(failed)} of {len(outcomes)} targets failed "
                        f"({', '.join(o.target.label for o in failed)}; the others are written "
                        f"in {a.output}): {failed[0].target.label}: {failed[0].error}")
-    print(f"{len(outcomes)} files in {a.output}")
+    print(f"{len(outcomes)} file(s) in {a.output}")
+
+
+def _family_compare(a, job):
+    """--eval: the comparison that measures the family (files added once written)."""
+    from lwq_gguf.evaluate.compare import CompareConfig
+    from lwq_gguf.quant.types import default_baselines, parse_mixes
+
+    if not a.eval.is_file():
+        raise LwqError(f"{a.eval}: no such text file: pass --eval FILE (e.g. wiki.test.raw)")
+    return CompareConfig(model=a.model, out_dir=a.output.with_name(a.output.name + "-eval"),
+                         text=a.eval, targets=(), plan=job.plan,
+                         baselines=parse_mixes(a.baselines) if a.baselines is not None
+                         else default_baselines(job.imatrix.mode != "none"),
+                         imatrix=job.imatrix, score=job.score, eval=_eval_config(a),
+                         threads=a.threads)
 
 
 def _eval_config(a):

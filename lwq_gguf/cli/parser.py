@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "SYSTEM and stop tokens from the chat template) beside the GGUF")
     c.add_argument("--modelfile", type=Path, help="where --ollama writes it (default: Modelfile "
                    "in the output's folder; a family: FILE.Modelfile beside each file)")
+    g = c.add_argument_group("families and model cards")
+    g.add_argument("--card", action="store_true", help="write the model card OUTPUT/README.md "
+                   "(the default for a family: several targets, or -o FOLDER/)")
+    g.add_argument("--no-card", action="store_true", help="a family without the card")
+    g.add_argument("--eval", type=Path, metavar="TEXT", help="measure the files against the "
+                   "16-bit model beside --baselines (mean KLD, same top, PPL) on TEXT, for the "
+                   "card; the 16-bit base and the mixes go to OUTPUT-eval/ (reused)")
+    g.add_argument("--baselines", help="with --eval: llama-quantize mixes to measure (default "
+                   f"{','.join(DEFAULT_BASELINES)}, and with an imatrix also "
+                   f"{','.join(IQ_BASELINES)}; none)")
+    g.add_argument("--ctx", type=int, default=512, help="with --eval: tokens per chunk (512)")
+    g.add_argument("--chunks", type=int, help="with --eval: first N chunks (default: all)")
     _plan_args(c, required=False, several=True, sizes=True)
     _score_args(c)
 

@@ -67,6 +67,9 @@ class CompareConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     threads: int = 0
+    # layer-wise files already written (a family, lwq_gguf.publish): (label, path), measured
+    # beside the mixes as they are
+    files: tuple[tuple[str, Path], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,9 @@ def plan_entries(cfg: CompareConfig, model: HFModel, lc: LlamaCpp) -> tuple[list
                          gg / f"{name}-lwq-{pc.strategy}-{bits:g}{pinned}{sfx}.gguf",
                          _recipe(build, kind="lwq", model=fp, plan=pc, imatrix=imat,
                                  score=cfg.score, encoder=encoder_tag(pc.encoder)), bits))
+    for label, path in cfg.files:  # (their bytes' sha256 keys their evaluations)
+        out.append(Entry(label, "lwq-gguf", path, _recipe(None, kind="given",
+                                                          path=str(path.resolve()))))
     return out, outtype
 
 
@@ -233,7 +239,7 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
     if needy and cfg.imatrix.mode == "none":
         raise LwqError(f"--baselines {','.join(needy)}: llama.cpp needs an importance matrix "
                        "for these: pass --imatrix FILE or drop them")
-    if not cfg.targets and not cfg.baselines:
+    if not cfg.targets and not cfg.baselines and not cfg.files:
         raise LwqError("nothing to compare: give --avg-bits and/or --baselines")
     tensors = model_tensors(model)
     for bits in cfg.targets:  # budgets and ladders are checked before any scoring
@@ -289,7 +295,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
         files.record(entries[0])
     check_text(entries[0].path, cfg.text, lc, cfg.eval.ctx)  # refuse a short text before building
     scores = None
-    if any(e.kind == "lwq-gguf" for e in stale) or (
+    if any(e.bits is not None for e in stale) or (
             cfg.imatrix.mode == "auto" and any(e.kind == "llama.cpp" for e in stale)):
         scores = _scores_file(cfg, model, files, progress)
     imatrix = cfg.out_dir / "imatrix.gguf" if cfg.imatrix.mode == "auto" else cfg.imatrix.path
@@ -297,7 +303,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
                   disable=not progress):
         if e.kind == "llama.cpp":
             build_mix(lc, entries[0].path, e, imatrix, cfg.threads)
-        else:
+        elif e.bits is not None:
             job = _job(cfg, plan=replace(cfg.plan, avg_bits=e.bits), scores_file=scores)
             convert(job, WriteConfig(output=e.path, force=True, threads=cfg.threads),
                     perplexity=check_perplexity)
@@ -318,7 +324,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
 
     rows = []
     for i, (e, r) in enumerate(zip(entries, results)):
-        rows.append(Row(e.label, e.kind, str(e.path.relative_to(cfg.out_dir)),
+        rows.append(Row(e.label, e.kind, os.path.relpath(e.path, cfg.out_dir),
                         e.path.stat().st_size / 2**20, read_back(e.path).bpw, r,
                         r.ppl - results[0].ppl, i not in todo))
     return CompareResult(tuple(rows), text_sha, device, time.time() - t0, len(stale), len(todo))

@@ -41,11 +41,12 @@ def test_family_writes_each_target_and_a_failed_one_leaves_the_others(tiny, tmp_
 def test_size_targets_land_within_half_a_percent(cont_model, tmp_path):
     out = tmp_path / "sizes"
     p = run_cli("-q", "convert", cont_model, "--size", "90MiB", "100MB", "--ladder", "k",
-                "--calib-tokens", "512", "-o", out, check=True)
-    assert "2 files in" in p.stdout
+                "--calib-tokens", "512", "-o", out, "--ollama", "--no-card", check=True)
+    assert "2 file(s) in" in p.stdout and not (out / "README.md").exists()
     for name, limit in (("90MiB", 90 * 2**20), ("100MB", 100 * 10**6)):
-        size = (out / f"{cont_model.name}-lwq-{name}.gguf").stat().st_size
-        assert limit * 0.995 <= size <= limit, (name, size, limit)
+        f = out / f"{cont_model.name}-lwq-{name}.gguf"
+        assert limit * 0.995 <= f.stat().st_size <= limit, (name, f.stat().st_size, limit)
+        assert f"FROM ./{f.name}" in f.with_suffix(".Modelfile").read_text()
     line = error_line(run_cli("convert", cont_model, "--size", "10MiB", "--ladder", "k",
                               "-o", tmp_path / "x.gguf"))
     assert "--size 10MiB" in line and "MiB to " in line and not (tmp_path / "x.gguf").exists()
