@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lwq-gguf: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("lwq-gguf: interrupted; no output was written", file=sys.stderr)
+        print("lwq-gguf: interrupted; no partial file was left (files already finished stay)",
+              file=sys.stderr)
         return 130
     except OSError as e:
         if debug:
