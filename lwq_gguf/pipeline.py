@@ -293,7 +293,8 @@ def size_target(model: HFModel, size: int, spec: str, cfg: PlanConfig, imatrix: 
 
 def _fit_size(job: Job, model: HFModel, scores: Scores | None, make) -> Plan:
     """Plan for ``job.size_limit``: lower the target while the planned file would not fit."""
-    header, total = inventory(model).header_bytes, model_total(model)
+    inv = inventory(model)
+    header, total = inv.header_bytes, sum(t.numel for t in inv.tensors)
     cfg, imatrix = job.plan, job.imatrix.mode != "none"
     for _ in range(4):
         plan = make(cfg)
@@ -310,10 +311,6 @@ def _fit_size(job: Job, model: HFModel, scores: Scores | None, make) -> Plan:
                         "choose a size nearer that")
     return plan
 
-
-def model_total(model: HFModel) -> int:
-    """Elements of every GGUF tensor of the model (what BPW divides by)."""
-    return sum(t.numel for t in inventory(model).tensors)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def plot_compare(rows, png: Path, title: str) -> None:
     """Mean KLD against BPW (log KLD axis): llama.cpp's mixes one line, layer-wise another."""
+    plot_kld({name: [(r.bpw, r.result.kld_mean, r.label) for r in rows if r.kind == kind]
+              for kind, name in (("llama.cpp", "llama.cpp mixes"),
+                                 ("lwq-gguf", "lwq-gguf layer-wise"))},
+             png, "bits per weight (whole file)", title)
+
+
+def plot_kld(lines: dict[str, list[tuple[float, float, str]]], png: Path, xlabel: str,
+             title: str = "") -> None:
+    """Mean KLD (log axis) against ``xlabel``: one labelled line per entry of ``lines``
+    ({name: [(x, KLD, point label), ...]}; the first drawn with circles, the rest squares)."""
     import textwrap
 
     import matplotlib
@@ -126,20 +136,20 @@ def plot_compare(rows, png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for kind, style, name in (("llama.cpp", "o-", "llama.cpp mixes"),
-                              ("lwq-gguf", "s-", "lwq-gguf layer-wise")):
-        pts = sorted((r.bpw, r.result.kld_mean, r.label) for r in rows if r.kind == kind)
-        pts = [p for p in pts if p[1] and p[1] > 0]
+    for i, (name, points) in enumerate(lines.items()):
+        pts = sorted(p for p in points if p[1] and p[1] > 0)
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=5)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if i == 0 else "s-", label=name,
+                ms=5)
         for k, (x, y, label) in enumerate(pts):  # alternate sides so neighbours stay legible
             ax.annotate(label, (x, y), textcoords="offset points", fontsize=7,
                         xytext=(4, 5) if k % 2 == 0 else (4, -11))
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (whole file)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean KL-divergence vs 16-bit (log)")
-    ax.set_title(textwrap.fill(title, 90), fontsize=8)
+    if title:
+        ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

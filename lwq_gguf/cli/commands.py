@@ -3,6 +3,7 @@ pipeline (or the evaluate / publish stage), a printed summary."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError
@@ -133,6 +134,8 @@ def cmd_convert(a) -> None:
     from lwq_gguf.report import plan_summary, plan_types_table
     from lwq_gguf.write.writer import WriteConfig
 
+    folder = a.output.endswith(("/", os.sep))  # (-o FOLDER/: a family, even of one file)
+    a.output = Path(a.output)
     targets = _targets(a)
     write = WriteConfig(output=a.output, outtype=a.outtype, force=a.force, threads=a.threads,
                         two_step=a.two_step)
@@ -148,8 +151,7 @@ def cmd_convert(a) -> None:
         if a.recipe and not a.recipe.is_file():
             raise LwqError(f"{a.recipe}: no such file: give --recipe the path of a .gguf file")
         job = _job(a, plan_file=fixed, encoder=a.encoder)
-    elif len(targets) > 1 or a.output.is_dir() or a.raw_output.endswith("/") or a.card \
-            or a.eval:
+    elif len(targets) > 1 or folder or a.output.is_dir() or a.card or a.eval:
         return _convert_family(a, targets, write)
     else:
         job = _one_job(a, targets)
@@ -174,6 +176,8 @@ def cmd_convert(a) -> None:
 
 
 def _convert_family(a, targets, write) -> None:
+    import shlex
+
     from lwq_gguf.evaluate.perplexity import check_perplexity
     from lwq_gguf.files import atomic_write_text
     from lwq_gguf.publish.family import run_family
@@ -217,10 +221,10 @@ def _convert_family(a, targets, write) -> None:
             (o.target.label, o.path.name, "-", "-", "-", "FAILED") for o in outcomes]
     print(table(("target", "file", "MiB", "BPW", "check PPL", "types"), rows))
     ok = [o for o in outcomes if o.result is not None]
+    command = "lwq-gguf " + shlex.join(a.argv)
     evaluation = None
     if compare is not None and ok:
         import json
-        import shlex
         from dataclasses import replace
 
         from lwq_gguf.evaluate.compare import run_compare, write_outputs
@@ -228,23 +232,21 @@ def _convert_family(a, targets, write) -> None:
 
         compare = replace(compare, files=tuple((f"lwq {o.target.label}", o.path) for o in ok))
         res = run_compare(compare, progress=not a.quiet)
-        paths = write_outputs(compare, res, "lwq-gguf " + shlex.join(a.argv))
+        paths = write_outputs(compare, res, command)
         evaluation = json.loads(paths[0].read_text())
         print(table(COMPARE_HEADERS, compare_rows(res.rows)))
         print("wrote " + ", ".join(str(p) for p in paths))
     if card and ok:
-        import shlex
-
         from lwq_gguf.llamacpp import find_llama_cpp
         from lwq_gguf.publish.card import CardInput, write_card
 
         readme = write_card(CardInput(
             model=a.model, files=tuple((o.target.label, o.path) for o in ok),
-            command="lwq-gguf " + shlex.join(a.argv), calib=job.score.calib_file,
+            command=command, calib=job.score.calib_file,
             calib_tokens=job.score.calib_tokens, imatrix=job.imatrix.describe(),
             llama_cpp=find_llama_cpp().root.name, evaluation=evaluation), a.output)
         print(f"wrote {readme} (the model card)")
-    failed = [o for o in outcomes if o.result is None]
+    failed = [o for o in outcomes if o not in ok]
     if failed:
         raise LwqError(f"{len(failed)} of {len(outcomes)} targets failed "
                        f"({', '.join(o.target.label for o in failed)}; the others are written "
@@ -255,16 +257,23 @@ def _convert_family(a, targets, write) -> None:
 def _family_compare(a, job):
     """--eval: the comparison that measures the family (files added once written)."""
     from lwq_gguf.evaluate.compare import CompareConfig
-    from lwq_gguf.quant.types import default_baselines, parse_mixes
 
     if not a.eval.is_file():
         raise LwqError(f"{a.eval}: no such text file: pass --eval FILE (e.g. wiki.test.raw)")
     return CompareConfig(model=a.model, out_dir=a.output.with_name(a.output.name + "-eval"),
                          text=a.eval, targets=(), plan=job.plan,
-                         baselines=parse_mixes(a.baselines) if a.baselines is not None
-                         else default_baselines(job.imatrix.mode != "none"),
+                         baselines=_baselines(a, job.imatrix),
                          imatrix=job.imatrix, score=job.score, eval=_eval_config(a),
                          threads=a.threads)
+
+
+def _baselines(a, imatrix) -> tuple[str, ...]:
+    """--baselines, or the default mixes (the i-quant ones only with an imatrix)."""
+    from lwq_gguf.quant.types import default_baselines, parse_mixes
+
+    if a.baselines is not None:
+        return parse_mixes(a.baselines)
+    return default_baselines(imatrix.mode != "none")
 
 
 def _eval_config(a):
@@ -301,7 +310,6 @@ def cmd_compare(a) -> None:
 
     from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs
     from lwq_gguf.quant.imatrix import ImatrixChoice
-    from lwq_gguf.quant.types import default_baselines, parse_mixes
     from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
 
     if a.scores:
@@ -311,8 +319,7 @@ def cmd_compare(a) -> None:
     cfg = CompareConfig(model=a.model, out_dir=a.output or Path(f"compare-{a.model.resolve().name}"),
                         text=a.text, targets=targets,
                         plan=_plan_config(a, targets[0] if targets else 4.0),
-                        baselines=parse_mixes(a.baselines) if a.baselines is not None
-                        else default_baselines(imatrix.mode != "none"), imatrix=imatrix,
+                        baselines=_baselines(a, imatrix), imatrix=imatrix,
                         score=_score_config(a), eval=_eval_config(a), threads=a.threads)
     res = run_compare(cfg, progress=not a.quiet)
     paths = write_outputs(cfg, res, "lwq-gguf " + shlex.join(a.argv))

@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = build_parser().parse_args(argv)
     a.argv = [str(x) for x in argv]
-    a.raw_output = next((y for x, y in zip(a.argv, a.argv[1:]) if x in ("-o", "--output")), "")
     debug = a.debug or os.environ.get("LWQ_DEBUG") == "1"
     try:
         {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert,

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="HF folder -> layer-wise mixed-precision GGUF", epilog=EPILOG)
     _common(c, top=False)
     c.add_argument("model", type=Path)
-    c.add_argument("-o", "--output", type=Path, required=True, help="the GGUF to write; with "
+    c.add_argument("-o", "--output", required=True, help="the GGUF to write; with "
                    "several targets (a family) or an existing folder, the folder to write "
                    "MODEL-lwq-3.5bpw.gguf ... into")
     c.add_argument("--plan", type=Path, help="use this plan JSON instead of planning")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lwq_gguf import __version__
-from lwq_gguf.files import atomic_output, atomic_write_text, sha256_file
+from lwq_gguf.files import atomic_write_text, sha256_file
 from lwq_gguf.publish.inspect import describe, heatmap
 
 CARD_FILES = ("README.md", "kld-vs-size.png")  # what the card writes besides types-*.png
@@ -94,35 +94,9 @@ def _quality(ev: dict, names: dict[str, str]) -> list[str]:
     return out
 
 
-def plot_kld_size(ev: dict, names: dict[str, str], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for kind, style, name in (("llama.cpp", "o-", "llama.cpp mixes"),
-                              ("lwq-gguf", "s-", "this family (lwq-gguf)")):
-        pts = sorted((r["size_mib"], r["kld_mean"], names.get(r["label"], r["label"]))
-                     for r in ev["rows"] if r["kind"] == kind and r["kld_mean"])
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=5)
-            for x, y, label in pts:
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel("mean KL-divergence vs 16-bit (log)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_output(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def write_card(inp: CardInput, out_dir: Path) -> Path:
     """README.md (+ types-LABEL.png per file, kld-vs-size.png with an evaluation) in out_dir."""
-    from lwq_gguf.report import table
+    from lwq_gguf.report import plot_kld, table
 
     doc = describe([p for _, p in inp.files])
     files = doc["files"]
@@ -143,7 +117,11 @@ def write_card(inp: CardInput, out_dir: Path) -> Path:
     if inp.evaluation is not None:
         lines += ["", "## Quality", "", *_quality(inp.evaluation, names), "",
                   "![mean KLD against file size](kld-vs-size.png)"]
-        plot_kld_size(inp.evaluation, names, out_dir / "kld-vs-size.png")
+        plot_kld({name: [(r["size_mib"], r["kld_mean"], names.get(r["label"], r["label"]))
+                         for r in inp.evaluation["rows"] if r["kind"] == kind]
+                  for kind, name in (("llama.cpp", "llama.cpp mixes"),
+                                     ("lwq-gguf", "this family (lwq-gguf)"))},
+                 out_dir / "kld-vs-size.png", "file size (MiB)")
     lines += ["", "## Types per layer", ""]
     for (label, path), f in zip(inp.files, files):
         png = f"types-{label}.png"

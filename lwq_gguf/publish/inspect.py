@@ -11,11 +11,13 @@ text tables and :func:`heatmap` into a PNG.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError
+from lwq_gguf.plan.budget import gib
 from lwq_gguf.write.verify import FileInfo, read_back
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -55,7 +57,7 @@ class Recipe:
 
     def bpw(self, layers_only: bool = False) -> float:
         names = [n for n in self.info.types if not layers_only or split_name(n)[0] is not None]
-        el = sum(_numel(self.info.shapes[n]) for n in names)
+        el = sum(math.prod(self.info.shapes[n]) for n in names)
         return sum(self.info.sizes[n] for n in names) * 8 / el if el else 0.0
 
     def kinds(self) -> dict[str, str]:
@@ -71,22 +73,10 @@ class Recipe:
         return out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def read_recipe(path: Path) -> Recipe:
     if not path.is_file():
         raise LwqError(f"{path}: no such file: give the path of a .gguf file")
-    try:
-        info = read_back(path)
-    except LwqError as e:
-        why = str(e).split("(", 1)[-1].rsplit(")", 1)[0] if "(" in str(e) else str(e)
-        raise LwqError(f"{path}: not a readable GGUF file ({why}): give a complete .gguf file "
-                       "(a download may have stopped early)") from None
+    info = read_back(path, "give a complete .gguf file (a download may have stopped early)")
     return Recipe(path, info, path.stat().st_size)
 
 
@@ -110,7 +100,7 @@ def type_counts(r: Recipe) -> dict[str, dict[str, int]]:
     for n, ty in r.info.types.items():
         a = agg.setdefault(ty, {"tensors": 0, "params": 0, "bytes": 0})
         a["tensors"] += 1
-        a["params"] += _numel(r.info.shapes[n])
+        a["params"] += math.prod(r.info.shapes[n])
         a["bytes"] += r.info.sizes[n]
     return dict(sorted(agg.items(), key=lambda kv: -kv[1]["params"]))
 
@@ -160,23 +150,19 @@ def describe(paths: list[Path]) -> dict:
     return doc
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 1 << 30 else f"{n / 2**20:.1f} MiB"
-
-
 def render(doc: dict) -> str:
     """The text form of :func:`describe`'s dict."""
     from lwq_gguf.report import table
 
     out = []
     for f in doc["files"]:
-        out.append(f"{f['file']}: {f['architecture']}, {_size(f['file_bytes'])} "
+        out.append(f"{f['file']}: {f['architecture']}, {gib(f['file_bytes'])} "
                    f"({f['file_bytes']:,} bytes), {f['tensors']} tensors, {f['bpw']:.3f} BPW "
                    f"({f['bpw_layers']:.3f} over the repeating layers); embedding/output "
-                   f"{_size(f['embed_output_bytes'])} ("
+                   f"{gib(f['embed_output_bytes'])} ("
                    + ", ".join(f"{k.removesuffix('.weight')} {v}"
                                for k, v in f["embed_output"].items())
-                   + f"), layers {_size(f['layer_bytes'])}")
+                   + f"), layers {gib(f['layer_bytes'])}")
         total = sum(t["params"] for t in f["types"].values()) or 1
         out.append(table(("type", "tensors", "params", "share", "MiB"),
                          [(ty, t["tensors"], f"{t['params'] / 1e6:.2f}M",

@@ -83,7 +83,7 @@ class _Header:
         return None
 
 
-def read_back(path: Path) -> FileInfo:
+def read_back(path: Path, fix: str = "re-create it") -> FileInfo:
     """Tensor types, byte and element counts, and lwq./general./quantize. metadata of a GGUF.
 
     Reads only the header (gguf-py's GGUFReader parses every vocab string into numpy views,
@@ -93,7 +93,7 @@ def read_back(path: Path) -> FileInfo:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse(_Header(buf))
     except (struct.error, ValueError, OSError, OverflowError, KeyError) as e:
-        raise LwqError(f"{path}: not a readable GGUF file ({e}): re-create it")
+        raise LwqError(f"{path}: not a readable GGUF file ({e}): {fix}")
 
 
 def _parse(h: _Header) -> FileInfo:
