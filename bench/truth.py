@@ -1,0 +1,207 @@
+"""The damage model against the truth: single-tensor KLD measured in llama.cpp, beside the estimate.
+
+    .venv/bin/python bench/truth.py [--model models/gemma3-270m] [--text FILE] [--chunks 4]
+                                    [--per-kind 3] [--ladder all] [--results FILE]
+
+For a sample of (tensor, type) pairs - at least ``--per-kind`` tensors of every kind (attn_q,
+attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down; layers spread first to last) plus the
+token embedding (and the output when it is not tied), each with every type the ladder gives it
+(llama.cpp's fallback where its rows do not fit) - one file is built with that tensor in that
+type and every other tensor left as the 16-bit base has it (``llama-quantize --tensor-type-file``
+from the base, ggml's encoders, the imatrix computed from the calibration text), and its mean KLD
+against the base is measured in llama.cpp on the evaluation text. Beside it: the planner's
+estimate for the same pair, damage(t, q) = 1/2 sum F (w - Q(w))^2 (the sensitivity table of the
+same encoder and imatrix).
+
+Writes RESULTS (.json, .md): every pair, per type the rank (Spearman) correlation of estimate and
+measurement over the tensors and the median measured / estimated ratio, and the worst over- and
+under-estimates. Pairs are measured in batches and kept in OUT/pairs.json as they finish, so a
+stopped run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lwq_gguf.evaluate.compare import CompareConfig, run_compare  # noqa: E402
+from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many  # noqa: E402
+from lwq_gguf.files import atomic_write_text  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402
+from lwq_gguf.plan.plan import PlanConfig  # noqa: E402
+from lwq_gguf.quant.encoder import damage_key  # noqa: E402
+from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
+from lwq_gguf.quant.types import QUANT_TYPES  # noqa: E402
+from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
+from lwq_gguf.score.scores import Scores, ScoreConfig  # noqa: E402
+
+MODEL = ROOT / "models" / "gemma3-270m"
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+BATCH = 6  # files built, then measured side by side (each is a whole 16-bit model)
+
+
+def sample_tensors(names: list[str], n_layers: int, per_kind: int) -> list[str]:
+    """``per_kind`` layers of every kind, spread from the first to the last, and the embedding /
+    output tensors."""
+    layers = sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, per_kind)})
+    out = [n for n in ("token_embd.weight", "output.weight") if n in names]
+    for kind in KINDS:
+        out += [f"blk.{i}.{kind}.weight" for i in layers if f"blk.{i}.{kind}.weight" in names]
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    c = np.corrcoef(ra, rb)[0, 1]
+    return None if math.isnan(c) else float(c)
+
+
+def build(lc, base: Path, imatrix: Path, quantizable: list[str], name: str, ty: str,
+          out: Path) -> None:
+    """``base`` with ``name`` in ``ty`` and every other quantizable tensor kept 16-bit."""
+    keep = "f16"
+    lines = [f"^{re.escape(name)}$={ty}"] + [f"^{re.escape(n)}$={keep}" for n in quantizable
+                                             if n != name]
+    types = out.with_suffix(".types.txt")
+    types.write_text("\n".join(lines) + "\n")
+    tmp = out.with_suffix(".partial")
+    try:
+        run_tool([str(lc.tool("llama-quantize")), "--imatrix", str(imatrix), "--tensor-type-file",
+                  str(types), str(base), str(tmp), "Q8_0", str(os.cpu_count() or 1)],
+                 what=f"llama-quantize ({name} {ty})")
+        tmp.replace(out)
+    finally:
+        types.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def measure(a, out: Path) -> dict:
+    """Every pair of the sample, measured (resuming from OUT/pairs.json)."""
+    from gguf import GGUFReader
+
+    lc = find_llama_cpp()
+    cfg = CompareConfig(model=a.model, out_dir=out, text=a.text, targets=(),
+                        plan=PlanConfig(avg_bits=4.0, encoder="ggml", ladder=a.ladder),
+                        baselines=("Q8_0",), imatrix=ImatrixChoice.parse("auto"),
+                        score=ScoreConfig(device="cpu"),
+                        eval=EvalConfig(ctx=512, chunks=a.chunks, device="cpu"))
+    res = run_compare(cfg)
+    base = out / res.base.file
+    scores = Scores.from_json((out / "scores.json").read_text())
+    damage = scores.damage(damage_key("auto", "ggml"))
+    reader = GGUFReader(str(base))
+    quantizable = [t.name for t in reader.tensors if t.name in damage]
+    del reader
+    names = sample_tensors(quantizable, scores.n_layers, a.per_kind)
+    pairs = [(n, ty) for n in names for ty in sorted(damage[n], key=lambda q: QUANT_TYPES[q].bpw)]
+    store = out / "pairs.json"
+    done = json.loads(store.read_text()) if store.is_file() else {}
+    todo = [(n, ty) for n, ty in pairs if f"{n}:{ty}" not in done]
+    print(f"truth: {len(pairs)} pairs ({len(names)} tensors), {len(todo)} to measure")
+    work = out / "pairs"
+    work.mkdir(exist_ok=True)
+    t0 = time.time()
+    for k in range(0, len(todo), BATCH):
+        batch = todo[k:k + BATCH]
+        files = [work / f"{n}-{ty}.gguf" for n, ty in batch]
+        for (n, ty), f in zip(batch, files):
+            build(lc, base, out / "imatrix.gguf", quantizable, n, ty, f)
+        results = evaluate_many(files, a.text, lc, cfg.eval, base, progress=False)
+        for (n, ty), f, r in zip(batch, files, results):
+            done[f"{n}:{ty}"] = {"tensor": n, "type": ty, "kld": r.kld_mean, "kld_err": r.kld_err,
+                                 "same_top": r.same_top_pct, "estimate": damage[n][ty]}
+            f.unlink()
+        atomic_write_text(store, json.dumps(done, indent=1))
+        left = len(todo) - k - len(batch)
+        rate = (time.time() - t0) / (k + len(batch))
+        print(f"truth: {k + len(batch)}/{len(todo)} measured, ~{left * rate / 60:.0f} min left",
+              flush=True)
+    return {"pairs": [done[f"{n}:{ty}"] for n, ty in pairs], "base_ppl": res.base.result.ppl,
+            "q8_0_kld": next(r.result.kld_mean for r in res.rows if r.label == "Q8_0"),
+            "fisher_tokens": scores.sensitivity.get("fisher_tokens"),
+            "calib_tokens": scores.sensitivity.get("tokens")}
+
+
+def kind_of(name: str) -> str:
+    m = re.match(r"blk\.\d+\.(\w+)\.weight", name)
+    return m.group(1) if m else name.split(".")[0]
+
+
+def analyse(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Per type: rank correlation over tensors, median and spread of measured / estimated."""
+    per_type = []
+    for ty in sorted({p["type"] for p in pairs}, key=lambda q: QUANT_TYPES[q].bpw):
+        ps = [p for p in pairs if p["type"] == ty and p["estimate"] > 0]
+        ratios = [p["kld"] / p["estimate"] for p in ps]
+        per_type.append({"type": ty, "bpw": QUANT_TYPES[ty].bpw, "pairs": len(ps),
+                         "spearman": spearman([p["estimate"] for p in ps], [p["kld"] for p in ps]),
+                         "ratio_median": float(np.median(ratios)) if ratios else None,
+                         "ratio_min": min(ratios, default=None),
+                         "ratio_max": max(ratios, default=None),
+                         "kinds": sorted({kind_of(p["tensor"]) for p in ps})})
+    return per_type, sorted(pairs, key=lambda p: p["kld"] / max(p["estimate"], 1e-12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--per-kind", type=int, default=3)
+    ap.add_argument("--ladder", default="all")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "truth")
+    ap.add_argument("--results", type=Path, default=None)
+    a = ap.parse_args()
+    if a.text is None:
+        ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
+    name = a.model.resolve().name
+    results = a.results or ROOT / "bench" / "results" / f"truth-{name}.json"
+    t0 = time.time()
+    m = measure(a, a.out / name)
+    per_type, ranked = analyse(m["pairs"])
+    head = ("type", "BPW", "pairs", "rank corr.", "measured/est. median", "min", "max")
+    cells = [(r["type"], f"{r['bpw']:.3f}", r["pairs"],
+              "-" if r["spearman"] is None else f"{r['spearman']:.2f}",
+              f"{r['ratio_median']:.2f}", f"{r['ratio_min']:.2f}", f"{r['ratio_max']:.2f}")
+             for r in per_type if r["pairs"]]
+    worst = ranked[:5] + ranked[-5:]
+    whead = ("tensor", "type", "measured KLD", "estimate", "measured/est.")
+    wcells = [(p["tensor"], p["type"], f"{p['kld']:.3g}", f"{p['estimate']:.3g}",
+               f"{p['kld'] / max(p['estimate'], 1e-12):.2f}") for p in worst]
+    allr = spearman([p["estimate"] for p in m["pairs"]], [p["kld"] for p in m["pairs"]])
+    print(table(head, cells))
+    print(table(whead, wcells))
+    print(f"all pairs: rank correlation {allr:.3f} over {len(m['pairs'])}")
+    doc = {"model": str(a.model), "text": str(a.text), "chunks": a.chunks,
+           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+           "seconds": round(time.time() - t0), "command": "bench/truth.py " + " ".join(sys.argv[1:]),
+           "spearman_all": allr, "per_type": per_type, **m}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=1))
+    results.with_suffix(".md").write_text(
+        f"# The damage model against single-tensor KLD: {name}\n\nCommand: `{doc['command']}`\n\n"
+        f"Machine: {doc['machine']}; {doc['date']}; text {a.text.name}, {a.chunks} chunks x 512 "
+        f"(255 scored each); one tensor quantized (llama-quantize, imatrix from the calibration "
+        f"text), the rest 16-bit; {doc['seconds']} s\n\n"
+        f"Rank correlation of estimate and measurement over all {len(m['pairs'])} pairs: "
+        f"{allr:.3f}\n\n{markdown_table(head, cells)}\n\nWorst under- (top) and over-estimates "
+        f"(bottom):\n\n{markdown_table(whead, wcells)}\n")
+    print(f"wrote {results} and {results.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
