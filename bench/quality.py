@@ -20,10 +20,19 @@ down; the verdict checks the bytes on disk):
 * "estimated": the same ratio by the planner's own estimate (the measured damage of each tensor's
   type, summed over the file), which says whether a miss is the estimate's or the type choice's.
 
+* "sweep" (with the imatrix, --sweep STEP, default 0.25): lwq-gguf every STEP BPW over the range
+  the model's tensors allow (to 8.5), for the KLD-against-size plot with the mixes on it;
+* "equal KLD": for each mix, the smallest lwq-gguf file (of all the above) whose measured KLD is
+  no higher than the mix's, and the bytes it saves.
+
 Every file is evaluated against the 16-bit base on the same chunks (llama.cpp, CPU). Writes
 RESULTS (.json and .md): per point the KLD ratio, same-top %, PPL, bytes on disk and how they split
 between embedding/output and the layers. Files and results are cached in out/quality/MODEL/ and
-shared between texts (a second text costs only its evaluations).
+shared between texts (a second text costs only its evaluations). The default RESULTS is
+bench/results/quality.json for the demo model, quality-MODEL.json for another, with its plot in
+docs/ (quality.png, quality-MODEL.png).
+
+    .venv/bin/python bench/quality.py --model models/gemma3-270m --imatrix auto --no-ablation
 """
 
 from __future__ import annotations
@@ -41,7 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
 from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
+from lwq_gguf.model.load import open_model  # noqa: E402
+from lwq_gguf.plan.config import reach_bytes  # noqa: E402
 from lwq_gguf.plan.plan import PlanConfig  # noqa: E402
+from lwq_gguf.write.converter import model_tensors  # noqa: E402
 from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
 from lwq_gguf.quant.types import ENCODERS  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
@@ -108,8 +120,45 @@ def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, ba
             "chunks": a.result.chunks}
 
 
+def sweep_targets(model: Path, step: float, imatrix: bool) -> tuple[float, ...]:
+    """Every ``step`` BPW the default ladder reaches on ``model`` (whole file), up to 8.5."""
+    tensors = model_tensors(open_model(model))
+    total = sum(t.numel for t in tensors)
+    lo, hi = (b * 8 / total for b in reach_bytes(tensors, PlanConfig(avg_bits=4.0), imatrix))
+    first = math.ceil((lo + 0.01) / step) * step
+    return tuple(round(first + k * step, 3) for k in range(int((min(hi, 8.5) - first) / step) + 1))
+
+
+def _point(point: str, imatrix: str, bits: float, r, out: Path, damage: dict) -> dict:
+    """A sweep point: one lwq-gguf file, no mix beside it."""
+    types = read_back(out / r.file).types
+    return {"point": point, "imatrix": imatrix, "mix": None, "target": bits,
+            "ours_bpw": r.bpw, "ours_bytes": (out / r.file).stat().st_size, "ours_mib": r.size_mib,
+            "ours_kld": r.result.kld_mean, "ours_same_top": r.result.same_top_pct,
+            "ours_ppl": r.result.ppl, "ours_estimate": estimate(types, damage),
+            "ours_embd_type": types.get("token_embd.weight"), "chunks": r.result.chunks}
+
+
+def equal_kld(rows: list[dict]) -> list[dict]:
+    """For each mix (same-size rows), the smallest lwq-gguf file of any point whose KLD is no
+    higher than the mix's, and the bytes it saves against the mix."""
+    out = []
+    for r in rows:
+        if r["point"] != "same size":
+            continue
+        ours = [(x["ours_bytes"], x["ours_kld"], x["target"]) for x in rows
+                if x["imatrix"] == r["imatrix"] and x["ours_kld"] <= r["mix_kld"]
+                and not x["point"].startswith("embedding pinned")]
+        best = min(ours, default=None)
+        out.append({"imatrix": r["imatrix"], "mix": r["mix"], "mix_bytes": r["mix_bytes"],
+                    "mix_kld": r["mix_kld"], "ours_bytes": best and best[0],
+                    "ours_kld": best and best[1], "ours_target": best and best[2],
+                    "bytes_ratio": best and best[0] / r["mix_bytes"]})
+    return out
+
+
 def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "lwq",
-        model: Path = MODEL, ablation: bool = True) -> list[dict]:
+        model: Path = MODEL, ablation: bool = True, step: float = 0.0) -> list[dict]:
     out = out_root / f"imatrix-{imatrix}"
     out_root.mkdir(parents=True, exist_ok=True)
     with_im = imatrix != "none"
@@ -124,7 +173,8 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
     if with_im:
         points += [(f"{SHRINK:g}x size", m, SHRINK) for m in SMALLER]
     bits = {(p, m): size_target(out / built[m].file, k) for p, m, k in points}
-    c = replace(cfg, targets=tuple(sorted(set(bits.values()))),
+    sweep = sweep_targets(model, step, with_im) if step and with_im else ()
+    c = replace(cfg, targets=tuple(sorted(set(bits.values()) | set(sweep))),
                 plan=PlanConfig(avg_bits=min(bits.values()), encoder=encoder))
     res = run_compare(c)
     write_outputs(c, res, f"bench/quality.py (imatrix {imatrix})")
@@ -134,6 +184,7 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
         damage_key(c.imatrix.key, encoder))
     rows = [_row(p, imatrix, m, bits[p, m], k, ours[f"lwq {bits[p, m]:g}"], final[m],
                  res.base.result.ppl, out, damage) for p, m, k in points]
+    rows += [_point("sweep", imatrix, b, ours[f"lwq {b:g}"], out, damage) for b in sweep]
     if ablation and with_im:  # the embedding/output pinned to the mix's own type
         pinned: dict[str, list[str]] = {}
         for m in mixes:
@@ -173,7 +224,7 @@ def verdict(rows: list[dict]) -> list[str]:
     pinned = [r for r in rows if r["point"].startswith("embedding pinned")]
     if pinned:
         lines.append(_worst(pinned, "embedding pinned to the mix's type"))
-    fits = all(r["ours_bytes"] <= r["mix_bytes"] * r["size_limit"] for r in rows)
+    fits = all(r["ours_bytes"] <= r["mix_bytes"] * r["size_limit"] for r in rows if r["mix"])
     lines.append(f"every file within its size limit (bytes on disk): {fits}")
     return lines
 
@@ -188,15 +239,25 @@ def main() -> None:
     ap.add_argument("--encoder", default="lwq", choices=ENCODERS,
                     help="our files' encoder (ggml: llama-quantize's Q4_K blocks)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--sweep", type=float, default=0.25, metavar="STEP",
+                    help="lwq-gguf every STEP BPW over the model's range (with the imatrix; 0: none)")
     a = ap.parse_args()
+    name = a.model.resolve().name
+    if a.results is None:
+        default = MODEL.resolve().name == name
+        a.results = ROOT / "bench" / "results" / ("quality.json" if default
+                                                  else f"quality-{name}.json")
     if a.text is None:
         ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
     t0 = time.time()
     rows = []
     for imatrix in a.imatrix.split(","):
-        rows += run(a.text, a.chunks, a.out / a.model.resolve().name, imatrix, a.encoder, a.model,
-                    not a.no_ablation)
+        rows += run(a.text, a.chunks, a.out / name, imatrix, a.encoder, a.model,
+                    not a.no_ablation, a.sweep)
+    sweep = [r for r in rows if r["point"] == "sweep"]
+    rows = [r for r in rows if r["point"] != "sweep"]
+    same_kld = equal_kld(rows + sweep)
     head = ("point", "imatrix", "mix", "MiB mix/ours", "embd type mix/ours",
             "MiB embd+out mix/ours", "KLD mix", "KLD ours", "ratio", "estimated",
             "same top mix/ours", "PPL mix/ours")
@@ -207,6 +268,16 @@ def main() -> None:
               f"{r['estimate_ratio']:.3f}", f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
               f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
     lines = verdict(rows)
+    ehead = ("imatrix", "mix", "MiB mix", "KLD mix", "smallest lwq-gguf at <= KLD: MiB", "KLD",
+             "bytes vs mix")
+    ecells = [(e["imatrix"], e["mix"], f"{e['mix_bytes'] / 2**20:.2f}", f"{e['mix_kld']:.4f}",
+               "-" if e["ours_bytes"] is None else f"{e['ours_bytes'] / 2**20:.2f}",
+               "-" if e["ours_kld"] is None else f"{e['ours_kld']:.4f}",
+               "-" if e["bytes_ratio"] is None else f"{e['bytes_ratio']:.3f}") for e in same_kld]
+    shead = ("target BPW", "BPW", "MiB", "KLD", "estimated", "same top", "PPL", "embd type")
+    scells = [(f"{r['target']:g}", f"{r['ours_bpw']:.3f}", f"{r['ours_mib']:.2f}",
+               f"{r['ours_kld']:.4f}", f"{r['ours_estimate']:.4f}", f"{r['ours_same_top']:.1f}",
+               f"{r['ours_ppl']:.2f}", r["ours_embd_type"]) for r in sweep]
     cost = {}  # the sensitivity analysis each setting ran (cached: when it was first measured)
     for imatrix in a.imatrix.split(","):
         sens = json.loads((a.out / a.model.resolve().name / f"imatrix-{imatrix}" / "scores.json")
@@ -216,21 +287,27 @@ def main() -> None:
         lines.append(f"sensitivity analysis (imatrix {imatrix}): {sens['seconds']:.0f} s for "
                      f"{len(sens['ladder'])} candidate types (target <= 600 s)")
     print(table(head, cells))
+    print(table(ehead, ecells))
+    if sweep:
+        print(table(shead, scells))
     print("\n".join(lines))
     model = a.model.resolve()
     doc = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
            "text": str(a.text), "chunks": a.chunks, "date": time.strftime("%Y-%m-%d"),
            "machine": machine(), "seconds": round(time.time() - t0), "verdict": lines, "sensitivity": cost,
-           "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows}
+           "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows,
+           "equal_kld": same_kld, "sweep": sweep}
     a.results.parent.mkdir(parents=True, exist_ok=True)
     a.results.write_text(json.dumps(doc, indent=1))
     a.results.with_suffix(".md").write_text(
         f"# Quality: lwq-gguf vs llama.cpp mixes\n\nCommand: `{doc['command']}`\n\n"
         f"Model {doc['model']}; machine: {doc['machine']}; {doc['date']}; text {a.text.name}, "
         f"{a.chunks} chunks x 512; {doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n"
+        f"Equal KLD:\n\n{markdown_table(ehead, ecells)}\n\n"
+        + (f"Sweep:\n\n{markdown_table(shead, scells)}\n\n" if sweep else "")
         + "\n".join(f"- {x}" for x in lines) + "\n")
-    if a.results.name == "quality.json":
-        plot(doc, ROOT / "docs" / "quality.png")
+    if a.results.name.startswith("quality") and a.results.parent == ROOT / "bench" / "results":
+        plot(doc, ROOT / "docs" / a.results.with_suffix(".png").name)
     print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
 
 
@@ -255,6 +332,11 @@ def plot(doc: dict, png: Path) -> None:
         for r in rows:
             ax.annotate(r["mix"], (r["mix_bpw"], r["mix_kld"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
+        sweep = sorted((r for r in doc.get("sweep", []) if r["imatrix"] == imatrix),
+                       key=lambda r: r["ours_bpw"])
+        if sweep:
+            ax.plot([r["ours_bpw"] for r in sweep], [r["ours_kld"] for r in sweep], ".:",
+                    color=color, alpha=0.7, label=f"lwq-gguf sweep (imatrix {imatrix})")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (whole file)")
     ax.set_ylabel("mean KL-divergence vs F16 (log)")

@@ -56,9 +56,12 @@ def sample_tensors(names: list[str], n_layers: int, per_kind: int) -> list[str]:
     """``per_kind`` layers of every kind, spread from the first to the last, and the embedding /
     output tensors."""
     layers = sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, per_kind)})
+    # the middle layer of every kind first, then the first, the last, ...: a run stopped early
+    # (--report) still covers every kind
+    layers.sort(key=lambda i: (abs(i - (n_layers - 1) / 2), i))
     out = [n for n in ("token_embd.weight", "output.weight") if n in names]
-    for kind in KINDS:
-        out += [f"blk.{i}.{kind}.weight" for i in layers if f"blk.{i}.{kind}.weight" in names]
+    for i in layers:
+        out += [f"blk.{i}.{kind}.weight" for kind in KINDS if f"blk.{i}.{kind}.weight" in names]
     return out
 
 
@@ -110,7 +113,7 @@ def measure(a, out: Path) -> dict:
     pairs = [(n, ty) for n in names for ty in sorted(damage[n], key=lambda q: QUANT_TYPES[q].bpw)]
     store = out / "pairs.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
-    todo = [(n, ty) for n, ty in pairs if f"{n}:{ty}" not in done]
+    todo = [] if a.report else [(n, ty) for n, ty in pairs if f"{n}:{ty}" not in done]
     print(f"truth: {len(pairs)} pairs ({len(names)} tensors), {len(todo)} to measure")
     work = out / "pairs"
     work.mkdir(exist_ok=True)
@@ -130,7 +133,8 @@ def measure(a, out: Path) -> dict:
         rate = (time.time() - t0) / (k + len(batch))
         print(f"truth: {k + len(batch)}/{len(todo)} measured, ~{left * rate / 60:.0f} min left",
               flush=True)
-    return {"pairs": [done[f"{n}:{ty}"] for n, ty in pairs], "base_ppl": res.base.result.ppl,
+    return {"pairs": [done[f"{n}:{ty}"] for n, ty in pairs if f"{n}:{ty}" in done],
+            "sampled_pairs": len(pairs), "base_ppl": res.base.result.ppl,
             "q8_0_kld": next(r.result.kld_mean for r in res.rows if r.label == "Q8_0"),
             "fisher_tokens": scores.sensitivity.get("fisher_tokens"),
             "calib_tokens": scores.sensitivity.get("tokens")}
@@ -141,17 +145,42 @@ def kind_of(name: str) -> str:
     return m.group(1) if m else name.split(".")[0]
 
 
+FLOOR = 5  # pairs measured below FLOOR x the tensor's Q8_0 KLD: the runtime floor dominates
+
+
+def relative_bias(pairs: list[dict]) -> dict[tuple[str, str], float]:
+    """measured / estimated of each pair divided by the median of that ratio over the tensor's
+    types: how much a type is under- (> 1) or over-estimated (< 1) against the other types of
+    the same tensor, with the tensor's own Fisher error (common to its types) divided out.
+    Pairs whose KLD is within FLOOR x the tensor's Q8_0 KLD are left out: there the weights sit
+    on (or near) a grid of the source file and what is measured is llama.cpp's quantization of
+    the activations, which the weight-error estimate does not hold."""
+    floor = {p["tensor"]: p["kld"] for p in pairs if p["type"] == "q8_0"}
+    live = [p for p in pairs if p["estimate"] > 0 and p["kld"] > FLOOR * floor.get(p["tensor"], 0)]
+    out = {}
+    for name in {p["tensor"] for p in live}:
+        ps = [p for p in live if p["tensor"] == name]
+        med = float(np.median([p["kld"] / p["estimate"] for p in ps]))
+        out.update({(name, p["type"]): p["kld"] / p["estimate"] / med for p in ps})
+    return out
+
+
 def analyse(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Per type: rank correlation over tensors, median and spread of measured / estimated."""
+    """Per type: rank correlation over tensors, median and spread of measured / estimated, and
+    the median relative bias (:func:`relative_bias`)."""
     per_type = []
+    rel = relative_bias(pairs)
     for ty in sorted({p["type"] for p in pairs}, key=lambda q: QUANT_TYPES[q].bpw):
         ps = [p for p in pairs if p["type"] == ty and p["estimate"] > 0]
         ratios = [p["kld"] / p["estimate"] for p in ps]
+        bias = [v for (n, t), v in rel.items() if t == ty]
         per_type.append({"type": ty, "bpw": QUANT_TYPES[ty].bpw, "pairs": len(ps),
                          "spearman": spearman([p["estimate"] for p in ps], [p["kld"] for p in ps]),
                          "ratio_median": float(np.median(ratios)) if ratios else None,
                          "ratio_min": min(ratios, default=None),
                          "ratio_max": max(ratios, default=None),
+                         "bias_median": float(np.median(bias)) if bias else None,
+                         "bias_max": max(bias, default=None),
                          "kinds": sorted({kind_of(p["tensor"]) for p in ps})})
     return per_type, sorted(pairs, key=lambda p: p["kld"] / max(p["estimate"], 1e-12))
 
@@ -165,19 +194,23 @@ def main() -> None:
     ap.add_argument("--ladder", default="all")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "truth")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--report", action="store_true",
+                    help="measure nothing more: write the results of the pairs measured so far")
     a = ap.parse_args()
     if a.text is None:
         ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
     name = a.model.resolve().name
     results = a.results or ROOT / "bench" / "results" / f"truth-{name}.json"
     t0 = time.time()
+    (a.out / name).parent.mkdir(parents=True, exist_ok=True)
     m = measure(a, a.out / name)
     per_type, ranked = analyse(m["pairs"])
-    head = ("type", "BPW", "pairs", "rank corr.", "measured/est. median", "min", "max")
-    cells = [(r["type"], f"{r['bpw']:.3f}", r["pairs"],
-              "-" if r["spearman"] is None else f"{r['spearman']:.2f}",
-              f"{r['ratio_median']:.2f}", f"{r['ratio_min']:.2f}", f"{r['ratio_max']:.2f}")
-             for r in per_type if r["pairs"]]
+    head = ("type", "BPW", "pairs", "rank corr.", "measured/est. median", "min", "max",
+            "vs the tensor's other types: median", "max")
+    na = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    cells = [(r["type"], f"{r['bpw']:.3f}", r["pairs"], na(r["spearman"]),
+              f"{r['ratio_median']:.3g}", f"{r['ratio_min']:.3g}", f"{r['ratio_max']:.3g}",
+              na(r["bias_median"]), na(r["bias_max"])) for r in per_type if r["pairs"]]
     worst = ranked[:5] + ranked[-5:]
     whead = ("tensor", "type", "measured KLD", "estimate", "measured/est.")
     wcells = [(p["tensor"], p["type"], f"{p['kld']:.3g}", f"{p['estimate']:.3g}",
@@ -195,7 +228,7 @@ def main() -> None:
     results.with_suffix(".md").write_text(
         f"# The damage model against single-tensor KLD: {name}\n\nCommand: `{doc['command']}`\n\n"
         f"Machine: {doc['machine']}; {doc['date']}; text {a.text.name}, {a.chunks} chunks x 512 "
-        f"(255 scored each); one tensor quantized (llama-quantize, imatrix from the calibration "
+        f"(255 scored each); {len(m['pairs'])} of {m['sampled_pairs']} sampled pairs measured; one tensor quantized (llama-quantize, imatrix from the calibration "
         f"text), the rest 16-bit; {doc['seconds']} s\n\n"
         f"Rank correlation of estimate and measurement over all {len(m['pairs'])} pairs: "
         f"{allr:.3f}\n\n{markdown_table(head, cells)}\n\nWorst under- (top) and over-estimates "

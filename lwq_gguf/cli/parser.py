@@ -56,9 +56,10 @@ def _plan_args(p: argparse.ArgumentParser, required: bool, several: bool = False
     g.add_argument("--imatrix", default="auto", metavar="auto|none|FILE",
                    help="importance matrix for planning and llama-quantize: auto (default: "
                    "computed from the calibration text), none, or a llama-imatrix .gguf file")
-    g.add_argument("--ladder", help="types to choose from, comma-separated, or a preset: all "
-                   "(default for --strategy auto: every type llama-quantize writes but the "
-                   "ternary TQ1_0/TQ2_0; those that need an imatrix only with one), k (K-quants "
+    g.add_argument("--ladder", help="types to choose from, comma-separated, or a preset: "
+                   "default (for --strategy auto: every type llama-quantize writes but the "
+                   "ternary TQ1_0/TQ2_0 and Q1_0/Q2_0, whose estimate is not trusted; those "
+                   "that need an imatrix only with one), all (also Q1_0, Q2_0), k (K-quants "
                    f"and q8_0: {','.join(DEFAULT_LADDER)}, the default of the other strategies)")
     g.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
     g.add_argument("--token-embedding-type", default="auto",
@@ -94,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.add_argument("--no-sensitivity", action="store_true", help="LIM and ZD only (the paper's "
                    "strategies); skip the sensitivity analysis and imatrix of --strategy auto")
-    s.add_argument("--ladder", help="types to measure, comma-separated, or a preset: all "
-                   "(default), k (K-quants and q8_0; converts that reuse these scores need a "
-                   "ladder within it)")
+    s.add_argument("--ladder", help="types to measure, comma-separated, or a preset: default "
+                   "(the default), all (also Q1_0, Q2_0), k (K-quants and q8_0; converts that "
+                   "reuse these scores need a ladder within it)")
     _score_args(s)
 
     p = sub.add_parser("plan", help="choose a type for every tensor", epilog=EPILOG)

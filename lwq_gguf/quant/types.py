@@ -58,13 +58,21 @@ QUANT_TYPES: dict[str, QuantType] = _build()
 # run K-quants faster than i-quants
 K_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
 DEFAULT_LADDER = K_LADDER
-# --strategy auto weighs every type llama-quantize writes but the ternary ones (no CUDA kernels
-# at the pin, and meant for ternary-trained models): the round-to-nearest types are exact on
-# weights that already sit on their grid (QAT or re-exported models), the i-quants and FP4 types
-# cost fewer bytes for the same error on most others; each is kept only where it wins
-AUTO_LADDER = tuple(sorted((n for n in _NAMES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
+# --ladder all: every type llama-quantize writes but the ternary ones (no CUDA kernels at the
+# pin, and meant for ternary-trained models): the round-to-nearest types are exact on weights
+# that already sit on their grid (QAT or re-exported models), the i-quants and FP4 types cost
+# fewer bytes for the same error on most others; each is kept only where it wins
+ALL_LADDER = tuple(sorted((n for n in _NAMES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
                           key=lambda n: (QUANT_TYPES[n].bpw, n)))
-LADDER_PRESETS = {"k": K_LADDER, "all": AUTO_LADDER}
+# Types whose estimated damage is not to be trusted on trained weights: measured one tensor at a
+# time in llama.cpp (bench/truth.py, Gemma 3 270M), the sign-like Q1_0 (1 bit) and Q2_0 (2 bits,
+# round-to-nearest) cost up to 2.3x and 1.5x the KLD their second-order estimate says, where
+# the i-quants of the same size (IQ1_S ... IQ2_S) cost 0.45-0.6x of theirs: the planner would
+# pick them where they lose. Offered with --ladder all (or by name) only.
+UNTRUSTED = ("q1_0", "q2_0")
+# --strategy auto's default (--ladder default): all of them but those
+AUTO_LADDER = tuple(n for n in ALL_LADDER if n not in UNTRUSTED)
+LADDER_PRESETS = {"k": K_LADDER, "default": AUTO_LADDER, "all": ALL_LADDER}
 
 
 # who encodes the blocks (lwq_gguf.quant.encoder): lwq-gguf's own Q4_K + ggml's other types, or
@@ -114,11 +122,12 @@ def quant_type(name: str) -> QuantType:
 
 
 def parse_ladder(spec: str | tuple[str, ...]) -> tuple[str, ...]:
-    """'q2_k,q3_k,...' (or a preset: k, all) -> validated names ordered by bits per weight."""
+    """'q2_k,q3_k,...' (or a preset: k, default, all) -> validated names ordered by bits per
+    weight."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if len(names) < 1:
         raise PlanError("the type ladder is empty: pass e.g. --ladder q2_k,q3_k,q4_k,q5_k,q6_k,q8_0 "
-                        "or a preset (k, all)")
+                        "or a preset (k, default, all)")
     names = [m for n in names for m in LADDER_PRESETS.get(n.lower(), (n,))]
     types = sorted({quant_type(n).name for n in names}, key=lambda n: (QUANT_TYPES[n].bpw, n))
     return tuple(types)

@@ -2,7 +2,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lwq_gguf.errors import PlanError
-from lwq_gguf.quant.types import (AUTO_LADDER, DEFAULT_LADDER, IQ_BASELINES, QUANT_TYPES,
+from lwq_gguf.quant.types import (ALL_LADDER, AUTO_LADDER, DEFAULT_LADDER, IQ_BASELINES, QUANT_TYPES,
+                                  UNTRUSTED,
                                   default_baselines, legal_type, mix_needs_imatrix, parse_ladder,
                                   quant_type, usable_ladder)
 
@@ -38,12 +39,16 @@ I_QUANTS = ("iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"
 
 
 def test_auto_ladder_holds_the_i_quants_and_every_other_type_llama_quantize_writes():
-    for name in I_QUANTS + ("mxfp4", "nvfp4", "q2_0", "q1_0", "q4_0", "q5_1", "q2_k", "q8_0"):
+    for name in I_QUANTS + ("mxfp4", "nvfp4", "q4_0", "q5_1", "q2_k", "q8_0"):
         assert name in AUTO_LADDER, name
-    assert "tq1_0" in QUANT_TYPES and "tq1_0" not in AUTO_LADDER  # ternary: no CUDA kernels
+    assert "tq1_0" in QUANT_TYPES and "tq1_0" not in ALL_LADDER  # ternary: no CUDA kernels
+    # the sign-like Q1_0 and Q2_0 (their estimate fails on trained weights: bench/truth.py) only
+    # when asked for
+    assert set(ALL_LADDER) - set(AUTO_LADDER) == set(UNTRUSTED) == {"q1_0", "q2_0"}
+    assert parse_ladder("default") == AUTO_LADDER
+    assert parse_ladder("all") == ALL_LADDER and parse_ladder("default,q1_0")[0] == "q1_0"
     assert parse_ladder("k") == DEFAULT_LADDER == ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
     assert parse_ladder("k,iq4_xs") == ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
-    assert parse_ladder("all") == AUTO_LADDER
     no_im = usable_ladder(AUTO_LADDER, imatrix=False)
     assert "iq4_xs" in no_im and "iq3_s" in no_im and "iq1_m" not in no_im and "iq3_xxs" not in no_im
     assert usable_ladder(AUTO_LADDER, imatrix=True) == AUTO_LADDER
