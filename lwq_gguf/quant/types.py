@@ -65,10 +65,11 @@ DEFAULT_LADDER = K_LADDER
 ALL_LADDER = tuple(sorted((n for n in _NAMES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
                           key=lambda n: (QUANT_TYPES[n].bpw, n)))
 # Types whose estimated damage is not to be trusted on trained weights: measured one tensor at a
-# time in llama.cpp (bench/truth.py, Gemma 3 270M), the sign-like Q1_0 (1 bit) and Q2_0 (2 bits,
-# round-to-nearest) cost up to 2.3x and 1.5x the KLD their second-order estimate says, where
-# the i-quants of the same size (IQ1_S ... IQ2_S) cost 0.45-0.6x of theirs: the planner would
-# pick them where they lose. Offered with --ladder all (or by name) only.
+# time in llama.cpp (bench/truth.py, Gemma 3 270M), against the same tensor's other types the
+# sign-like Q1_0 (1 bit) costs a median 1.8x (up to 5.8x) the KLD its second-order estimate
+# says, Q2_0 (2 bits) 1.15x (up to 2.2x), where the i-quants of the same sizes (IQ1_S ...
+# IQ2_S) sit at 0.86-1.02x: the planner would pick them where they lose. Offered with
+# --ladder all (or by name) only.
 UNTRUSTED = ("q1_0", "q2_0")
 # --strategy auto's default (--ladder default): all of them but those
 AUTO_LADDER = tuple(n for n in ALL_LADDER if n not in UNTRUSTED)
