@@ -105,7 +105,11 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
     used = sorted({choices[k][pick[k]] for k in range(len(free))} or {"f16"},
                   key=lambda ty: QUANT_TYPES[ty].bpw)
     plan = Plan(cfg, tensors, tuple(types), order, (used[0], used[-1]))
-    if abs(plan.bpw() - cfg.avg_bits) > TOLERANCE:
+    # Further below the target than the tolerance is the least-damage file at or below it: every
+    # file nearer the target has more damage (a tensor's larger types add damage - weights on a
+    # smaller type's grid - or one large tensor's steps leave a gap, e.g. a 262k-row embedding);
+    # the summary shows the file's BPW beside the target
+    if plan.bpw() > cfg.avg_bits + TOLERANCE:
         raise PlanError(f"--avg-bits {cfg.avg_bits:g}: the closest this model's tensors allow is "
                         f"{plan.bpw():.3f} BPW: choose a nearby target")
     return plan
