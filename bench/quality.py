@@ -52,7 +52,8 @@ from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs 
 from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
 from lwq_gguf.model.load import open_model  # noqa: E402
 from lwq_gguf.plan.config import reach_bytes  # noqa: E402
-from lwq_gguf.plan.plan import PlanConfig  # noqa: E402
+from lwq_gguf.errors import PlanError  # noqa: E402
+from lwq_gguf.plan.plan import PlanConfig, make_plan  # noqa: E402
 from lwq_gguf.write.converter import model_tensors  # noqa: E402
 from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
 from lwq_gguf.quant.types import ENCODERS  # noqa: E402
@@ -120,13 +121,25 @@ def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, ba
             "chunks": a.result.chunks}
 
 
-def sweep_targets(model: Path, step: float, imatrix: bool) -> tuple[float, ...]:
-    """Every ``step`` BPW the default ladder reaches on ``model`` (whole file), up to 8.5."""
+def sweep_targets(model: Path, step: float, imatrix: bool, scores: Path) -> tuple[float, ...]:
+    """Every ``step`` BPW the default ladder reaches on ``model`` (whole file), up to 8.5, that
+    the planner accepts (above the largest file worth making - each tensor at the largest type
+    that still lowers its damage - it refuses)."""
     tensors = model_tensors(open_model(model))
     total = sum(t.numel for t in tensors)
     lo, hi = (b * 8 / total for b in reach_bytes(tensors, PlanConfig(avg_bits=4.0), imatrix))
     first = math.ceil((lo + 0.01) / step) * step
-    return tuple(round(first + k * step, 3) for k in range(int((min(hi, 8.5) - first) / step) + 1))
+    sc = Scores.from_json(scores.read_text())
+    damage = sc.damage(damage_key("auto" if imatrix else "none", "lwq"))
+    out = []
+    for k in range(int((min(hi, 8.5) - first) / step) + 1):
+        bits = round(first + k * step, 3)
+        try:
+            make_plan(tensors, sc.n_layers, PlanConfig(avg_bits=bits), damage=damage)
+        except PlanError:
+            continue
+        out.append(bits)
+    return tuple(out)
 
 
 def _point(point: str, imatrix: str, bits: float, r, out: Path, damage: dict) -> dict:
@@ -173,7 +186,7 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
     if with_im:
         points += [(f"{SHRINK:g}x size", m, SHRINK) for m in SMALLER]
     bits = {(p, m): size_target(out / built[m].file, k) for p, m, k in points}
-    sweep = sweep_targets(model, step, with_im) if step and with_im else ()
+    sweep = sweep_targets(model, step, with_im, out / "scores.json") if step and with_im else ()
     c = replace(cfg, targets=tuple(sorted(set(bits.values()) | set(sweep))),
                 plan=PlanConfig(avg_bits=min(bits.values()), encoder=encoder))
     res = run_compare(c)
