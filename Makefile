@@ -43,7 +43,7 @@ models/.stamp: models/make_smollm2.py
 	$(PY) models/make_smollm2.py models
 	touch $@
 
-models/.stamp-gemma3: models/make_gemma3.py
+models/.stamp-gemma3: models/make_gemma3.py models/make_smollm2.py
 	$(PY) models/make_gemma3.py models
 	touch $@
 

