@@ -92,6 +92,7 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
                 cfg.avg_bits - TOLERANCE):
             pick = min_damage(options, size(cfg.avg_bits + TOLERANCE),
                               size(cfg.avg_bits - TOLERANCE)) or [0] * len(options)
+        least = min_damage(options, size(cfg.avg_bits))
     else:
         check_reach(tensors, cfg)
         fixed_dense = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, fixed)
@@ -99,20 +100,28 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
         pick = min_damage_split(options, [is_dense(tensors[i]) for i in free],
                                 size(cfg.avg_bits), limit - fixed_dense,
                                 size(cfg.avg_bits - TOLERANCE / 2)) or [0] * len(options)
+        least = min_damage_split(options, [is_dense(tensors[i]) for i in free],
+                                 size(cfg.avg_bits), limit - fixed_dense)
+    # A file nearer the target that has more estimated damage than the least-damage file within
+    # it is never written: when landing there costs damage (a tensor's larger types add damage -
+    # weights on a smaller type's grid - or one large tensor's steps leave a gap, e.g. a 262k-row
+    # embedding), the smaller file wins; the summary shows its BPW beside the target
+    if least is not None and _damage(options, least) < _damage(options, pick) * (1 - 1e-9):
+        pick = least
     types = list(fixed)
     for k, i in enumerate(free):
         types[i] = choices[k][pick[k]]
     used = sorted({choices[k][pick[k]] for k in range(len(free))} or {"f16"},
                   key=lambda ty: QUANT_TYPES[ty].bpw)
     plan = Plan(cfg, tensors, tuple(types), order, (used[0], used[-1]))
-    # Further below the target than the tolerance is the least-damage file at or below it: every
-    # file nearer the target has more damage (a tensor's larger types add damage - weights on a
-    # smaller type's grid - or one large tensor's steps leave a gap, e.g. a 262k-row embedding);
-    # the summary shows the file's BPW beside the target
     if plan.bpw() > cfg.avg_bits + TOLERANCE:
         raise PlanError(f"--avg-bits {cfg.avg_bits:g}: the closest this model's tensors allow is "
                         f"{plan.bpw():.3f} BPW: choose a nearby target")
     return plan
+
+
+def _damage(options: Sequence[Sequence[tuple[int, float]]], pick: Sequence[int]) -> float:
+    return sum(o[j][1] for o, j in zip(options, pick))
 
 
 def make_plan(tensors: Sequence[GGUFTensor], n_layers: int, cfg: PlanConfig,

@@ -169,6 +169,27 @@ def test_auto_strategy_beats_two_level_plans_within_budget(target):
         assert fixed.type_of("output.weight") == "q8_0" and abs(fixed.bpw() - target) <= 0.02
 
 
+def test_more_bytes_never_buy_more_damage():
+    """A model like Gemma 3 270M rebuilt from a Q4_K_M file: layers on a Q5_0 grid (no damage
+    from q5_0 up), a tied 640-wide embedding whose next step (q5_1 -> q8_0) is large. A target in
+    that gap gets the least-damage file below it, not a file that lands nearer the target by
+    crushing the layers: the estimated damage never grows with the target."""
+    inv = inventory(n_layers=6, hidden=640, ffn=2048, kv=256, vocab=262144)
+    damage = synthetic_damage(inv)
+    for t in inv:
+        if t.quantizable and t.layer is not None:
+            damage[t.name] = {ty: (0.0 if QUANT_TYPES[ty].bpw >= QUANT_TYPES["q5_0"].bpw else d)
+                              for ty, d in damage[t.name].items()}
+    last, gaps = float("inf"), 0
+    for target in [4.25 + 0.25 * k for k in range(16)]:
+        plan = make_plan(inv, 6, PlanConfig(avg_bits=target), damage=damage)
+        assert plan.bpw() <= target + 0.02
+        assert total_damage(plan, damage) <= last * (1 + 1e-9), target
+        last = total_damage(plan, damage)
+        gaps += plan.bpw() < target - 0.02
+    assert gaps  # the gap is there: some targets are answered by a smaller file
+
+
 def test_auto_strategy_needs_sensitivity_for_every_type():
     inv = inventory()
     with pytest.raises(PlanError, match="sensitivity analysis"):
