@@ -71,6 +71,10 @@ SMALLER, SHRINK = ("Q3_K_M", "Q4_K_S", "Q4_K_M"), 0.85
 META_ROOM = 32 << 10  # bytes: lwq.plan + lwq.scores, which llama.cpp's files do not carry
 EMBED = ("token_embd.weight", "output.weight")
 TARGET_SAME, TARGET_SMALLER = 0.55, 1.0
+# A model rebuilt from a quantized file: the mixes that keep its own grids (their fallbacks
+# rebuild them) are reported without a target; the others have the issue's targets
+SOURCE_GRIDS = {"gemma3-270m": {"exempt": ("Q3_K_L", "Q4_K_S", "Q4_K_M"), "typical": 0.6,
+                                "cap": 0.8, "bytes": (("Q3_K_M", "IQ3_M", "IQ4_XS"), 0.8)}}
 
 
 def size_target(mix_file: Path, scale: float = 1.0) -> float:
@@ -121,25 +125,34 @@ def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, ba
             "chunks": a.result.chunks}
 
 
-def sweep_targets(model: Path, step: float, imatrix: bool, scores: Path) -> tuple[float, ...]:
-    """Every ``step`` BPW the default ladder reaches on ``model`` (whole file), up to 8.5, that
-    the planner accepts (above the largest file worth making - each tensor at the largest type
-    that still lowers its damage - it refuses)."""
+def planned(model: Path, targets, imatrix: bool, scores: Path
+            ) -> tuple[tuple[float, ...], dict[float, float]]:
+    """The targets the planner accepts, and for each the smallest target with the same plan
+    (files that would be byte-identical are built and measured once)."""
+    tensors = model_tensors(open_model(model))
+    sc = Scores.from_json(scores.read_text())
+    damage = sc.damage(damage_key("auto" if imatrix else "none", "lwq"))
+    ok, first = [], {}
+    for bits in sorted(set(targets)):
+        try:
+            types = make_plan(tensors, sc.n_layers, PlanConfig(avg_bits=bits), damage=damage).types
+        except PlanError:
+            continue
+        ok.append(bits)
+        first.setdefault(types, bits)
+        first[bits] = first[types]
+    return tuple(ok), {b: first[b] for b in ok}
+
+
+def sweep_range(model: Path, step: float, imatrix: bool) -> tuple[float, ...]:
+    """Every ``step`` BPW the default ladder reaches on ``model`` (whole file), up to 8.5 (above
+    the largest file worth making - each tensor at the largest type that still lowers its
+    damage - the planner refuses: :func:`planned` drops those)."""
     tensors = model_tensors(open_model(model))
     total = sum(t.numel for t in tensors)
     lo, hi = (b * 8 / total for b in reach_bytes(tensors, PlanConfig(avg_bits=4.0), imatrix))
     first = math.ceil((lo + 0.01) / step) * step
-    sc = Scores.from_json(scores.read_text())
-    damage = sc.damage(damage_key("auto" if imatrix else "none", "lwq"))
-    out = []
-    for k in range(int((min(hi, 8.5) - first) / step) + 1):
-        bits = round(first + k * step, 3)
-        try:
-            make_plan(tensors, sc.n_layers, PlanConfig(avg_bits=bits), damage=damage)
-        except PlanError:
-            continue
-        out.append(bits)
-    return tuple(out)
+    return tuple(round(first + k * step, 3) for k in range(int((min(hi, 8.5) - first) / step) + 1))
 
 
 def _point(point: str, imatrix: str, bits: float, r, out: Path, damage: dict) -> dict:
@@ -186,18 +199,21 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
     if with_im:
         points += [(f"{SHRINK:g}x size", m, SHRINK) for m in SMALLER]
     bits = {(p, m): size_target(out / built[m].file, k) for p, m, k in points}
-    sweep = sweep_targets(model, step, with_im, out / "scores.json") if step and with_im else ()
-    c = replace(cfg, targets=tuple(sorted(set(bits.values()) | set(sweep))),
+    sweep = sweep_range(model, step, with_im) if step and with_im else ()
+    accepted, same = planned(model, set(bits.values()) | set(sweep), with_im, out / "scores.json")
+    sweep = tuple(b for b in sweep if b in accepted)
+    c = replace(cfg, targets=tuple(sorted(set(same.values()))),
                 plan=PlanConfig(avg_bits=min(bits.values()), encoder=encoder))
     res = run_compare(c)
     write_outputs(c, res, f"bench/quality.py (imatrix {imatrix})")
-    ours = {r.label: r for r in res.rows if r.kind == "lwq-gguf"}
+    ours = {b: r for r in res.rows if r.kind == "lwq-gguf" for b in same
+            if r.label == f"lwq {same[b]:g}"}
     final = {r.label: r for r in res.rows if r.kind == "llama.cpp"}
     damage = Scores.from_json((out / "scores.json").read_text()).damage(
         damage_key(c.imatrix.key, encoder))
-    rows = [_row(p, imatrix, m, bits[p, m], k, ours[f"lwq {bits[p, m]:g}"], final[m],
+    rows = [_row(p, imatrix, m, bits[p, m], k, ours[bits[p, m]], final[m],
                  res.base.result.ppl, out, damage) for p, m, k in points]
-    rows += [_point("sweep", imatrix, b, ours[f"lwq {b:g}"], out, damage) for b in sweep]
+    rows += [_point("sweep", imatrix, b, ours[b], out, damage) for b in sweep]
     if ablation and with_im:  # the embedding/output pinned to the mix's own type
         pinned: dict[str, list[str]] = {}
         for m in mixes:
@@ -224,13 +240,30 @@ def _worst(rows: list[dict], label: str, target: float | None = None) -> str:
     return f"{line} (target <= {target}): {'met' if worst['kld_ratio'] <= target else 'MISSED'}"
 
 
-def verdict(rows: list[dict]) -> list[str]:
+def verdict(rows: list[dict], model: str, same_kld: list[dict]) -> list[str]:
     """One line per target of the issue, with its measured worst case."""
     lines = []
+    grids = SOURCE_GRIDS.get(model)
     for imatrix in ("none", "auto"):
         same = [r for r in rows if r["point"] == "same size" and r["imatrix"] == imatrix]
-        if same:
+        if not same:
+            continue
+        lines.append(_worst(same, f"same size, imatrix {imatrix}, never worse than the mix", 1.0))
+        if grids is None:
             lines.append(_worst(same, f"same size, imatrix {imatrix}", TARGET_SAME))
+            continue
+        free = [r for r in same if r["mix"] not in grids["exempt"]]
+        lines.append(_worst(free, f"same size, imatrix {imatrix}, mixes leaving the source's "
+                            "grids", grids["cap"]))
+        n = sum(r["kld_ratio"] <= grids["typical"] for r in free)
+        lines.append(f"same size, imatrix {imatrix}: {n} of {len(free)} at <= "
+                     f"{grids['typical']}x the mix's KLD")
+        names, cap = grids["bytes"]
+        eq = [e for e in same_kld if e["imatrix"] == imatrix and e["mix"] in names]
+        worst = max((e["bytes_ratio"] or math.inf for e in eq), default=math.inf)
+        lines.append(f"equal KLD, imatrix {imatrix}: bytes vs the mix for {', '.join(names)} "
+                     f"at most {worst:.3f} (target <= {cap}): "
+                     f"{'met' if worst <= cap else 'MISSED'}")
     small = [r for r in rows if r["point"].endswith("x size")]
     if small:
         lines.append(_worst(small, f"{SHRINK:g}x size", TARGET_SMALLER))
@@ -280,7 +313,7 @@ def main() -> None:
               f"{r['mix_kld']:.4f}", f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
               f"{r['estimate_ratio']:.3f}", f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
               f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
-    lines = verdict(rows)
+    lines = verdict(rows, name, same_kld)
     ehead = ("imatrix", "mix", "MiB mix", "KLD mix", "smallest lwq-gguf at <= KLD: MiB", "KLD",
              "bytes vs mix")
     ecells = [(e["imatrix"], e["mix"], f"{e['mix_bytes'] / 2**20:.2f}", f"{e['mix_kld']:.4f}",
