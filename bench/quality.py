@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -264,7 +265,8 @@ def verdict(rows: list[dict], model: str, same_kld: list[dict]) -> list[str]:
         lines.append(f"equal KLD, imatrix {imatrix}: bytes vs the mix for {', '.join(names)} "
                      f"at most {worst:.3f} (target <= {cap}): "
                      f"{'met' if worst <= cap else 'MISSED'}")
-    small = [r for r in rows if r["point"].endswith("x size")]
+    small = [r for r in rows if r["point"].endswith("x size")
+             and r["mix"] not in (grids or {}).get("exempt", ())]
     if small:
         lines.append(_worst(small, f"{SHRINK:g}x size", TARGET_SMALLER))
     pinned = [r for r in rows if r["point"].startswith("embedding pinned")]
@@ -337,7 +339,7 @@ def main() -> None:
     if sweep:
         print(table(shead, scells))
     print("\n".join(lines))
-    model = a.model.resolve()
+    model = Path(os.path.abspath(a.model))  # (a link into the repository stays its path)
     doc = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
            "text": str(a.text), "chunks": a.chunks, "date": time.strftime("%Y-%m-%d"),
            "machine": machine(), "seconds": round(time.time() - t0), "verdict": lines, "sensitivity": cost,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lwq_gguf.files import atomic_output
 from lwq_gguf.plan.budget import dense_budget
-from lwq_gguf.plan.plan import Plan
+from lwq_gguf.plan.plan import TOLERANCE, Plan
 from lwq_gguf.quant.tensors import tensor_nbytes
 
 
@@ -63,6 +63,10 @@ def plan_summary(plan: Plan) -> str:
             f"levels {plan.pair[0]}/{plan.pair[1]}); "
             f"{plan.bpw(layers_only=True):.3f} over the repeating layers alone; "
             f"{plan.nbytes / 2**20:.1f} MiB of tensors")
+    if plan.config.strategy == "auto" and plan.bpw() < plan.config.avg_bits - TOLERANCE:
+        line += ("\nsmaller than the target: every file nearer to it has more estimated damage "
+                 "(a larger type adds damage - weights already on a smaller type's grid - or a "
+                 "large tensor's next type does not fit)")
     dense = plan.dense_nbytes
     if dense < plan.nbytes:  # a mixture of experts: both parts, as -ot exps=CPU places them
         limit = dense_budget(plan.tensors, plan.config.dense_bytes, plan.config.dense_bits)

@@ -12,6 +12,7 @@ from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan, parse_o
 from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
 from lwq_gguf.plan.knapsack import min_damage
 from lwq_gguf.quant.types import AUTO_LADDER, QUANT_TYPES, legal_type
+from lwq_gguf.report import plan_summary
 
 def inventory(n_layers=30, hidden=768, ffn=1536, kv=192, vocab=49152, tied=True):
     shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden, kv), "attn_v": (hidden, kv),
@@ -187,6 +188,8 @@ def test_more_bytes_never_buy_more_damage():
         assert total_damage(plan, damage) <= last * (1 + 1e-9), target
         last = total_damage(plan, damage)
         gaps += plan.bpw() < target - 0.02
+        # and the summary says why the file is smaller
+        assert ("smaller than the target" in plan_summary(plan)) == (plan.bpw() < target - 0.02)
     assert gaps  # the gap is there: some targets are answered by a smaller file
 
 
