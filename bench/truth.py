@@ -16,7 +16,10 @@ same encoder and imatrix).
 Writes RESULTS (.json, .md): every pair, per type the rank (Spearman) correlation of estimate and
 measurement over the tensors and the median measured / estimated ratio, and the worst over- and
 under-estimates. Pairs are measured in batches and kept in OUT/pairs.json as they finish, so a
-stopped run resumes where it was.
+stopped run resumes where it was. ``--carry FILE`` starts OUT/pairs.json from an earlier results
+file of the same model, text and chunks (a machine whose out/ is gone): a carried pair is kept only
+where its estimate equals the one recomputed now (same scores), and the results say how many
+pairs were carried and from which run.
 """
 
 from __future__ import annotations
@@ -113,6 +116,10 @@ def measure(a, out: Path) -> dict:
     pairs = [(n, ty) for n in names for ty in sorted(damage[n], key=lambda q: QUANT_TYPES[q].bpw)]
     store = out / "pairs.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
+    meta = out / "carried.json"  # what --carry brought in, for later --report runs
+    if a.carry:
+        atomic_write_text(meta, json.dumps(carry(a, done, damage)))
+    carried = json.loads(meta.read_text()) if meta.is_file() else None
     todo = [] if a.report else [(n, ty) for n, ty in pairs if f"{n}:{ty}" not in done]
     print(f"truth: {len(pairs)} pairs ({len(names)} tensors), {len(todo)} to measure")
     work = out / "pairs"
@@ -136,8 +143,30 @@ def measure(a, out: Path) -> dict:
     return {"pairs": [done[f"{n}:{ty}"] for n, ty in pairs if f"{n}:{ty}" in done],
             "sampled_pairs": len(pairs), "base_ppl": res.base.result.ppl,
             "q8_0_kld": next(r.result.kld_mean for r in res.rows if r.label == "Q8_0"),
-            "fisher_tokens": scores.sensitivity.get("fisher_tokens"),
+            "carried": carried, "fisher_tokens": scores.sensitivity.get("fisher_tokens"),
             "calib_tokens": scores.sensitivity.get("tokens")}
+
+
+def carry(a, done: dict, damage: dict) -> dict:
+    """Pairs of an earlier results file put into ``done`` where that run measured the same
+    model, text and chunks and its estimate equals today's (relative 1e-6)."""
+    old = json.loads(a.carry.read_text())
+    same = (Path(old["model"]).name == a.model.resolve().name and old["chunks"] == a.chunks
+            and Path(old["text"]).name == a.text.name)
+    if not same:
+        raise SystemExit(f"error: {a.carry} measured {old['model']} / {old['text']} / "
+                         f"{old['chunks']} chunks, not this run's; drop --carry")
+    kept = skipped = 0
+    for p in old["pairs"]:
+        est = damage.get(p["tensor"], {}).get(p["type"])
+        if est is not None and abs(est - p["estimate"]) <= 1e-6 * max(abs(est), 1e-30):
+            done.setdefault(f"{p['tensor']}:{p['type']}", p)
+            kept += 1
+        else:
+            skipped += 1
+    print(f"truth: carried {kept} pairs from {a.carry} ({old['date']}), {skipped} not "
+          "(estimate changed)")
+    return {"file": a.carry.name, "date": old["date"], "pairs": kept, "skipped": skipped}
 
 
 def kind_of(name: str) -> str:
@@ -186,6 +215,13 @@ def analyse(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
     return per_type, sorted(live, key=lambda p: p["kld"] / max(p["estimate"], 1e-12))
 
 
+def carried_note(c: dict | None) -> str:
+    if not c:
+        return ""
+    return (f" ({c['pairs']} of them carried from {c['file']} of {c['date']}, same model, text, "
+            f"chunks and estimates; the rest measured in this run)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=MODEL)
@@ -195,6 +231,8 @@ def main() -> None:
     ap.add_argument("--ladder", default="all")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "truth")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--carry", type=Path, default=None, metavar="RESULTS",
+                    help="start from the pairs of an earlier results file (checked, see above)")
     ap.add_argument("--report", action="store_true",
                     help="measure nothing more: write the results of the pairs measured so far")
     a = ap.parse_args()
@@ -229,16 +267,17 @@ def main() -> None:
     results.with_suffix(".md").write_text(
         f"# The damage model against single-tensor KLD: {name}\n\nCommand: `{doc['command']}`\n\n"
         f"Machine: {doc['machine']}; {doc['date']}; text {a.text.name}, {a.chunks} chunks x 512 "
-        f"(255 scored each); {len(m['pairs'])} of {m['sampled_pairs']} sampled pairs measured; one tensor quantized (llama-quantize, imatrix from the calibration "
-        f"text), the rest 16-bit; {doc['seconds']} s\n\n"
+        f"(255 scored each); {len(m['pairs'])} of {m['sampled_pairs']} sampled pairs measured"
+        f"{carried_note(m['carried'])}; one tensor quantized (llama-quantize, imatrix from the "
+        f"calibration text), the rest 16-bit; {doc['seconds']} s in this run\n\n"
         f"Rank correlation of estimate and measurement over all {len(m['pairs'])} pairs: "
         f"{allr:.3f}\n\n{markdown_table(head, cells)}\n\nThe five largest over-estimates (top: "
         f"the estimate above the measurement) and under-estimates (bottom), pairs within {FLOOR}x "
         f"the tensor's Q8_0 KLD (the runtime floor) left out:\n\n"
         f"{markdown_table(whead, wcells)}\n\nThe runtime floor: a tensor whose weights already "
-        f"sit on the type's grid (Q5_0, Q4_K and Q8_0 in the packaged file this model was "
-        f"rebuilt from) is estimated at ~0, yet costs 1e-5-3e-5 in llama.cpp, which quantizes "
-        f"the activations of a quantized matmul (Q8_0, Q8_1 or Q8_K blocks by type).\n")
+        f"sit on the type's grid (a model rebuilt from a quantized file: Gemma 3 270M's layers on "
+        f"Q5_0, Q4_K and Q8_0) is estimated at ~0, yet costs 1e-5-3e-5 in llama.cpp, which "
+        f"quantizes the activations of a quantized matmul (Q8_0, Q8_1 or Q8_K blocks by type).\n")
     print(f"wrote {results} and {results.with_suffix('.md')}")
 
 
