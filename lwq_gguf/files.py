@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, OutputError
@@ -32,8 +33,61 @@ def disk_full(path: Path, e: OSError) -> OutputError:
                        "left behind")
 
 
-def check_output(output: Path, force: bool) -> None:
-    """Refuse before any work: an existing target without --force, a missing or unwritable folder."""
+def same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file on disk (symlinks and hard links resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (or cannot be reached): not the same file
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reads:
+    """What a command reads: its files (every file of a model folder, --recipe, --plan,
+    --scores, --imatrix FILE, --calib, the evaluation text, ...) and its model folders.
+
+    No output may be one of those files (with or without --force: --force replaces an earlier
+    output, never an input), and no output folder may be a model folder or hold one."""
+
+    files: tuple[Path, ...] = ()
+    folders: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, *paths: Path | str | None) -> Reads:
+        """The files and folders of ``paths`` (None and missing paths are skipped: the command
+        reports those itself); a folder brings every file under it, hidden folders left out."""
+        files, folders = [], []
+        for p in (Path(x) for x in paths if x is not None):
+            if p.is_dir():
+                folders.append(Path(os.path.realpath(p)))
+                for root, dirs, names in os.walk(p):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]
+                    files += [Path(root) / n for n in names]
+            elif p.exists():
+                files.append(p)
+        return cls(files=tuple(files), folders=tuple(folders))
+
+    def check(self, output: Path) -> None:
+        for f in self.files:
+            if same_file(output, f):
+                what = "is" if str(f) == str(output) else f"is the same file as {f},"
+                raise OutputError(f"{output}: {what} an input of this command: choose another "
+                                  "output path (--force replaces an earlier output, never an "
+                                  "input)")
+
+    def check_folder(self, folder: Path) -> None:
+        real = Path(os.path.realpath(folder))
+        for d in self.folders:
+            if d == real or real in d.parents:
+                what = "is" if d == real else "holds"
+                raise OutputError(f"{folder}: {what} the model folder {d}, which this command "
+                                  "reads: write into another folder")
+
+
+def check_output(output: Path, force: bool, reads: Reads = Reads()) -> None:
+    """Refuse before any work: an input of the command (:class:`Reads`), an existing target
+    without --force, a missing or unwritable folder."""
+    reads.check(output)
     folder = output.parent
     if output.is_dir():
         raise OutputError(f"{output}: is a folder: give a file name such as {output}/model.gguf")
@@ -76,9 +130,9 @@ def atomic_output(path: Path, *, unique: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str, force: bool = True) -> None:
+def atomic_write_text(path: Path, text: str, force: bool = True, reads: Reads = Reads()) -> None:
     """A small text output (JSON, tensor-type file), written atomically; refused like any output."""
-    check_output(path, force)
+    check_output(path, force, reads)
     try:
         with atomic_output(path) as tmp:
             tmp.write_text(text)

@@ -342,7 +342,7 @@ def convert(job: Job, write: WriteConfig, verify: bool = True,
     ``perplexity`` (the evaluate stage's check, given by the caller) before it takes its name."""
     t0 = time.time()
     out = write.output
-    check_output(out, write.force)
+    check_output(out, write.force, write.reads)
     lc = find_llama_cpp()
     cleanup(out)  # what a killed earlier run may have left beside the target
     try:

@@ -55,6 +55,16 @@ def _plan_config(a, bits: float) -> PlanConfig:
                       dense_bits=a.dense_bits)
 
 
+def _reads(a):
+    """Every file and model folder the command reads: no output may replace one of them."""
+    from lwq_gguf.files import Reads
+
+    imatrix = getattr(a, "imatrix", None)
+    named = ("model", "recipe", "plan", "scores", "calib", "text", "eval", "quant", "base")
+    return Reads.of(*(getattr(a, k, None) for k in named), *getattr(a, "files", ()),
+                    None if imatrix in (None, "auto", "none") else imatrix)
+
+
 def _job(a, **kw):
     from lwq_gguf.pipeline import Job
     from lwq_gguf.quant.imatrix import ImatrixChoice
@@ -76,8 +86,9 @@ def cmd_score(a) -> None:
     out = a.output or Path(f"{a.model.resolve().name}.scores.json")
     png = a.png or out.with_suffix(".png")
     imatrix = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".imatrix.gguf")
+    reads = _reads(a)
     for path in (out, png) + (() if a.no_sensitivity else (imatrix,)):
-        check_output(path, a.force)
+        check_output(path, a.force, reads)
     if a.scores:
         raise LwqError("score measures the scores: drop --scores")
     ladder = {"ladder": parse_ladder(a.ladder)} if a.ladder else {}
@@ -112,9 +123,10 @@ def cmd_plan(a) -> None:
     from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
 
     job = _one_job(a, _targets(a))
+    reads = _reads(a)
     for path in (a.output, a.tensor_type_file):
         if path:
-            check_output(path, a.force)
+            check_output(path, a.force, reads)
     p = prepare(job)
     print(plan_layers_table(p.plan, p.scores.lim if p.scores else None))
     print(plan_types_table(p.plan))
@@ -138,7 +150,7 @@ def cmd_convert(a) -> None:
     a.output = Path(a.output)
     targets = _targets(a)
     write = WriteConfig(output=a.output, outtype=a.outtype, force=a.force, threads=a.threads,
-                        two_step=a.two_step)
+                        two_step=a.two_step, reads=_reads(a))
     fixed = a.plan or a.recipe  # (read_plan tells a GGUF recipe from a plan JSON)
     if a.plan and a.recipe:
         raise LwqError("--plan and --recipe both fix every tensor's type: give one")
@@ -157,7 +169,7 @@ def cmd_convert(a) -> None:
         job = _one_job(a, targets)
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
-        check_output(modelfile, a.force)
+        check_output(modelfile, a.force, write.reads)
     r = convert(job, write, verify=not a.no_verify, perplexity=check_perplexity)
     print(plan_types_table(r.plan))
     print(plan_summary(r.plan))
@@ -191,15 +203,16 @@ def _convert_family(a, targets, write) -> None:
                        "FOLDER/")
     if a.card and a.no_card:
         raise LwqError("--card and --no-card: give one")
+    write.reads.check_folder(a.output)
     job = _job(a, plan=_plan_config(a, targets[0].bits or 4.0))
-    compare = _family_compare(a, job) if a.eval else None
+    compare = _family_compare(a, job, write.reads) if a.eval else None
     card = not a.no_card
     if card and a.output.is_dir():  # an earlier card is replaced only with --force
         from lwq_gguf.files import check_output
         from lwq_gguf.publish.card import CARD_FILES
 
         for name in CARD_FILES:
-            check_output(a.output / name, a.force)
+            check_output(a.output / name, a.force, write.reads)
 
     def done(o) -> None:
         if o.result is None:
@@ -211,7 +224,7 @@ def _convert_family(a, targets, write) -> None:
             from lwq_gguf.write.ollama import modelfile_text
 
             mf = o.path.with_suffix(".Modelfile")
-            atomic_write_text(mf, modelfile_text(o.path, a.model, mf)[0], a.force)
+            atomic_write_text(mf, modelfile_text(o.path, a.model, mf)[0], a.force, write.reads)
 
     outcomes = run_family(job, targets, write, verify=not a.no_verify,
                           perplexity=check_perplexity, on_done=done)
@@ -254,7 +267,7 @@ def _convert_family(a, targets, write) -> None:
     print(f"{len(outcomes)} file(s) in {a.output}")
 
 
-def _family_compare(a, job):
+def _family_compare(a, job, reads):
     """--eval: the comparison that measures the family (files added once written)."""
     from lwq_gguf.evaluate.compare import CompareConfig
 
@@ -264,7 +277,7 @@ def _family_compare(a, job):
                          text=a.eval, targets=(), plan=job.plan,
                          baselines=_baselines(a, job.imatrix),
                          imatrix=job.imatrix, score=job.score, eval=_eval_config(a),
-                         threads=a.threads)
+                         threads=a.threads, reads=reads)
 
 
 def _baselines(a, imatrix) -> tuple[str, ...]:
@@ -320,7 +333,8 @@ def cmd_compare(a) -> None:
                         text=a.text, targets=targets,
                         plan=_plan_config(a, targets[0] if targets else 4.0),
                         baselines=_baselines(a, imatrix), imatrix=imatrix,
-                        score=_score_config(a), eval=_eval_config(a), threads=a.threads)
+                        score=_score_config(a), eval=_eval_config(a), threads=a.threads,
+                        reads=_reads(a))
     res = run_compare(cfg, progress=not a.quiet)
     paths = write_outputs(cfg, res, "lwq-gguf " + shlex.join(a.argv))
     print(table(COMPARE_HEADERS, compare_rows(res.rows)))
@@ -340,7 +354,7 @@ def cmd_inspect(a) -> None:
         raise LwqError(f"inspect takes one or two files (got {len(a.files)}): inspect A.gguf "
                        "[B.gguf]")
     if a.png:
-        check_output(a.png, a.force)
+        check_output(a.png, a.force, _reads(a))
     doc = describe(a.files)
     print(json.dumps(doc) if a.json else render(doc))
     if a.png:

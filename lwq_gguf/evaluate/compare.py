@@ -33,7 +33,8 @@ from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError, OutputError
 from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_perplexity, check_text,
                                           evaluate_many, resolve_device)
-from lwq_gguf.files import atomic_output, atomic_write_text, check_output, code_digest, sha256_file
+from lwq_gguf.files import (Reads, atomic_output, atomic_write_text, check_output, code_digest,
+                            sha256_file)
 from lwq_gguf.write.verify import read_back
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.model.load import HFModel, open_model
@@ -70,6 +71,7 @@ class CompareConfig:
     # layer-wise files already written (a family, lwq_gguf.publish): (label, path), measured
     # beside the mixes as they are
     files: tuple[tuple[str, Path], ...] = ()
+    reads: Reads = field(default_factory=Reads)  # what no output may replace (files.Reads)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,15 @@ def _recipe(code: str | None, **kw) -> str:
     return json.dumps({"code": code, **kw}, sort_keys=True, default=str)
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Create OUT (its parent must exist) and prove it writable, before any work."""
+OUT_FILES = ("compare.json", "compare.md", "compare.png", "scores.json", "imatrix.gguf")
+
+
+def prepare_out_dir(out: Path, reads: Reads = Reads()) -> None:
+    """Create OUT (its parent must exist) and prove it writable, before any work; OUT is not a
+    model folder nor holds one, and none of its files is an input (``reads``)."""
+    reads.check_folder(out)
+    for name in OUT_FILES:
+        reads.check(out / name)
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: the output folder's parent does not exist: create it or "
                           "choose another -o")
@@ -283,10 +292,12 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
     t0 = time.time()
     lc = find_llama_cpp()
     device = resolve_device(lc, cfg.eval.device)
-    prepare_out_dir(cfg.out_dir)
+    prepare_out_dir(cfg.out_dir, cfg.reads)
     model = open_model(cfg.model)
     _check_inputs(cfg, model)
     entries, outtype = plan_entries(cfg, model, lc)
+    for e in entries:
+        cfg.reads.check(e.path)
     files = _Files(cfg.out_dir)
     stale = [e for e in entries if not files.fresh(e)
              or (cfg.score.rescore and e.kind == "lwq-gguf")]

@@ -89,10 +89,11 @@ def run_family(job: Job, targets: tuple[Target, ...], write: WriteConfig, *, ver
                perplexity, on_done=None) -> list[Outcome]:
     """Convert every target into ``write.output`` (a folder); ``on_done(outcome)`` after each."""
     out_dir = write.output
+    write.reads.check_folder(out_dir)
     prepare_family_dir(out_dir)
     jobs = [(t, target_job(job, t), family_path(out_dir, job.model, t)) for t in targets]
     for _, _, path in jobs:
-        check_output(path, write.force)
+        check_output(path, write.force, write.reads)
     outcomes = []
     for t, tj, path in jobs:
         try:

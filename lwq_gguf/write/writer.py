@@ -21,14 +21,14 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import OutputError, PlanError
-from lwq_gguf.files import disk_full, is_disk_full, partial_path
+from lwq_gguf.files import Reads, disk_full, is_disk_full, partial_path
 from lwq_gguf.llamacpp import LlamaCpp, run_tool
 from lwq_gguf.plan.plan import Plan
 from lwq_gguf.quant.tensors import GGUFTensor
@@ -46,6 +46,7 @@ class WriteConfig:
     force: bool = False
     threads: int = 0  # 0: all cores
     two_step: bool = False  # converter -> 16-bit GGUF -> llama-quantize (instead of one pass)
+    reads: Reads = field(default_factory=Reads)  # what the output may not replace (files.Reads)
 
 
 def work_paths(output: Path) -> tuple[Path, Path]:
