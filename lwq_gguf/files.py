@@ -215,6 +215,8 @@ def code_digest(*parts: str) -> str:
     h = hashlib.sha256()
     for part in parts:
         root = PACKAGE / part
+        if not root.exists():  # a renamed module would otherwise drop out of the key silently
+            raise RuntimeError(f"code_digest: lwq_gguf/{part} does not exist (renamed or moved?)")
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
         for f in files:
             if f.is_file() and f.suffix in (".py", ".c"):

@@ -50,6 +50,8 @@ def test_code_digest_covers_the_named_code():
     a, b = code_digest("score"), code_digest("score", "plan")
     assert len(a) == 16 and a != b and a == code_digest("score")
     assert code_digest("quant") != code_digest("quant/types.py")  # the C source counts too
+    with pytest.raises(RuntimeError, match="renamed or moved"):  # never skipped silently
+        code_digest("score", "write/no_such_module.py")
 
 
 def test_a_write_failure_is_a_full_disk_only_when_the_disk_is_full(tmp_path):
