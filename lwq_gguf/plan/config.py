@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
@@ -143,15 +143,11 @@ class Plan:
                     or d.get("version") != PLAN_VERSION:
                 raise PlanError(f"{source}: not a version-{PLAN_VERSION} lwq-gguf plan: "
                                 "make it with `lwq-gguf plan`")
-            c = d["config"]
-            cfg = PlanConfig(avg_bits=float(c["avg_bits"]), ladder=tuple(c["ladder"]),
-                             strategy=c["strategy"], seed=int(c["seed"]),
-                             token_embedding_type=c["token_embedding_type"],
-                             output_tensor_type=c["output_tensor_type"],
-                             overrides=tuple((str(p), str(t)) for p, t in c["overrides"]),
-                             # plans from before the lwq encoder existed were written by ggml's
-                             encoder=c.get("encoder", "ggml"),
-                             dense_bytes=c.get("dense_bytes"), dense_bits=c.get("dense_bits"))
+            # every field the file has, lists back to tuples; a plan from before the lwq
+            # encoder existed was written by ggml's
+            c = {"encoder": "ggml", **d["config"]}
+            cfg = PlanConfig(**{f.name: _tuples(c[f.name]) for f in fields(PlanConfig)
+                                if f.name in c})
             tensors = tuple(GGUFTensor(str(r["name"]), tuple(int(x) for x in r["shape"]),
                                        str(r["src_type"])) for r in d["tensors"])
             types = tuple(quant_type(r["type"]).name for r in d["tensors"])
@@ -168,6 +164,11 @@ class Plan:
         """``llama-quantize --tensor-type-file`` lines: one exact pattern per quantized tensor."""
         return "".join(f"^{re.escape(t.name)}$={ty}\n"
                        for t, ty in zip(self.tensors, self.types) if t.quantizable)
+
+
+def _tuples(v):
+    """JSON lists back to the tuples of a frozen config (nested)."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def fixed_type(t: GGUFTensor, cfg: PlanConfig) -> str | None:

@@ -1,5 +1,6 @@
 """Planning on synthetic tensor inventories (shapes of the demo models); no llama.cpp needed."""
 
+import dataclasses
 import json
 import random
 import re
@@ -124,6 +125,14 @@ def test_plan_json_round_trip_and_tensor_type_file():
         pattern, ty = line.split("=")
         assert [n for n in names if re.search(pattern, n)] == [t.name]
         assert ty == plan.type_of(t.name)
+    # every PlanConfig field round-trips (the JSON is read generically, not field by field)
+    full = PlanConfig(avg_bits=4.25, ladder=("q4_k", "q8_0"), strategy="auto", seed=7,
+                      token_embedding_type="q6_k", output_tensor_type="q8_0",
+                      overrides=(("attn_v", "q8_0"), ("ffn_down", "q6_k")), encoder="ggml",
+                      dense_bits=5.5)
+    doc = json.loads(plan.to_json())
+    doc["config"] = json.loads(json.dumps(dataclasses.asdict(full)))
+    assert Plan.from_json(json.dumps(doc)).config == full
     with pytest.raises(PlanError, match="corrupt plan"):
         Plan.from_json('{"format": "lwq-gguf.plan", "version": 1}')
     with pytest.raises(PlanError, match="not a version-1"):
