@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError, OutputError
 from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_perplexity, check_text,
-                                          evaluate_many, resolve_device)
+                                          evaluate_many, llama_device)
 from lwq_gguf.files import (Reads, atomic_output, atomic_write_text, check_output, code_digest,
                             sha256_file)
 from lwq_gguf.write.verify import read_back
@@ -291,7 +291,7 @@ def _cached_result(path: Path) -> EvalResult | None:
 def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
     t0 = time.time()
     lc = find_llama_cpp()
-    device = resolve_device(lc, cfg.eval.device)
+    device = llama_device(lc, cfg.eval.device)
     prepare_out_dir(cfg.out_dir, cfg.reads)
     model = open_model(cfg.model)
     _check_inputs(cfg, model)

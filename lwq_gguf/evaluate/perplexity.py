@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from lwq_gguf.errors import LwqError
 from lwq_gguf.evaluate.child import in_child, isolated, run_child, serve
-from lwq_gguf.evaluate.runner import ChunkLogits, adds_bos, open_model, vocab_tokens
+from lwq_gguf.evaluate.runner import ChunkLogits, adds_bos, load_gguf, vocab_tokens
 from lwq_gguf.llamacpp import LlamaCpp
 
 MODULE = "lwq_gguf.evaluate.perplexity"  # run as the torch-free child (lwq_gguf.evaluate.child)
@@ -72,7 +72,7 @@ class EvalResult:
         return asdict(self)
 
 
-def resolve_device(lc: LlamaCpp, device: str) -> str:
+def llama_device(lc: LlamaCpp, device: str) -> str:
     if device == "auto":
         return "cuda" if lc.has_cuda else "cpu"
     if device == "cuda" and not lc.has_cuda:
@@ -231,7 +231,7 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
     Quants are opened in groups that fit in ``cfg.memory_budget`` bytes (default: half the free
     memory; each group re-runs the base).
     """
-    device = resolve_device(lc, cfg.device)
+    device = llama_device(lc, cfg.device)
     if cfg.memory_budget is None:
         cfg = replace(cfg, memory_budget=_memory_budget(device))
     if isolated(lc) and quants:
@@ -244,31 +244,45 @@ def evaluate_many(quants: list[Path], text: Path, lc: LlamaCpp, cfg: EvalConfig 
     if not quants:
         return []
     with ChunkLogits(lc, cfg.ctx) as logits:
-        return _evaluate_groups(quants, (text, raw), lc, cfg, base, (device, logits, progress))
+        return _evaluate_groups(quants, base, lc, cfg,
+                                _Pass(text=text, raw=raw, device=device, logits=logits,
+                                      progress=progress))
 
 
-def _evaluate_groups(quants: list[Path], text: tuple[Path, bytes], lc: LlamaCpp, cfg: EvalConfig,
-                     base: Path | None, run: tuple) -> list[EvalResult]:
-    device, logits, progress = run
+@dataclass(frozen=True, kw_only=True)
+class _Pass:
+    """One evaluation pass: the text (its path and bytes), the llama.cpp device, the reader of
+    chunk logits, progress bars or not."""
+
+    text: Path
+    raw: bytes
+    device: str
+    logits: ChunkLogits
+    progress: bool
+
+
+def _evaluate_groups(quants: list[Path], base: Path | None, lc: LlamaCpp, cfg: EvalConfig,
+                     run: _Pass) -> list[EvalResult]:
+    device, logits, progress = run.device, run.logits, run.progress
     # torch's threaded arithmetic when this process has loaded torch anyway (scoring, compare);
     # else numpy, which gives the same numbers (tests/evaluate/test_eval.py) without importing
     # torch for a few seconds (`eval`, and convert's check after a --scores file or a cache hit)
     ops = _TorchOps() if "torch" in sys.modules and not in_child() else _NumpyOps()
     results: list[EvalResult | None] = [None] * len(quants)
-    b = open_model(lc, base, cfg.ctx, device, cfg.threads) if base else None
+    b = load_gguf(lc, base, cfg.ctx, device, cfg.threads) if base else None
     tokens = n_chunks = None
     for group in _groups(quants, base, cfg.memory_budget):
         # the base itself, listed as a quant, is read from the base's logits (KLD 0)
         models = [None if b is not None and quants[i].resolve() == base.resolve()
-                  else open_model(lc, quants[i], cfg.ctx, device, cfg.threads) for i in group]
+                  else load_gguf(lc, quants[i], cfg.ctx, device, cfg.threads) for i in group]
         if b is not None:
             for i, m in zip(group, models):
                 if m is not None:
                     _same_model(quants[i], m, base, b)
         if tokens is None:
             first = b if b is not None else models[0]
-            tokens = first.tokenize(text[1], add_bos=True, special=False)
-            n_chunks = min(cfg.chunks or 1 << 62, _whole_chunks(tokens, text[0], cfg.ctx))
+            tokens = first.tokenize(run.raw, add_bos=True, special=False)
+            n_chunks = min(cfg.chunks or 1 << 62, _whole_chunks(tokens, run.text, cfg.ctx))
             add_bos, bos = adds_bos(lc, first), first.token_bos()
         tallies = [_Tally() for _ in group]
         what = f"eval {len(group)} file(s)" if len(quants) > 1 else "eval"

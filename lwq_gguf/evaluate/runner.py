@@ -55,7 +55,7 @@ def probe(lc: LlamaCpp, path: Path) -> None:
                        "corrupt; re-create it")
 
 
-def open_model(lc: LlamaCpp, path: Path, ctx: int, device: str, threads: int):
+def load_gguf(lc: LlamaCpp, path: Path, ctx: int, device: str, threads: int):
     """A ``llama_cpp.Llama`` for evaluation: ``ctx`` tokens per batch, flash attention on, all
     layers offloaded on cuda."""
     llama_cpp = bindings(lc)

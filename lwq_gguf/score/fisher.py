@@ -33,7 +33,7 @@ from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.score.clock import Phases
-from lwq_gguf.score.layers import ZDInspector, calibration_ids, resolve_device
+from lwq_gguf.score.layers import ZDInspector, calibration_ids, torch_device
 from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
@@ -69,7 +69,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
 
     phases = phases if phases is not None else Phases()
     tick = on_tokens or (lambda n: None)
-    device = resolve_device(cfg.device)
+    device = torch_device(cfg.device)
     with phases("setup"):  # the tokenizer, the calibration tokens, the model's skeleton
         ids = calibration_ids(model, cfg)
         s = LayerStream(model, device, cfg.seq_len, cfg.device_map)

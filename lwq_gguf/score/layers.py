@@ -93,7 +93,7 @@ class ZDInspector:
         return tuple(sig6(h / t) if t else 0.0 for h, t in zip(self.hits, self.total))
 
 
-def resolve_device(device: str) -> str:
+def torch_device(device: str) -> str:
     import torch
 
     if device == "auto":
@@ -150,7 +150,7 @@ def lim_scores(model: HFModel, cfg: ScoreConfig, ids: list[int], progress: bool 
 
     from lwq_gguf.model.stream import LayerStream
 
-    device = resolve_device(cfg.device)
+    device = torch_device(cfg.device)
     torch.manual_seed(0)
     stream = LayerStream(model, device, cfg.seq_len, cfg.device_map)
     windows = [ids[s: s + cfg.seq_len] for s in range(0, len(ids), cfg.seq_len)]

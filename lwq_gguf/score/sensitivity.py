@@ -36,7 +36,7 @@ from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher
-from lwq_gguf.score.layers import resolve_device
+from lwq_gguf.score.layers import torch_device
 from lwq_gguf.score.sample import FisherTensor, RowSample
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
@@ -114,7 +114,7 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     ladder, rows = req.ladder, req.rows
     fisher = cfg.fisher_tokens
     bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher), progress,
-                   f"scoring ({resolve_device(cfg.device)})")
+                   f"scoring ({torch_device(cfg.device)})")
     bar.stage("forward")
     run = streamed_fisher(model, cfg, progress, rows, phases, bar.update)
     with phases("list"):  # (the converter's tensor list, made meanwhile when not cached)
