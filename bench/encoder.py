@@ -58,7 +58,7 @@ def main() -> None:
             wt = 1.0 if imat is None else imat
             r = {"weights": name, "imatrix": imat is not None, "n": int(w.size)}
             for e, q in enc.items():
-                data, sec = timed(lambda: q.quantize(w, "q4_k", imat))
+                data, sec = timed(lambda q=q, w=w, imat=imat: q.quantize(w, "q4_k", imat))
                 y = q.dequantize(data, "q4_k", w.shape)
                 r[f"{e}_mse"] = float(np.mean((w - y) ** 2 * wt))
                 r[f"{e}_mweights_s"] = w.size / sec / 1e6

@@ -221,11 +221,11 @@ def main() -> None:
         w = weights[layer, kind]
         imatrix = (np.diag(h) / a.tokens).astype(np.float32)
 
-        def err(q: np.ndarray) -> float:
+        def err(q: np.ndarray, w=w, h=h) -> float:
             e = w - q
             return float(np.einsum("ij,jk,ik->", e, h, e))
 
-        def rtn(ty: str, im) -> float:
+        def rtn(ty: str, im, w=w) -> float:
             return err(qz.roundtrip(w.astype(np.float32), ty, im).astype(np.float64))
 
         r = {"tensor": f"blk.{layer}.{kind}.weight", "shape": list(w.shape),

@@ -101,7 +101,7 @@ def run_tool(cmd: list[str], *, what: str, on_line: Callable[[str], None] | None
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", env=full_env, cwd=cwd)
     except OSError as e:
-        raise ToolError(f"{cmd[0]}: cannot start ({e.strerror}): {_HOW}")
+        raise ToolError(f"{cmd[0]}: cannot start ({e.strerror}): {_HOW}") from None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:

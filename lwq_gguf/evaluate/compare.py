@@ -119,9 +119,10 @@ def _recipe(code: str | None, **kw) -> str:
 OUT_FILES = ("compare.json", "compare.md", "compare.png", "scores.json", "imatrix.gguf")
 
 
-def prepare_out_dir(out: Path, reads: Reads = Reads()) -> None:
+def prepare_out_dir(out: Path, reads: Reads | None = None) -> None:
     """Create OUT (its parent must exist) and prove it writable, before any work; OUT is not a
     model folder nor holds one, and none of its files is an input (``reads``)."""
+    reads = reads or Reads()
     reads.check_folder(out)
     for name in OUT_FILES:
         reads.check(out / name)

@@ -86,13 +86,14 @@ def read_safetensors_header(file: Path) -> dict[str, TensorRef]:
                     f"{size}): {fix}")
             raw = f.read(n)
     except OSError as e:
-        raise ModelInputError(f"{file}: cannot read ({e.strerror}): check the path and permissions")
+        raise ModelInputError(f"{file}: cannot read ({e.strerror}): check the path and "
+                              "permissions") from None
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError):
-        raise ModelInputError(f"{file}: corrupt safetensors header (not valid JSON): {fix}")
+        raise ModelInputError(f"{file}: corrupt safetensors header (not valid JSON): {fix}") from None
     data_start = 8 + n
     out = {}
     for name, info in header.items():
@@ -102,7 +103,8 @@ def read_safetensors_header(file: Path) -> dict[str, TensorRef]:
             dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ModelInputError(f"{file}: corrupt header entry for tensor {name!r}: {fix}")
+            raise ModelInputError(f"{file}: corrupt header entry for tensor {name!r}: "
+                                  f"{fix}") from None
         if dtype not in _DTYPE_SIZES:
             raise ModelInputError(f"{file}: tensor {name!r} has unknown dtype {dtype!r}: {fix}")
         numel = math.prod(shape)

@@ -71,7 +71,7 @@ class PlanConfig:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise PlanError(f"bad --tensor-type pattern {pattern!r}: {e}")
+                raise PlanError(f"bad --tensor-type pattern {pattern!r}: {e}") from None
 
 
 def parse_override(spec: str) -> tuple[str, str]:

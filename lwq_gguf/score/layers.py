@@ -28,6 +28,7 @@ from lwq_gguf.files import atomic_output, sha256_file
 from lwq_gguf.model.load import HFModel, iter_weights
 from lwq_gguf.score.scores import ScoreConfig, Scores, sig6
 
+
 def zd_scores(model: HFModel, progress: bool = True) -> tuple[float, ...]:
     """ZD per layer; reads every weight once and raises on NaN/Inf (naming the tensor)."""
     hits = np.zeros(model.n_layers)
@@ -128,12 +129,13 @@ def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
     try:
         text = file.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise LwqError(f"{file}: cannot read calibration text ({e.strerror}): pass --calib FILE")
+        raise LwqError(f"{file}: cannot read calibration text ({e.strerror}): pass --calib "
+                       "FILE") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(model.path))
     except (OSError, ValueError) as e:
         raise ModelInputError(f"{model.path}: no usable tokenizer ({str(e).splitlines()[0][:120]}): "
-                              "LIM needs the model's tokenizer files; or use --strategy zd|random")
+                              "LIM needs the model's tokenizer files; or use --strategy zd|random") from None
     ids = prefix_ids(tok, text, cfg.calib_tokens)
     if len(ids) < 16:
         raise LwqError(f"{file}: calibration text too short ({len(ids)} tokens): give a longer text")

@@ -93,7 +93,7 @@ def read_back(path: Path, fix: str = "re-create it") -> FileInfo:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse(_Header(buf))
     except (struct.error, ValueError, OSError, OverflowError, KeyError) as e:
-        raise LwqError(f"{path}: not a readable GGUF file ({e}): {fix}")
+        raise LwqError(f"{path}: not a readable GGUF file ({e}): {fix}") from None
 
 
 def _parse(h: _Header) -> FileInfo:

@@ -132,7 +132,7 @@ def test_sigkill_during_scoring_leaves_no_file_and_an_intact_cache(model, tmp_pa
         proc = subprocess.Popen([*args, "--rescore"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True)
         seen = []
-        reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(1)
+        reader = threading.Thread(target=lambda seen=seen, proc=proc: seen.extend(iter(lambda: proc.stderr.read(1)
                                                                    .decode("latin-1"), "")))
         reader.start()
         deadline = time.time() + 120
