@@ -30,7 +30,7 @@ from lwq_gguf.report import machine, table  # noqa: E402
 from lwq_gguf.score import sensitivity  # noqa: E402
 from lwq_gguf.score.sample import EVERY_ROW, RowSample  # noqa: E402
 from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
-from lwq_gguf.write.converter import model_tensors  # noqa: E402
+from lwq_gguf.model.inventory import model_tensors  # noqa: E402
 
 BITS = (2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many  # noqa: E402
 from lwq_gguf.files import atomic_output  # noqa: E402
-from lwq_gguf.write.converter import write_16bit  # noqa: E402
+from lwq_gguf.model.inventory import write_16bit  # noqa: E402
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.score.scores import Scores  # noqa: E402

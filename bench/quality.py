@@ -55,7 +55,7 @@ from lwq_gguf.model.load import open_model  # noqa: E402
 from lwq_gguf.plan.config import reach_bytes  # noqa: E402
 from lwq_gguf.errors import PlanError  # noqa: E402
 from lwq_gguf.plan.plan import PlanConfig, make_plan  # noqa: E402
-from lwq_gguf.write.converter import model_tensors  # noqa: E402
+from lwq_gguf.model.inventory import model_tensors  # noqa: E402
 from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
 from lwq_gguf.quant.types import ENCODERS  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402

@@ -17,20 +17,21 @@ from pathlib import Path
 from lwq_gguf.errors import PlanError, VerifyError
 from lwq_gguf.files import atomic_output, check_output, read_user_text, sha256_file
 from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, inventory,
+                                      model_tensors, run_job)
 from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.plan.budget import ALIGN, IMATRIX_KV_MAX, file_bytes, in_unit_of, kv_bytes, pad
 from lwq_gguf.plan.config import reach_bytes
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.quant.encoder import damage_key, split_damage_key
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_dict, write_imatrix
-from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.quant.tensors import tensor_nbytes
 from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER, QUANT_TYPES
 from lwq_gguf.score.cache import ScoreCache, model_sha256
 from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
-from lwq_gguf.write.converter import inventory, model_tensors
 from lwq_gguf.write.verify import CheckResult, Perplexity, check_file, read_back
 from lwq_gguf.write.writer import (WriteConfig, check_plan_matches, cleanup, lwq_metadata,
                                    work_paths, write_gguf)
@@ -189,8 +190,7 @@ def _weight_sensitivity(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...
 
     from tqdm import tqdm
 
-    from lwq_gguf.score.weights import WeightDamageJob
-    from lwq_gguf.write.converter import WRITTEN_MARK, ConverterJob, run_job
+    from lwq_gguf.score import weights
 
     t0, lc = time.time(), find_llama_cpp()
     files = {job.imatrix.key: str(job.imatrix.path)} if job.imatrix.mode == "file" else {}
@@ -198,8 +198,9 @@ def _weight_sensitivity(job: Job, model: HFModel, tensors: tuple[GGUFTensor, ...
                disable=not job.progress, leave=False)
     with tempfile.TemporaryDirectory(prefix="lwq-dmg-") as tmp:
         out = Path(tmp) / "damage.json"
+        task = weights.WeightDamageJob(ladder=ladder, keys=keys, imatrix_files=files).task()
         run_job(ConverterJob(mode="damage", src=str(lc.src), model=str(model.path), out=str(out),
-                             damage=WeightDamageJob(ladder=ladder, keys=keys, imatrix_files=files)),
+                             task=task), weights.__name__,
                 on_line=lambda ln: bar.update() if ln.startswith(WRITTEN_MARK) else None)
         damage = json.loads(out.read_text())
     bar.close()
@@ -270,7 +271,8 @@ SIZE_SLACK = 0.005  # --size: the file lands at or below the size, within this f
 def predicted_bytes(header_bytes: int, plan: Plan, scores: Scores | None, imatrix: bool) -> int:
     """The planned file's size on disk, at most (exact but for the imatrix keys' strings and
     any dimension of 1 the writer drops)."""
-    extra = kv_bytes(lwq_metadata(plan, scores)) + (IMATRIX_KV_MAX if imatrix else 0)
+    extra = (kv_bytes(lwq_metadata(plan, scores.to_json() if scores else None))
+             + (IMATRIX_KV_MAX if imatrix else 0))
     return file_bytes(header_bytes, plan.tensor_bytes(), extra)
 
 
@@ -358,8 +360,9 @@ def convert(job: Job, write: WriteConfig, verify: bool = True,
             work.mkdir(exist_ok=True)
             im_path = work / "imatrix.gguf"
             write_imatrix(imatrix_from_dict(p.scores.imatrix), im_path)
+        scores_json = p.scores.to_json() if p.scores else None
         with atomic_output(out) as partial:
-            written = write_gguf(lc, p.model.path, p.plan, p.scores,
+            written = write_gguf(lc, p.model.path, p.plan, scores_json,
                                  replace(write, imatrix=im_path), job.progress)
             assert written == partial, (written, partial)
             check = (check_file(partial, p.plan, job.score.calib_file, out, perplexity) if verify

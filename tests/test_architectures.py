@@ -14,7 +14,7 @@ from gguf import GGUFReader
 from conftest import error_line, run_cli
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.score.scores import default_calibration
-from lwq_gguf.write.converter import write_16bit
+from lwq_gguf.model.inventory import write_16bit
 
 DENSE_ADDED = ("gemma2", "gemma3", "phi3")
 MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")

@@ -85,7 +85,7 @@ def test_moe_twin_equals_the_dense_model(demo_models, moe_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lwq_gguf.model.load import open_model
-    from lwq_gguf.write.converter import model_tensors
+    from lwq_gguf.model.inventory import model_tensors
 
     k256 = demo_models[1]
     tok = AutoTokenizer.from_pretrained(k256)

@@ -18,12 +18,12 @@ from gguf import GGUFReader
 
 from conftest import error_line, run_cli
 from lwq_gguf.errors import LwqError
-from lwq_gguf.write.converter import write_16bit
+from lwq_gguf.model.inventory import write_16bit
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import open_model
 from lwq_gguf.plan.plan import Plan, PlanConfig
-from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.model.inventory import GGUFTensor
 from lwq_gguf.score.scores import Scores, default_calibration
 from lwq_gguf.write.verify import read_back
 

@@ -6,7 +6,7 @@ from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate
 from lwq_gguf.evaluate.runner import vocab_tokens
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.score.scores import default_calibration
-from lwq_gguf.write.converter import write_16bit
+from lwq_gguf.model.inventory import write_16bit
 
 pytestmark = pytest.mark.slow  # a 268M-parameter model
 

@@ -49,6 +49,15 @@ def test_stages_import_only_lower_layers():
     assert not bad, bad
 
 
+def test_the_write_stage_does_not_depend_on_scoring():
+    """The tensor list and the converter child live low (model/inventory.py): writing a planned
+    file needs the plan, never the scoring code."""
+    mods = _modules()
+    bad = [f"{n} -> {imp}" for n, f in mods.items() if n.startswith("lwq_gguf.write")
+           for imp in _imports(f) & set(mods) if imp.startswith("lwq_gguf.score")]
+    assert not bad, bad
+
+
 def test_no_import_cycle():
     mods = _modules()
     graph = {n: sorted(_imports(f) & set(mods) - {n}) for n, f in mods.items()}

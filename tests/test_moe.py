@@ -11,7 +11,7 @@ from gguf import GGUFReader
 from conftest import error_line, run_cli
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.score.scores import default_calibration
-from lwq_gguf.write.converter import write_16bit
+from lwq_gguf.model.inventory import write_16bit
 from test_architectures import MOE, converts_loads_and_evaluates
 
 

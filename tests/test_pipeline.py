@@ -15,7 +15,7 @@ import pytest
 from gguf import GGUFReader
 
 from conftest import run_cli
-from lwq_gguf.write.converter import write_16bit
+from lwq_gguf.model.inventory import write_16bit
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.plan.plan import Plan
 from lwq_gguf.quant.types import K_LADDER

@@ -45,12 +45,12 @@ from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, write_imatr
 from lwq_gguf.quant.types import DEFAULT_BASELINES, mix_needs_imatrix
 from lwq_gguf.score.cache import CODE as SCORE_CODE
 from lwq_gguf.score.scores import ScoreConfig
-from lwq_gguf.write.converter import model_tensors, write_16bit
+from lwq_gguf.model.inventory import model_tensors, write_16bit
 from lwq_gguf.write.writer import WriteConfig
 
 COMPARE_FORMAT, COMPARE_VERSION = "lwq-gguf.compare", 1
 # the lwq-gguf code each kind of entry is made by (its digest is part of the entry's recipe)
-BASE_CODE = ("write/converter.py",)  # the 16-bit base (then llama-quantize for the mixes)
+BASE_CODE = ("model/inventory.py",)  # the 16-bit base (then llama-quantize for the mixes)
 # scores.json and the imatrix computed with them: SCORE_CODE, the score cache's own key
 BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py")  # layer-wise files
 EVAL_CODE = ("evaluate/perplexity.py", "evaluate/runner.py")  # what measures them

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 
 from lwq_gguf.errors import PlanError
-from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.model.inventory import GGUFTensor
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "t": 1000**4,

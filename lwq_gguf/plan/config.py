@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from lwq_gguf import __version__
 from lwq_gguf.errors import PlanError
 from lwq_gguf.plan.budget import dense_budget, gib, is_dense
-from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.model.inventory import GGUFTensor
+from lwq_gguf.quant.tensors import tensor_nbytes
 from lwq_gguf.quant.types import (DEFAULT_ENCODER, ENCODERS, QUANT_TYPES, default_ladder,
                                   has_fallback, legal_type, legal_types, parse_ladder,
                                   quant_type, usable_ladder)

@@ -16,7 +16,8 @@ import itertools
 
 from lwq_gguf.errors import PlanError
 from lwq_gguf.plan.config import TOLERANCE, Plan, PlanConfig, check_range, fixed_type
-from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.model.inventory import GGUFTensor
+from lwq_gguf.quant.tensors import tensor_nbytes
 from lwq_gguf.quant.types import legal_type
 
 _KIND_PRIORITY = ("attn_v", "ffn_down", "attn_output", "attn_k", "attn_q", "ffn_gate", "ffn_up")

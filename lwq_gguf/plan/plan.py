@@ -22,7 +22,8 @@ from lwq_gguf.plan.config import (PLAN_FORMAT, PLAN_VERSION, STRATEGIES, TOLERAN
                                   parse_override)
 from lwq_gguf.plan.knapsack import min_damage, min_damage_split
 from lwq_gguf.plan.paper import plan_two_level
-from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.model.inventory import GGUFTensor
+from lwq_gguf.quant.tensors import tensor_nbytes
 from lwq_gguf.quant.types import QUANT_TYPES
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "STRATEGIES", "TOLERANCE", "Plan", "PlanConfig",

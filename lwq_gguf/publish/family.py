@@ -19,7 +19,7 @@ from lwq_gguf.model.load import open_model
 from lwq_gguf.pipeline import ConvertResult, Job, convert, size_target
 from lwq_gguf.plan.budget import parse_size
 from lwq_gguf.plan.plan import check_reach
-from lwq_gguf.write.converter import model_tensors
+from lwq_gguf.model.inventory import model_tensors
 from lwq_gguf.write.writer import WriteConfig
 
 

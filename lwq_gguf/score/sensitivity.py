@@ -32,7 +32,7 @@ from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel
-from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.model.inventory import GGUFTensor
 from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher

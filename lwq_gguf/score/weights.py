@@ -10,20 +10,24 @@ experts) when the user gives one (``--imatrix FILE``: llama-imatrix runs every a
 llama.cpp does), else 1. That is the squared output error per token were the inputs uncorrelated:
 not a KL-divergence, so plans made from it are labelled "weight error" wherever they are shown.
 
-It is computed inside the converter child (``write/converter.py``, job ``damage``) on the tensors
+It is computed inside the converter child (``python -m lwq_gguf.score.weights JOB.json``, job
+``damage``: :func:`run_damage`) on the tensors
 exactly as the converter writes them, on the same sample of rows as the Fisher path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.model.inventory import WRITTEN_MARK, ConverterJob, GGUFTensor, child_main
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.quant.imatrix import read_imatrix
-from lwq_gguf.quant.tensors import GGUFTensor
+from lwq_gguf.quant.tensors import as_16bit, as_f32, materialize
 from lwq_gguf.quant.types import legal_types, usable_ladder
 from lwq_gguf.score.scores import sig6
 from lwq_gguf.score.sensitivity import ROWS, tensor_damage
@@ -39,6 +43,15 @@ class WeightDamageJob:
     ladder: tuple[str, ...]
     keys: tuple[str, ...]  # damage keys (quant.encoder.damage_key): "none" or a given imatrix
     imatrix_files: dict[str, str]  # imatrix key -> its file
+
+    def task(self) -> dict:
+        """As a ConverterJob's ``task`` (data)."""
+        return asdict(self)
+
+    @classmethod
+    def from_task(cls, d: dict) -> WeightDamageJob:
+        return cls(ladder=tuple(d["ladder"]), keys=tuple(d["keys"]),
+                   imatrix_files=dict(d["imatrix_files"]))
 
 
 class WeightDamage:
@@ -74,3 +87,24 @@ class WeightDamage:
             d = tensor_damage(quantizer, w, weight, usable, a, experts)
             # tensor_damage is 1/2 sum F e^2 (a KLD expansion); the weight error has no 1/2
             self.tables[key][t.name] = {ty: sig6(2 * v * scale) for ty, v in d.items()}
+
+
+def run_damage(inst, job: ConverterJob) -> int:
+    """The ``damage`` job in the converter child: the tables of every quantizable tensor of
+    ``inst`` (the converter's model) as it makes them, written as JSON to ``job.out``."""
+    inst.prepare_tensors()
+    tables = WeightDamage(WeightDamageJob.from_task(job.task), find_llama_cpp())
+    for shard in inst.gguf_writer.tensors:
+        for name, ti in shard.items():
+            t = GGUFTensor(name, tuple(int(d) for d in reversed(ti.shape)), ti.dtype.name.lower())
+            if t.quantizable:
+                data = as_16bit(materialize(name, ti.tensor), ti.dtype)
+                tables.add(t, as_f32(data, ti.dtype).reshape(tuple(int(d) for d in ti.shape)))
+                ti.tensor = None  # (the converter's lazy graph and data, freed)
+            print(f"{WRITTEN_MARK}{name}", flush=True)
+    Path(job.out).write_text(json.dumps(tables.tables))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main({"damage": run_damage}))

@@ -1,4 +1,5 @@
-"""Single-pass writing: each tensor read once, quantized and written, inside the converter child.
+"""Single-pass writing: each tensor read once, quantized and written, inside the converter child
+(``python -m lwq_gguf.write.onepass JOB.json``, job mode ``onepass``: :func:`run_onepass`).
 
 After the pinned ``convert_hf_to_gguf`` has prepared its (lazy) tensors and metadata, every tensor
 in its GGUFWriter is replaced by a :class:`Planned` one which, when the writer reaches it,
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lwq_gguf.errors import ModelInputError, PlanError
+from lwq_gguf.model.inventory import WRITTEN_MARK, ConverterJob, add_kv, child_main
 from lwq_gguf.quant.tensors import as_16bit, as_f32, materialize
 
 CHUNK_ELEMS = 1 << 22  # float32 elements per work item (16 MiB)
@@ -205,3 +207,24 @@ def loader_order(name: str) -> tuple[int, str]:
 
 def _cut(s: str) -> str:
     return s.encode()[:127].decode(errors="ignore")
+
+
+def run_onepass(inst, job: ConverterJob) -> int:
+    """The ``onepass`` job in the converter child: ``inst`` (the converter's model) written with
+    every tensor quantized as the writer reaches it (settings: ``job.task``, a QuantizeSettings)."""
+    w = inst.gguf_writer
+    add_kv(w, job.kv)
+    inst.prepare_tensors()
+    inst.prepare_metadata(vocab_only=False)
+    pool, ahead = requantize_writer(w, QuantizeSettings(**job.task),
+                                    lambda name: print(f"{WRITTEN_MARK}{name}", flush=True))
+    with pool, ahead:
+        w.write_header_to_file(path=Path(job.out))
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main({"onepass": run_onepass}))

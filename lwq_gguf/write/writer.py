@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,11 +30,11 @@ from lwq_gguf import __version__
 from lwq_gguf.errors import OutputError, PlanError
 from lwq_gguf.files import Reads, disk_full, is_disk_full, partial_path
 from lwq_gguf.llamacpp import LlamaCpp, run_tool
+from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, run_job,
+                                      write_16bit)
 from lwq_gguf.plan.plan import Plan
-from lwq_gguf.quant.tensors import GGUFTensor
 from lwq_gguf.quant.types import QUANT_TYPES, file_type_for
-from lwq_gguf.score.scores import Scores
-from lwq_gguf.write.converter import WRITTEN_MARK, ConverterJob, run_job
+from lwq_gguf.write import onepass
 from lwq_gguf.write.onepass import QuantizeSettings
 
 
@@ -88,18 +88,20 @@ def _dominant_type(plan: Plan) -> str:
     return max(elems, key=lambda k: (elems[k], k)) if elems else "f16"
 
 
-def lwq_metadata(plan: Plan, scores: Scores | None) -> dict:
+def lwq_metadata(plan: Plan, scores_json: str | None) -> dict:
+    """The lwq.* metadata: version, target, the plan and (``scores_json``: a Scores JSON) the
+    layer scores, their sensitivity tables and imatrix left out."""
     kv = {"lwq.version": __version__, "lwq.avg_bits": float(plan.config.avg_bits),
           "lwq.plan": json.dumps(plan.to_dict(), separators=(",", ":"))}
-    if scores is not None:  # the layer scores; the sensitivity tables and imatrix stay out
-        d = {k: v for k, v in json.loads(scores.to_json()).items()
+    if scores_json is not None:
+        d = {k: v for k, v in json.loads(scores_json).items()
              if k not in ("sensitivity", "imatrix")}
         kv["lwq.scores"] = json.dumps(d, separators=(",", ":"))
     return kv
 
 
-def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None, cfg: WriteConfig,
-               progress: bool = True) -> Path:
+def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores_json: str | None,
+               cfg: WriteConfig, progress: bool = True) -> Path:
     """Write the planned GGUF to ``.NAME.partial`` beside the target and return that path.
 
     The caller (:func:`lwq_gguf.pipeline.convert`) writes it inside
@@ -111,7 +113,7 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores: Scores | None,
     check_free_space(cfg.output.parent, base_bytes * cfg.two_step + plan.nbytes + (64 << 20))
     work.mkdir(exist_ok=True)
     job = ConverterJob(mode="write", src=str(lc.src), model=str(model_dir), out=str(partial),
-                       outtype=cfg.outtype, kv=lwq_metadata(plan, scores))
+                       outtype=cfg.outtype, kv=lwq_metadata(plan, scores_json))
     try:
         if cfg.two_step:
             _two_step(lc, plan, cfg, job, progress)
@@ -141,7 +143,7 @@ def _one_pass(plan: Plan, cfg: WriteConfig, job: ConverterJob, progress: bool) -
                          imatrix_name=_imatrix_arg(cfg) if cfg.imatrix else None)
     with tqdm(total=len(plan.tensors), desc="quantize + write", unit="tensor",
               disable=not progress, leave=False) as bar:
-        run_job(replace(job, quantize=q),
+        run_job(replace(job, mode="onepass", task=asdict(q)), onepass.__name__,
                 lambda ln: bar.update(1) if ln.startswith(WRITTEN_MARK) else None)
 
 
@@ -152,8 +154,8 @@ def _two_step(lc: LlamaCpp, plan: Plan, cfg: WriteConfig, job: ConverterJob, pro
     n = len(plan.tensors)
     with tqdm(total=n, desc=f"convert ({cfg.outtype})", unit="tensor", disable=not progress,
               leave=False) as bar:
-        run_job(replace(job, out=str(base)),
-                on_line=lambda ln: bar.update(1) if " --> " in ln else None)
+        write_16bit(lc, Path(job.model), base, job.outtype, job.kv,
+                    on_line=lambda ln: bar.update(1) if " --> " in ln else None)
     cmd = [str(lc.tool("llama-quantize"))]
     if cfg.imatrix:
         cmd += ["--imatrix", _imatrix_arg(cfg)]

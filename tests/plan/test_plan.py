@@ -10,7 +10,8 @@ import pytest
 from conftest import KINDS, follows_ranking
 from lwq_gguf.errors import PlanError
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan, parse_override
-from lwq_gguf.quant.tensors import GGUFTensor, tensor_nbytes
+from lwq_gguf.model.inventory import GGUFTensor
+from lwq_gguf.quant.tensors import tensor_nbytes
 from lwq_gguf.plan.knapsack import min_damage
 from lwq_gguf.quant.types import AUTO_LADDER, QUANT_TYPES, legal_type
 from lwq_gguf.report import plan_summary

@@ -1,25 +1,30 @@
-"""llama.cpp's own HF -> GGUF converter (the pinned convert_hf_to_gguf.py), run in a child process.
+"""The GGUF a model becomes, from llama.cpp's own converter (the pinned convert_hf_to_gguf.py):
+its tensor list (:class:`GGUFTensor`, :func:`inventory`, :func:`model_tensors`) and the converter
+child every stage runs it in.
 
 The parent describes the work as a :class:`ConverterJob` (data, written as JSON) and runs
-``python -m lwq_gguf.write.converter JOB.json``; the converter's module state and memory never
-leak into lwq-gguf. Jobs:
+``python -m MODULE JOB.json``, MODULE being the stage that does the work inside the child
+(:func:`child_main` with its handlers); the converter's module state and memory never leak into
+lwq-gguf. Jobs:
 
-* ``inventory`` - the exact GGUF tensor list (name, ggml shape, type) the converter would write,
-  computed lazily without writing anything (cached: :func:`model_tensors`);
-* ``write`` - the 16-bit GGUF, with extra metadata key/values (``kv``: lwq.*);
-* ``write`` with ``quantize`` set - single pass: the planned GGUF itself, each tensor quantized
-  as the writer reaches it (:mod:`lwq_gguf.write.onepass`);
-* ``damage`` - the weight-error damage tables (:mod:`lwq_gguf.score.weights`) of the tensors as
-  the converter makes them, for architectures lwq-gguf runs no forward pass of (JSON at ``out``).
+* ``inventory`` (this module) - the exact GGUF tensor list (name, ggml shape, type) the converter
+  would write, computed lazily without writing anything (cached: :func:`inventory`);
+* ``write`` (this module) - the 16-bit GGUF, with extra metadata key/values (``kv``: lwq.*);
+* ``onepass`` (:mod:`lwq_gguf.write.onepass`) - the planned GGUF itself, each tensor quantized as
+  the writer reaches it;
+* ``damage`` (:mod:`lwq_gguf.score.weights`) - the weight-error damage tables of the tensors as
+  the converter makes them, for architectures lwq-gguf runs no forward pass of.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,38 +33,88 @@ from lwq_gguf.files import (code_digest, scores_cache_dir, sha256_file, sha256_m
                             write_cache_text)
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.model.load import HFModel
-from lwq_gguf.quant.tensors import GGUFTensor, as_16bit, as_f32, materialize
-from lwq_gguf.score.weights import WeightDamageJob
-from lwq_gguf.write.onepass import QuantizeSettings
 
 ERROR_MARK = "lwq-error: "  # a user error found in the child, passed on as one line
 WRITTEN_MARK = "lwq-written "  # printed by the child as each tensor is written (progress)
 
+_BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
+# tensor_allows_quantization at the pin (src/llama-quant.cpp): name parts never quantized
+_NEVER = (
+    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+    "per_layer_model_proj", "position_embd", "token_types", "ssm_conv1d", "shortconv.conv.weight",
+    "indexer.k_proj.weight", "indexer.q_proj.weight", "attn_rel_b.weight", "time_mix_first.weight",
+    "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_v0.weight",
+    "time_mix_v1.weight", "time_mix_v2.weight", "time_mix_a0.weight", "time_mix_a1.weight",
+    "time_mix_a2.weight", "time_mix_g1.weight", "time_mix_g2.weight", "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "sam.pos_embd", "sam.neck.",
+    "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+)
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the GGUF as llama.cpp's converter writes it (ggml shape: ne0 first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    src_type: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def layer(self) -> int | None:
+        m = _BLK.match(self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def kind(self) -> str:
+        m = _BLK.match(self.name)
+        return m.group(2) if m else self.name.removesuffix(".weight")
+
+    @property
+    def n_dims(self) -> int:
+        """ggml_n_dims: trailing dimensions of 1 do not count (a [256, 1] gate is 1-D)."""
+        n = len(self.shape)
+        while n > 1 and self.shape[n - 1] == 1:
+            n -= 1
+        return n
+
+    @property
+    def experts(self) -> int:
+        """The number of experts merged in a 3-D ``ffn_*_exps`` tensor (1 for any other)."""
+        return self.shape[2] if self.n_dims == 3 else 1
+
+    @property
+    def quantizable(self) -> bool:
+        """The same rule as llama-quantize (tensor_allows_quantization at the pin)."""
+        return (self.n_dims >= 2 and self.name.endswith("weight")
+                and not any(s in self.name for s in _NEVER))
+
 
 @dataclass(frozen=True, kw_only=True)
 class ConverterJob:
-    mode: str  # inventory | write | damage
+    mode: str  # inventory | write (this module) | onepass | damage (their stages' handlers)
     src: str  # the pinned llama.cpp source folder (convert_hf_to_gguf.py, conversion/)
     model: str
     out: str
     outtype: str = "auto"  # auto | f16 | bf16 | f32, as convert_hf_to_gguf.py --outtype
     kv: dict = field(default_factory=dict)  # extra metadata: str, float or int values
-    quantize: QuantizeSettings | None = None  # single pass: quantize as the writer goes
-    damage: WeightDamageJob | None = None  # mode damage: the tables to make
+    task: dict = field(default_factory=dict)  # the handler's settings, as data
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> ConverterJob:
-        d = json.loads(text)
-        q, dm = d.pop("quantize"), d.pop("damage")
-        return cls(**d, quantize=QuantizeSettings(**q) if q else None,
-                   damage=WeightDamageJob(ladder=tuple(dm["ladder"]), keys=tuple(dm["keys"]),
-                                          imatrix_files=dm["imatrix_files"]) if dm else None)
+        return cls(**json.loads(text))
 
 
-def _model_instance(job: ConverterJob):
+Handler = Callable[[object, ConverterJob], int]  # (the converter's model instance, job) -> exit
+
+
+def model_instance(job: ConverterJob):
     sys.path.insert(0, job.src)
     import logging
 
@@ -84,7 +139,7 @@ def _model_instance(job: ConverterJob):
     return cls(model_dir, ftypes[job.outtype], Path(job.out))
 
 
-def _add_kv(w, kv: dict) -> None:
+def add_kv(w, kv: dict) -> None:
     for key, value in kv.items():
         if isinstance(value, str):
             w.add_string(key, value)
@@ -94,9 +149,16 @@ def _add_kv(w, kv: dict) -> None:
             w.add_uint32(key, int(value))
 
 
-def _run(job: ConverterJob) -> int:
+def child_main(handlers: dict[str, Handler]) -> int:
+    """The child's entry (``python -m MODULE JOB.json``): the converter's model instance made
+    under torch's inference mode, handed to the job mode's handler. A user error is printed as one
+    marked line (:func:`run_job` raises it in the parent)."""
+    import torch
+
+    job = ConverterJob.from_json(Path(sys.argv[1]).read_text())
     try:
-        return _convert(job)
+        with torch.inference_mode():
+            return handlers[job.mode](model_instance(job), job)
     except LwqError as e:
         print(f"{ERROR_MARK}{e}", flush=True)
         return 3
@@ -111,37 +173,51 @@ def _run(job: ConverterJob) -> int:
         return 3
 
 
-def _convert(job: ConverterJob) -> int:
-    import torch
+def run_job(job: ConverterJob, module: str, on_line=None) -> None:
+    """Run ``job`` in a child process, ``python -m module`` (whose :func:`child_main` has the
+    job's mode). A user error the child finds (a NaN weight) is raised here as that one line;
+    the converter's own failure as a ToolError with its last lines."""
+    errors: list[str] = []
 
-    from lwq_gguf.write.onepass import requantize_writer
+    def seen(line: str) -> None:
+        if line.startswith(ERROR_MARK):
+            errors.append(line[len(ERROR_MARK):])
+        if on_line:
+            on_line(line)
 
-    with torch.inference_mode():
-        inst = _model_instance(job)
-        if job.mode == "inventory":
-            inst.prepare_tensors()
-            rows = [{"name": name, "shape": [int(d) for d in reversed(ti.shape)],
-                     "type": ti.dtype.name.lower()}
-                    for shard in inst.gguf_writer.tensors for name, ti in shard.items()]
-            Path(job.out).write_text(json.dumps({"tensors": rows,
-                                                 "header_bytes": _header_bytes(inst, job)}))
-            return 0
-        if job.mode == "damage":
-            return _damage(inst, job)
-        w = inst.gguf_writer
-        _add_kv(w, job.kv)
-        if job.quantize is None:
-            inst.write()
-            return 0
-        inst.prepare_tensors()
-        inst.prepare_metadata(vocab_only=False)
-        pool, ahead = requantize_writer(w, job.quantize,
-                                        lambda name: print(f"{WRITTEN_MARK}{name}", flush=True))
-        with pool, ahead:
-            w.write_header_to_file(path=Path(job.out))
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file(progress=False)
-            w.close()
+    with tempfile.TemporaryDirectory(prefix="lwq-conv-") as tmp:
+        spec = Path(tmp) / "job.json"
+        spec.write_text(job.to_json())
+        try:
+            run_tool([sys.executable, "-m", module, str(spec)],
+                     what=f"convert_hf_to_gguf on {job.model}", on_line=seen)
+        except ToolError:
+            if errors:
+                raise LwqError(errors[-1]) from None
+            raise
+
+
+def write_16bit(lc: LlamaCpp, model_dir: Path, out: Path, outtype: str = "auto",
+                kv: dict | None = None, on_line=None) -> None:
+    """The converter's own GGUF of ``model_dir`` (16-bit, or f32 with outtype f32) at ``out``,
+    with the metadata ``kv`` added."""
+    run_job(ConverterJob(mode="write", src=str(lc.src), model=str(model_dir), out=str(out),
+                         outtype=outtype, kv=kv or {}), __name__, on_line)
+
+
+def _write(inst, job: ConverterJob) -> int:
+    add_kv(inst.gguf_writer, job.kv)
+    inst.write()
+    return 0
+
+
+def _inventory(inst, job: ConverterJob) -> int:
+    inst.prepare_tensors()
+    rows = [{"name": name, "shape": [int(d) for d in reversed(ti.shape)],
+             "type": ti.dtype.name.lower()}
+            for shard in inst.gguf_writer.tensors for name, ti in shard.items()]
+    Path(job.out).write_text(json.dumps({"tensors": rows,
+                                         "header_bytes": _header_bytes(inst, job)}))
     return 0
 
 
@@ -156,52 +232,6 @@ def _header_bytes(inst, job: ConverterJob) -> int:
     w.write_ti_data_to_file()
     w.close()
     return scratch.stat().st_size
-
-
-def _damage(inst, job: ConverterJob) -> int:
-    from lwq_gguf.score.weights import WeightDamage
-
-    inst.prepare_tensors()
-    tables = WeightDamage(job.damage, find_llama_cpp())
-    for shard in inst.gguf_writer.tensors:
-        for name, ti in shard.items():
-            t = GGUFTensor(name, tuple(int(d) for d in reversed(ti.shape)), ti.dtype.name.lower())
-            if t.quantizable:
-                data = as_16bit(materialize(name, ti.tensor), ti.dtype)
-                tables.add(t, as_f32(data, ti.dtype).reshape(tuple(int(d) for d in ti.shape)))
-                ti.tensor = None  # (the converter's lazy graph and data, freed)
-            print(f"{WRITTEN_MARK}{name}", flush=True)
-    Path(job.out).write_text(json.dumps(tables.tables))
-    return 0
-
-
-def run_job(job: ConverterJob, on_line=None) -> None:
-    """Run ``job`` in a child process. A user error the child finds (a NaN weight) is raised here
-    as that one line; the converter's own failure as a ToolError with its last lines."""
-    errors: list[str] = []
-
-    def seen(line: str) -> None:
-        if line.startswith(ERROR_MARK):
-            errors.append(line[len(ERROR_MARK):])
-        if on_line:
-            on_line(line)
-
-    with tempfile.TemporaryDirectory(prefix="lwq-conv-") as tmp:
-        spec = Path(tmp) / "job.json"
-        spec.write_text(job.to_json())
-        try:
-            run_tool([sys.executable, "-m", "lwq_gguf.write.converter", str(spec)],
-                     what=f"convert_hf_to_gguf on {job.model}", on_line=seen)
-        except ToolError:
-            if errors:
-                raise LwqError(errors[-1]) from None
-            raise
-
-
-def write_16bit(lc: LlamaCpp, model_dir: Path, out: Path, outtype: str = "auto") -> None:
-    """The converter's own GGUF of ``model_dir`` (16-bit, or f32 with outtype f32) at ``out``."""
-    run_job(ConverterJob(mode="write", src=str(lc.src), model=str(model_dir), out=str(out),
-                         outtype=outtype))
 
 
 @dataclass(frozen=True)
@@ -247,7 +277,7 @@ def inventory(model: HFModel) -> Inventory:
     parts = {"config": model.config_json, "install": str(converter.resolve()),
              "tensors": [[t.name, t.dtype, list(t.shape)] for t in model.tensors],
              "converter": sha256_file(converter, sha256_memo()),
-             "code": code_digest("write/converter.py", "write/onepass.py")}
+             "code": code_digest("model/inventory.py")}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     path = root / "inventory" / f"{key}.json"
     doc = _inventory_rows(path)
@@ -255,7 +285,7 @@ def inventory(model: HFModel) -> Inventory:
         with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
             out = Path(tmp) / "inventory.json"
             run_job(ConverterJob(mode="inventory", src=str(lc.src), model=str(model.path),
-                                 out=str(out)))
+                                 out=str(out)), __name__)
             doc = _inventory_rows(out)
         if doc is None:
             raise ToolError(f"convert_hf_to_gguf on {model.path} listed no tensors: check the "
@@ -266,4 +296,4 @@ def inventory(model: HFModel) -> Inventory:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_run(ConverterJob.from_json(Path(sys.argv[1]).read_text())))
+    raise SystemExit(child_main({"inventory": _inventory, "write": _write}))
