@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import WIKI, run  # noqa: E402
 
-from lwq_gguf.evaluate.compare import CompareConfig, run_compare  # noqa: E402
+from lwq_gguf.publish.compare import CompareConfig, run_compare  # noqa: E402
 from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
 from lwq_gguf.plan.plan import Plan, PlanConfig  # noqa: E402
 from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
+from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
 from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
 from lwq_gguf.model.load import open_model  # noqa: E402
 from lwq_gguf.plan.config import reach_bytes  # noqa: E402

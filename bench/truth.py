@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lwq_gguf.evaluate.compare import CompareConfig, run_compare  # noqa: E402
+from lwq_gguf.publish.compare import CompareConfig, run_compare  # noqa: E402
 from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many  # noqa: E402
 from lwq_gguf.files import atomic_write_text  # noqa: E402
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402

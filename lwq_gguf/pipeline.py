@@ -32,7 +32,7 @@ from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
-from lwq_gguf.write.verify import CheckResult, Perplexity, check_file, read_back
+from lwq_gguf.write.verify import CheckResult, check_file, read_back
 from lwq_gguf.write.writer import (WriteConfig, check_plan_matches, cleanup, lwq_metadata,
                                    work_paths, write_gguf)
 
@@ -336,12 +336,11 @@ def _encoder(job: Job) -> str:
         return DEFAULT_ENCODER  # read_plan says what is wrong with it, in order
 
 
-def convert(job: Job, write: WriteConfig, verify: bool = True,
-            perplexity: Perplexity | None = None) -> ConvertResult:
+def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
     """HF folder -> planned GGUF at ``write.output``; nothing is left there on failure.
 
-    ``verify``: the file is read back and its types compared with the plan, and run by
-    ``perplexity`` (the evaluate stage's check, given by the caller) before it takes its name."""
+    ``verify``: the file is read back, its types compared with the plan, and run in llama.cpp
+    (:func:`lwq_gguf.write.verify.check_file`) before it takes its name."""
     t0 = time.time()
     out = write.output
     check_output(out, write.force, write.reads)
@@ -365,7 +364,7 @@ def convert(job: Job, write: WriteConfig, verify: bool = True,
             written = write_gguf(lc, p.model.path, p.plan, scores_json,
                                  replace(write, imatrix=im_path), job.progress)
             assert written == partial, (written, partial)
-            check = (check_file(partial, p.plan, job.score.calib_file, out, perplexity) if verify
+            check = (check_file(partial, p.plan, job.score.calib_file, out) if verify
                      else CheckResult(read_back(partial).bpw, None))
             if job.size_limit is not None and partial.stat().st_size > job.size_limit:
                 raise VerifyError(f"{out}: {partial.stat().st_size} bytes, above --size "

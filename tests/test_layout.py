@@ -8,8 +8,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lwq_gguf"
 # lowest first: a module may import from its own layer or a lower one
-LAYERS = (("__init__", "errors", "files", "llamacpp"), ("model",), ("quant",), ("score",),
-          ("plan",), ("write",), ("pipeline",), ("report",), ("evaluate",), ("publish",),
+LAYERS = (("__init__", "errors", "files", "llamacpp"), ("evaluate",), ("model",), ("quant",),
+          ("score",), ("plan",), ("write",), ("pipeline",), ("report",), ("publish",),
           ("cli", "__main__"))
 
 
@@ -105,7 +105,7 @@ def test_no_private_attributes_of_other_libraries():
 
 
 def test_configs_are_frozen_and_built_with_keywords():
-    from lwq_gguf.evaluate.compare import CompareConfig
+    from lwq_gguf.publish.compare import CompareConfig
     from lwq_gguf.evaluate.perplexity import EvalConfig
     from lwq_gguf.pipeline import Job
     from lwq_gguf.plan.plan import PlanConfig

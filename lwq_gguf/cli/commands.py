@@ -140,7 +140,6 @@ def cmd_plan(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    from lwq_gguf.evaluate.perplexity import check_perplexity
     from lwq_gguf.files import atomic_write_text, check_output
     from lwq_gguf.pipeline import convert
     from lwq_gguf.report import plan_summary, plan_types_table
@@ -170,7 +169,7 @@ def cmd_convert(a) -> None:
     modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
     if modelfile is not None:
         check_output(modelfile, a.force, write.reads)
-    r = convert(job, write, verify=not a.no_verify, perplexity=check_perplexity)
+    r = convert(job, write, verify=not a.no_verify)
     print(plan_types_table(r.plan))
     print(plan_summary(r.plan))
     check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
@@ -190,7 +189,6 @@ def cmd_convert(a) -> None:
 def _convert_family(a, targets, write) -> None:
     import shlex
 
-    from lwq_gguf.evaluate.perplexity import check_perplexity
     from lwq_gguf.files import atomic_write_text
     from lwq_gguf.publish.family import run_family
     from lwq_gguf.report import table
@@ -226,8 +224,7 @@ def _convert_family(a, targets, write) -> None:
             mf = o.path.with_suffix(".Modelfile")
             atomic_write_text(mf, modelfile_text(o.path, a.model, mf)[0], a.force, write.reads)
 
-    outcomes = run_family(job, targets, write, verify=not a.no_verify,
-                          perplexity=check_perplexity, on_done=done)
+    outcomes = run_family(job, targets, write, verify=not a.no_verify, on_done=done)
     rows = [(o.target.label, o.path.name, f"{o.path.stat().st_size / 2**20:.1f}",
              f"{o.result.check.bpw:.3f}", f"{o.result.check.ppl:.2f}" if o.result.check.ppl
              else "-", "…".join(o.result.plan.pair)) if o.result else
@@ -240,7 +237,7 @@ def _convert_family(a, targets, write) -> None:
         import json
         from dataclasses import replace
 
-        from lwq_gguf.evaluate.compare import run_compare, write_outputs
+        from lwq_gguf.publish.compare import run_compare, write_outputs
         from lwq_gguf.report import COMPARE_HEADERS, compare_rows
 
         compare = replace(compare, files=tuple((f"lwq {o.target.label}", o.path) for o in ok))
@@ -269,7 +266,7 @@ def _convert_family(a, targets, write) -> None:
 
 def _family_compare(a, job, reads):
     """--eval: the comparison that measures the family (files added once written)."""
-    from lwq_gguf.evaluate.compare import CompareConfig
+    from lwq_gguf.publish.compare import CompareConfig
 
     if not a.eval.is_file():
         raise LwqError(f"{a.eval}: no such text file: pass --eval FILE (e.g. wiki.test.raw)")
@@ -321,7 +318,7 @@ def cmd_eval(a) -> None:
 def cmd_compare(a) -> None:
     import shlex
 
-    from lwq_gguf.evaluate.compare import CompareConfig, run_compare, write_outputs
+    from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs
     from lwq_gguf.quant.imatrix import ImatrixChoice
     from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
 

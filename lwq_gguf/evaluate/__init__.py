@@ -1,2 +1,3 @@
-"""Stage 6 - evaluate (and 7, compare): llama-perplexity's protocol in llama.cpp (PPL, KLD), in a
-torch-free child with a CUDA build, and `compare` against llama.cpp's own mixes."""
+"""Stage 6 - evaluate: llama-perplexity's protocol in llama.cpp (PPL, KLD), in a torch-free child
+with a CUDA build. It needs only llama.cpp, so it sits below every stage: the write stage's check
+runs it directly, and `compare` (:mod:`lwq_gguf.publish.compare`) measures with it."""

@@ -2,7 +2,7 @@
 
 Everything in it comes from the run that just finished: the files as read back, their types per
 layer (:mod:`lwq_gguf.publish.inspect`), and - with ``--eval TEXT`` - the rows of the comparison
-that measured them beside llama.cpp's mixes (:mod:`lwq_gguf.evaluate.compare`), so the card's
+that measured them beside llama.cpp's mixes (:mod:`lwq_gguf.publish.compare`), so the card's
 numbers are compare.json's. Front matter: ``base_model``, ``license`` and ``language`` from the
 source folder's own README front matter (else ``base_model`` from config.json's
 ``_name_or_path``, or the folder name), ``quantized_by``, ``tags``, ``pipeline_tag``.

@@ -86,7 +86,7 @@ class Outcome:
 
 
 def run_family(job: Job, targets: tuple[Target, ...], write: WriteConfig, *, verify: bool,
-               perplexity, on_done=None) -> list[Outcome]:
+               on_done=None) -> list[Outcome]:
     """Convert every target into ``write.output`` (a folder); ``on_done(outcome)`` after each."""
     out_dir = write.output
     write.reads.check_folder(out_dir)
@@ -97,7 +97,7 @@ def run_family(job: Job, targets: tuple[Target, ...], write: WriteConfig, *, ver
     outcomes = []
     for t, tj, path in jobs:
         try:
-            r = convert(tj, replace(write, output=path), verify=verify, perplexity=perplexity)
+            r = convert(tj, replace(write, output=path), verify=verify)
             o = Outcome(t, path, r)
         except LwqError as e:
             o = Outcome(t, path, None, str(e))

@@ -2,9 +2,8 @@
 
 ``read_back`` lists each tensor's type and the file's BPW from the GGUF header (llama.cpp's
 definition: tensor bytes * 8 / tensor elements). ``check_file`` compares the types with the plan
-and runs the file in llama.cpp through the ``perplexity`` it is given (the caller's: `convert`
-passes :func:`lwq_gguf.evaluate.perplexity.check_perplexity`, 4 chunks of 128 tokens of the
-calibration text), whose PPL must be finite. (Not the ``llama-perplexity`` tool: at the pinned
+and runs the file in llama.cpp (:func:`lwq_gguf.evaluate.perplexity.check_perplexity`, 4 chunks
+of 128 tokens of the calibration text, in the torch-free child), whose PPL must be finite. (Not the ``llama-perplexity`` tool: at the pinned
 build it logs from a thread the process does not join at exit, and now and then a run that
 succeeded loses its last lines, ``Final estimate`` among them.)
 """
@@ -14,11 +13,11 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lwq_gguf.errors import LwqError, VerifyError
+from lwq_gguf.evaluate.perplexity import check_perplexity
 from lwq_gguf.plan.plan import Plan
 
 
@@ -142,11 +141,9 @@ class CheckResult:
     ppl: float | None
 
 
-Perplexity = Callable[[Path, Path], float]  # (GGUF file, text) -> PPL of a short llama.cpp run
-
-
-def check_file(path: Path, plan: Plan, text: Path | None, shown_as: Path,
-               perplexity: Perplexity | None = None) -> CheckResult:
+def check_file(path: Path, plan: Plan, text: Path | None, shown_as: Path) -> CheckResult:
+    """The file's types against the plan, then (with ``text``) a short llama.cpp run of it
+    (:func:`lwq_gguf.evaluate.perplexity.check_perplexity`): a finite PPL or one VerifyError."""
     info = read_back(path)
     want = dict(zip((t.name for t in plan.tensors), plan.types))
     if set(info.types) != set(want):
@@ -157,9 +154,9 @@ def check_file(path: Path, plan: Plan, text: Path | None, shown_as: Path,
             raise VerifyError(f"{shown_as}: tensor {name!r} is {info.types[name]}, plan says {ty}: "
                               "report this bug (or pass --no-verify to keep the file)")
     ppl = None
-    if text is not None and perplexity is not None:
+    if text is not None:
         try:
-            ppl = perplexity(path, text)
+            ppl = check_perplexity(path, text)
         except LwqError as e:
             raise VerifyError(f"{shown_as}: llama.cpp cannot run the file ({e}); pass --no-verify "
                               "to keep it for inspection") from None

@@ -24,7 +24,7 @@ def test_family_writes_each_target_and_a_failed_one_leaves_the_others(tiny, tmp_
         if o.target == targets[0]:
             blocked.mkdir()
 
-    got = run_family(job, targets, WriteConfig(output=out), verify=True, perplexity=None,
+    got = run_family(job, targets, WriteConfig(output=out), verify=True,
                      on_done=done)
     assert [o.result is not None for o in got] == [True, False, True]
     assert "is a folder" in got[1].error
@@ -34,7 +34,7 @@ def test_family_writes_each_target_and_a_failed_one_leaves_the_others(tiny, tmp_
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [got[0].path.name, got[2].path.name, blocked.name])  # no partial files
     with pytest.raises(OutputError):  # existing files are refused before any work
-        run_family(job, targets[:1], WriteConfig(output=out), verify=False, perplexity=None)
+        run_family(job, targets[:1], WriteConfig(output=out), verify=False)
 
 
 @pytest.mark.slow

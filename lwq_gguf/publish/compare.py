@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lwq_gguf import __version__
 from lwq_gguf.errors import LwqError, OutputError
-from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_perplexity, check_text,
+from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_text,
                                           evaluate_many, llama_device)
 from lwq_gguf.files import (Reads, atomic_output, atomic_write_text, check_output, code_digest,
                             sha256_file)
@@ -317,8 +317,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
             build_mix(lc, entries[0].path, e, imatrix, cfg.threads)
         elif e.bits is not None:
             job = _job(cfg, plan=replace(cfg.plan, avg_bits=e.bits), scores_file=scores)
-            convert(job, WriteConfig(output=e.path, force=True, threads=cfg.threads),
-                    perplexity=check_perplexity)
+            convert(job, WriteConfig(output=e.path, force=True, threads=cfg.threads))
         files.record(e)
 
     text_sha = sha256_file(cfg.text)
