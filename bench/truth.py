@@ -168,7 +168,8 @@ def carry(a, done: dict, damage: dict) -> dict:
             skipped += 1
     print(f"truth: carried {kept} pairs from {a.carry} ({old['date']}), {skipped} not "
           "(estimate changed)")
-    return {"file": a.carry.name, "date": old["date"], "pairs": kept, "skipped": skipped}
+    return {"file": a.carry.name, "date": old["date"], "machine": old.get("machine", "?"),
+            "pairs": kept, "skipped": skipped}
 
 
 def kind_of(name: str) -> str:
@@ -221,8 +222,9 @@ def analyse(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
 def carried_note(c: dict | None) -> str:
     if not c:
         return ""
-    return (f" ({c['pairs']} of them carried from {c['file']} of {c['date']}, same model, text, "
-            f"chunks, estimates within {CARRY_TOL:.0%}; the rest measured in this run)")
+    return (f" ({c['pairs']} of them carried from {c['file']} of {c['date']}, measured on "
+            f"{c.get('machine', '?')} with the same model, text and chunks, estimates within "
+            f"{CARRY_TOL:.0%}; the rest measured on the machine and date above)")
 
 
 def main() -> None:
