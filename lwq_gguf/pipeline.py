@@ -20,9 +20,8 @@ from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, inventory,
                                       model_tensors, run_job)
 from lwq_gguf.model.load import HFModel, open_model
-from lwq_gguf.plan.budget import ALIGN, IMATRIX_KV_MAX, file_bytes, in_unit_of, kv_bytes, pad
-from lwq_gguf.plan.config import reach_bytes
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
+from lwq_gguf.plan.size import SizeLimit, fit_size
 from lwq_gguf.quant.encoder import damage_key, split_damage_key
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_dict, write_imatrix
 from lwq_gguf.quant.tensors import tensor_nbytes
@@ -33,7 +32,7 @@ from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
 from lwq_gguf.write.verify import CheckResult, check_file, read_back
-from lwq_gguf.write.writer import (WriteConfig, check_plan_matches, cleanup, lwq_metadata,
+from lwq_gguf.write.writer import (WriteConfig, check_plan_matches, cleanup,
                                    work_paths, write_gguf)
 
 
@@ -261,58 +260,11 @@ def prepare(job: Job) -> Prepared:
                 plan = replace(plan, basis=scores.sensitivity.get("basis", BASIS_FISHER))
             return plan
 
-        plan = make(job.plan) if job.size_limit is None else _fit_size(job, model, scores, make)
+        plan = make(job.plan) if job.size_limit is None else fit_size(
+            job.plan, SizeLimit(bytes=job.size_limit, spec=job.size_spec),
+            inventory(model), job.imatrix.mode != "none",
+            scores.to_json() if scores else None, make)
     return Prepared(model, tensors, scores, plan, job.imatrix)
-
-
-SIZE_SLACK = 0.005  # --size: the file lands at or below the size, within this fraction of it
-
-
-def predicted_bytes(header_bytes: int, plan: Plan, scores: Scores | None, imatrix: bool) -> int:
-    """The planned file's size on disk, at most (exact but for the imatrix keys' strings and
-    any dimension of 1 the writer drops)."""
-    extra = (kv_bytes(lwq_metadata(plan, scores.to_json() if scores else None))
-             + (IMATRIX_KV_MAX if imatrix else 0))
-    return file_bytes(header_bytes, plan.tensor_bytes(), extra)
-
-
-def size_target(model: HFModel, size: int, spec: str, cfg: PlanConfig, imatrix: bool) -> float:
-    """--size: a first --avg-bits for a file of at most ``size`` bytes; a size this model's
-    file cannot have under ``cfg``'s ladder is refused with the range it can, in ``spec``'s
-    unit. (:func:`prepare` then plans, measures the planned file and plans again lower while
-    it would not fit.)"""
-    inv = inventory(model)
-    n, total = len(inv.tensors), sum(t.numel for t in inv.tensors)
-    lo, hi = reach_bytes(inv.tensors, cfg, imatrix)
-    # the metadata lwq-gguf adds (the plan: ~100 bytes a tensor) and every tensor's padding
-    over = pad(inv.header_bytes + 100 * n + 4096 + (IMATRIX_KV_MAX if imatrix else 0)) + ALIGN * n
-    if not lo + over <= size <= hi + over:
-        raise PlanError(f"--size {spec}: with ladder {','.join(cfg.ladder)} this model's file "
-                        f"takes {in_unit_of(lo + over, spec)} to {in_unit_of(hi + over, spec)}: "
-                        "choose a size in that range (or widen the ladder)")
-    return (size - over) * 8 / total
-
-
-def _fit_size(job: Job, model: HFModel, scores: Scores | None, make) -> Plan:
-    """Plan for ``job.size_limit``: lower the target while the planned file would not fit."""
-    inv = inventory(model)
-    header, total = inv.header_bytes, sum(t.numel for t in inv.tensors)
-    cfg, imatrix = job.plan, job.imatrix.mode != "none"
-    for _ in range(4):
-        plan = make(cfg)
-        need = predicted_bytes(header, plan, scores, imatrix)
-        if need <= job.size_limit:
-            break
-        cfg = replace(cfg, avg_bits=cfg.avg_bits - (need - job.size_limit + ALIGN) * 8 / total)
-    else:
-        raise PlanError(f"--size {job.size_spec}: the planned file stays above it "
-                        f"({in_unit_of(need, job.size_spec)}): choose a larger size")
-    if need < job.size_limit * (1 - SIZE_SLACK):
-        raise PlanError(f"--size {job.size_spec}: the closest this model's tensors allow is "
-                        f"{in_unit_of(need, job.size_spec)}, more than {SIZE_SLACK:.1%} below: "
-                        "choose a size nearer that")
-    return plan
-
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A family of files in one run: ``convert MODEL --avg-bits 2.5 3 3.5 -o OUTDIR/`` (or ``--size``).
 
 Every target is resolved to a job before anything slow runs - a size to its first ``--avg-bits``
-(:func:`lwq_gguf.pipeline.size_target`), a target the ladder cannot reach refused then, every
+(:func:`lwq_gguf.plan.size.size_target`), a target the ladder cannot reach refused then, every
 output checked - so bad input writes nothing. Then the targets are converted one by one; the
 scores are measured by the first and read from the score cache by the others. A target that
 fails (llama.cpp cannot run its file, the disk fills) is reported and the others still run.
@@ -16,7 +16,9 @@ from pathlib import Path
 from lwq_gguf.errors import LwqError, OutputError
 from lwq_gguf.files import check_output
 from lwq_gguf.model.load import open_model
-from lwq_gguf.pipeline import ConvertResult, Job, convert, size_target
+from lwq_gguf.model.inventory import inventory
+from lwq_gguf.pipeline import ConvertResult, Job, convert
+from lwq_gguf.plan.size import SizeLimit, size_target
 from lwq_gguf.plan.budget import parse_size
 from lwq_gguf.plan.plan import check_reach
 from lwq_gguf.model.inventory import model_tensors
@@ -51,7 +53,8 @@ def target_job(job: Job, t: Target) -> Job:
     imatrix = job.imatrix.mode != "none"
     model = open_model(job.model)
     if t.size is not None:
-        bits = size_target(model, t.size, t.spec, job.plan, imatrix)
+        bits = size_target(inventory(model), SizeLimit(bytes=t.size, spec=t.spec), job.plan,
+                           imatrix)
         return replace(job, plan=replace(job.plan, avg_bits=bits), size_limit=t.size,
                        size_spec=t.spec)
     cfg = replace(job.plan, avg_bits=t.bits)

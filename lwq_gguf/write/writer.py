@@ -17,7 +17,6 @@ failed run leaves nothing at the target path.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,13 +25,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lwq_gguf import __version__
 from lwq_gguf.errors import OutputError, PlanError
 from lwq_gguf.files import Reads, disk_full, is_disk_full, partial_path
 from lwq_gguf.llamacpp import LlamaCpp, run_tool
 from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, run_job,
                                       write_16bit)
 from lwq_gguf.plan.plan import Plan
+from lwq_gguf.plan.size import lwq_metadata
 from lwq_gguf.quant.types import QUANT_TYPES, file_type_for
 from lwq_gguf.write import onepass
 from lwq_gguf.write.onepass import QuantizeSettings
@@ -86,18 +85,6 @@ def _dominant_type(plan: Plan) -> str:
         if t.quantizable:
             elems[ty] = elems.get(ty, 0) + t.numel
     return max(elems, key=lambda k: (elems[k], k)) if elems else "f16"
-
-
-def lwq_metadata(plan: Plan, scores_json: str | None) -> dict:
-    """The lwq.* metadata: version, target, the plan and (``scores_json``: a Scores JSON) the
-    layer scores, their sensitivity tables and imatrix left out."""
-    kv = {"lwq.version": __version__, "lwq.avg_bits": float(plan.config.avg_bits),
-          "lwq.plan": json.dumps(plan.to_dict(), separators=(",", ":"))}
-    if scores_json is not None:
-        d = {k: v for k, v in json.loads(scores_json).items()
-             if k not in ("sensitivity", "imatrix")}
-        kv["lwq.scores"] = json.dumps(d, separators=(",", ":"))
-    return kv
 
 
 def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores_json: str | None,
