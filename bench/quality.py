@@ -61,7 +61,7 @@ from lwq_gguf.quant.types import ENCODERS  # noqa: E402
 from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
 from lwq_gguf.quant.encoder import damage_key  # noqa: E402
 from lwq_gguf.score.scores import Scores, ScoreConfig  # noqa: E402
-from lwq_gguf.write.verify import read_back  # noqa: E402
+from lwq_gguf.quant.gguf_file import read_back  # noqa: E402
 
 MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

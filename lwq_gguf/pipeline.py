@@ -21,18 +21,19 @@ from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, in
                                       model_tensors, run_job)
 from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
+from lwq_gguf.plan.recipe import read_plan
 from lwq_gguf.plan.size import SizeLimit, fit_size
 from lwq_gguf.quant.encoder import damage_key, split_damage_key
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_dict, write_imatrix
-from lwq_gguf.quant.tensors import tensor_nbytes
-from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER, QUANT_TYPES
+from lwq_gguf.quant.gguf_file import read_back
+from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
 from lwq_gguf.score.cache import ScoreCache, model_sha256
 from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
-from lwq_gguf.write.verify import CheckResult, check_file, read_back
-from lwq_gguf.write.writer import (WriteConfig, check_plan_matches, cleanup,
+from lwq_gguf.write.verify import CheckResult, check_file
+from lwq_gguf.write.writer import (WriteConfig, cleanup,
                                    work_paths, write_gguf)
 
 
@@ -72,57 +73,6 @@ def load_scores(path: Path, model: HFModel) -> Scores:
     scores = Scores.from_json(text, str(path))
     scores.check_model(model, model_sha256(model), str(path))
     return scores
-
-
-def read_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
-    """A plan JSON (`lwq-gguf plan -o`), or any GGUF of the same model shape (--recipe): its
-    per-tensor types."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return recipe_plan(path, tensors)
-    except OSError:
-        pass  # said by read_user_text, in its words
-    text = read_user_text(path, "plan", "make one with `lwq-gguf plan`", PlanError)
-    plan = Plan.from_json(text, str(path))
-    check_plan_matches(plan, tensors, str(path))
-    return plan
-
-
-def _trim_ones(shape) -> tuple[int, ...]:
-    """A ggml shape without its trailing dimensions of 1 (the writer leaves them out)."""
-    dims = list(shape)
-    while len(dims) > 1 and dims[-1] == 1:
-        dims.pop()
-    return tuple(dims)
-
-
-def recipe_plan(path: Path, tensors: tuple[GGUFTensor, ...]) -> Plan:
-    """The per-tensor types of another GGUF of the same architecture and shapes, as a plan."""
-    info = read_back(path)
-    arch = info.metadata.get("general.architecture", "?")
-    fix = f"use a GGUF of this model's architecture and size (the recipe is {arch})"
-    want = {t.name: t for t in tensors}
-    odd = sorted(set(info.types) ^ set(want))
-    if odd:
-        where = "only in the recipe" if odd[0] in info.types else "missing from the recipe"
-        raise PlanError(f"{path}: tensor {odd[0]!r} is {where} ({len(odd)} names differ): {fix}")
-    for name, t in want.items():
-        if _trim_ones(info.shapes[name]) != _trim_ones(t.shape):
-            raise PlanError(f"{path}: {name} is {list(info.shapes[name])} there and "
-                            f"{list(t.shape)} in this model: {fix}")
-        if info.types[name] not in QUANT_TYPES:
-            raise PlanError(f"{path}: {name} is {info.types[name]}, a type the pinned "
-                            "llama.cpp cannot write: choose another recipe")
-    types = tuple(info.types[t.name] for t in tensors)
-    total = sum(t.numel for t in tensors)
-    bpw = sum(tensor_nbytes(ty, t.shape) for t, ty in zip(tensors, types)) * 8 / total
-    used = sorted({ty for t, ty in zip(tensors, types) if t.quantizable} or {"f16"},
-                  key=lambda ty: QUANT_TYPES[ty].bpw)
-    n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=-1)
-    cfg = PlanConfig(avg_bits=min(32.0, max(1.0, round(bpw, 4))))
-    return Plan(cfg, tensors, types, tuple(range(n_layers)), (used[0], used[-1]),
-                basis=f"recipe of {path.name}")
 
 
 def _has(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:

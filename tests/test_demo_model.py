@@ -11,7 +11,7 @@ from conftest import error_line, follows_ranking, run_cli
 from lwq_gguf.plan.plan import Plan
 from lwq_gguf.quant.types import AUTO_LADDER, QUANT_TYPES
 from lwq_gguf.score.scores import Scores, default_calibration
-from lwq_gguf.write.verify import read_back
+from lwq_gguf.quant.gguf_file import read_back
 
 pytestmark = pytest.mark.slow  # end-to-end runs on the demo models
 

@@ -25,7 +25,7 @@ from lwq_gguf.model.load import open_model
 from lwq_gguf.plan.plan import Plan, PlanConfig
 from lwq_gguf.model.inventory import GGUFTensor
 from lwq_gguf.score.scores import Scores, default_calibration
-from lwq_gguf.write.verify import read_back
+from lwq_gguf.quant.gguf_file import read_back
 
 N = 40  # mutants per file kind
 

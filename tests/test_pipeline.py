@@ -19,7 +19,7 @@ from lwq_gguf.model.inventory import write_16bit
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.plan.plan import Plan
 from lwq_gguf.quant.types import K_LADDER
-from lwq_gguf.write.verify import read_back
+from lwq_gguf.quant.gguf_file import read_back
 
 
 def tensor_bytes(path):

@@ -35,7 +35,7 @@ from lwq_gguf.evaluate.perplexity import (EvalConfig, EvalResult, check_text,
                                           evaluate_many, llama_device)
 from lwq_gguf.files import (Reads, atomic_output, atomic_write_text, check_output, code_digest,
                             sha256_file)
-from lwq_gguf.write.verify import read_back
+from lwq_gguf.quant.gguf_file import read_back
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.pipeline import Job, convert, get_scores, load_scores

@@ -1,7 +1,7 @@
 """``lwq-gguf inspect``: what is inside any GGUF, from its header alone.
 
 A :class:`Recipe` is one file's per-tensor types with their shapes and bytes (read by
-:func:`lwq_gguf.write.verify.read_back`, which parses the header and skips the tensor data, so a
+:func:`lwq_gguf.quant.gguf_file.read_back`, which parses the header and skips the tensor data, so a
 100 GB file is read in well under a second), its architecture and, for files lwq-gguf wrote, the
 plan and layer scores it carries. :func:`describe` turns one or two into a JSON-able dict
 (the per-layer x tensor-kind type map; with two, a diff of their recipes), :func:`render` into
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan.budget import gib
-from lwq_gguf.write.verify import FileInfo, read_back
+from lwq_gguf.quant.gguf_file import FileInfo, read_back
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 EMBED = ("token_embd.weight", "output.weight")

@@ -1,3 +1,3 @@
-"""The quantization layer every stage stands on: the one table of GGUF quant types (from gguf's
-own constants), the GGUF tensor list, the pinned ggml's quantizers (ctypes), lwq-gguf's own Q4_K
-encoder (csrc/) and the importance-matrix format."""
+"""The quantization layer: the one table of GGUF quant types (from gguf's own constants), tensor
+sizes, the pinned ggml's quantizers (ctypes), lwq-gguf's own Q4_K encoder (csrc/), the
+importance-matrix format and a GGUF header reader."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from lwq_gguf.errors import OutputError, PlanError
 from lwq_gguf.files import Reads, disk_full, is_disk_full, partial_path
 from lwq_gguf.llamacpp import LlamaCpp, run_tool
-from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, run_job,
+from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, run_job,
                                       write_16bit)
 from lwq_gguf.plan.plan import Plan
 from lwq_gguf.plan.size import lwq_metadata
@@ -68,15 +68,6 @@ def check_free_space(folder: Path, need: int) -> None:
         raise OutputError(f"{folder}: not enough free disk space: need {need / 2**20:.0f} MiB "
                           f"(output, and the 16-bit intermediate with --two-step), have "
                           f"{free / 2**20:.0f} MiB: free space or write elsewhere")
-
-
-def check_plan_matches(plan: Plan, tensors: tuple[GGUFTensor, ...], source: str) -> None:
-    want = {(t.name, t.shape) for t in tensors}
-    have = {(t.name, t.shape) for t in plan.tensors}
-    if want != have:
-        odd = sorted(want ^ have)[0][0]
-        raise PlanError(f"{source}: the plan does not match this model (tensor {odd!r} differs): "
-                        "make the plan from this model")
 
 
 def _dominant_type(plan: Plan) -> str:

@@ -8,7 +8,7 @@ from lwq_gguf.pipeline import Job
 from lwq_gguf.plan.plan import PlanConfig
 from lwq_gguf.publish.family import Target, family_path, run_family
 from lwq_gguf.score.scores import ScoreConfig
-from lwq_gguf.write.verify import read_back
+from lwq_gguf.quant.gguf_file import read_back
 from lwq_gguf.write.writer import WriteConfig
 
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import error_line, run_cli
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.model.inventory import write_16bit
-from lwq_gguf.write.verify import read_back
+from lwq_gguf.quant.gguf_file import read_back
 
 
 @pytest.fixture(scope="module")
