@@ -21,6 +21,10 @@ class QuantType:
     block: int
     type_size: int
     needs_imatrix: bool
+    # what llama.cpp writes for a row the block does not divide (tensor_type_fallback at the pin;
+    # F16 where that does not fit either), or None where llama-quantize refuses the tensor
+    fallback: str | None
+    file_type: LlamaFileType  # the pure llama.cpp file type that best labels a file of this type
 
     @property
     def bpw(self) -> float:
@@ -32,23 +36,37 @@ class QuantType:
         return row_len % self.block == 0
 
 
-# Target types a plan may use: every type llama-quantize writes (float types for tensors kept
-# unquantized). Ordered high to low bits per weight.
-_NAMES = (
-    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "nvfp4", "q4_k", "q4_0",
-    "iq4_nl", "iq4_xs", "mxfp4", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "q2_0",
-    "iq2_xxs", "tq2_0", "iq1_m", "tq1_0", "iq1_s", "q1_0",
+# One row per type a plan may use - every type llama-quantize writes, the float types for tensors
+# kept unquantized - high to low bits per weight: its llama.cpp name, whether llama.cpp refuses
+# it without an importance matrix (tensor_requires_imatrix at the pin; ggml itself aborts on
+# iq2_xxs, iq2_xs and iq1_s: lwq-gguf offers them only where it has one), its fallback ("" for
+# none: F16 where the row does not fit; None: refused) and its file type (gguf's LlamaFileType).
+# Block sizes and bytes come from gguf.GGML_QUANT_SIZES.
+_ROWS = (
+    ("f32", False, "", "ALL_F32"), ("f16", False, "", "MOSTLY_F16"),
+    ("bf16", False, "", "MOSTLY_BF16"), ("q8_0", False, "", "MOSTLY_Q8_0"),
+    ("q6_k", False, "q8_0", "MOSTLY_Q6_K"), ("q5_1", False, "", "MOSTLY_Q5_1"),
+    ("q5_k", False, "q5_1", "MOSTLY_Q5_K_S"), ("q5_0", False, "", "MOSTLY_Q5_0"),
+    ("q4_1", False, "", "MOSTLY_Q4_1"), ("nvfp4", False, None, "MOSTLY_NVFP4"),
+    ("q4_k", False, "q5_0", "MOSTLY_Q4_K_S"), ("q4_0", False, "", "MOSTLY_Q4_0"),
+    ("iq4_nl", False, "", "MOSTLY_IQ4_NL"), ("iq4_xs", False, "iq4_nl", "MOSTLY_IQ4_XS"),
+    ("mxfp4", False, "", "MOSTLY_MXFP4_MOE"), ("q3_k", False, "q4_0", "MOSTLY_Q3_K_S"),
+    ("iq3_s", False, "iq4_nl", "MOSTLY_IQ3_S"), ("iq3_xxs", True, "iq4_nl", "MOSTLY_IQ3_XXS"),
+    ("q2_k", False, "q4_0", "MOSTLY_Q2_K"), ("iq2_s", True, "iq4_nl", "MOSTLY_IQ2_S"),
+    ("iq2_xs", True, "iq4_nl", "MOSTLY_IQ2_XS"), ("q2_0", False, "q4_0", "MOSTLY_Q2_0"),
+    ("iq2_xxs", True, "iq4_nl", "MOSTLY_IQ2_XXS"), ("tq2_0", False, "q4_0", "MOSTLY_TQ2_0"),
+    ("iq1_m", True, "iq4_nl", "MOSTLY_IQ1_M"), ("tq1_0", False, "q4_0", "MOSTLY_TQ1_0"),
+    ("iq1_s", True, "iq4_nl", "MOSTLY_IQ1_S"), ("q1_0", False, None, "MOSTLY_Q1_0"),
 )
-# llama.cpp refuses these without an importance matrix (tensor_requires_imatrix at the pin; ggml
-# itself aborts on iq2_xxs, iq2_xs and iq1_s): lwq-gguf offers them only where it has one
-_NEED_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m"}
+
 
 def _build() -> dict[str, QuantType]:
     table = {}
-    for name in _NAMES:
+    for name, imatrix, fallback, file_type in _ROWS:
         g = GGMLQuantizationType[name.upper()]
         block, size = GGML_QUANT_SIZES[g]
-        table[name] = QuantType(name, g, block, size, name in _NEED_IMATRIX)
+        table[name] = QuantType(name, g, block, size, imatrix,
+                                name if fallback == "" else fallback, LlamaFileType[file_type])
     return table
 
 
@@ -62,7 +80,7 @@ DEFAULT_LADDER = K_LADDER
 # pin, and meant for ternary-trained models): the round-to-nearest types are exact on weights
 # that already sit on their grid (QAT or re-exported models), the i-quants and FP4 types cost
 # fewer bytes for the same error on most others; each is kept only where it wins
-ALL_LADDER = tuple(sorted((n for n in _NAMES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
+ALL_LADDER = tuple(sorted((n for n in QUANT_TYPES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
                           key=lambda n: (QUANT_TYPES[n].bpw, n)))
 # Types whose estimated damage is not to be trusted on trained weights: measured one tensor at a
 # time in llama.cpp (bench/truth.py, Gemma 3 270M), against the same tensor's other types the
@@ -85,40 +103,11 @@ DEFAULT_ENCODER = ENCODERS[0]
 def default_ladder(strategy: str) -> tuple[str, ...]:
     return AUTO_LADDER if strategy == "auto" else DEFAULT_LADDER
 
-# llama.cpp's fallback for a row length the type's block does not divide (tensor_type_fallback in
-# src/llama-quant.cpp at the pin). 32-block types that still do not fit become F16.
-_FALLBACK = {
-    "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl",
-    "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl", "iq1_s": "iq4_nl", "iq1_m": "iq4_nl",
-    "q2_k": "q4_0", "q3_k": "q4_0", "q2_0": "q4_0", "tq1_0": "q4_0", "tq2_0": "q4_0",
-    "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
-}
-_NO_FALLBACK = ("q1_0", "nvfp4")  # llama-quantize refuses a row these do not fit
-
-# The pure llama.cpp file type that best labels a file dominated by a type (general.file_type).
-_FILE_TYPE = {
-    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
-    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q6_k": LlamaFileType.MOSTLY_Q6_K,
-    "q5_k": LlamaFileType.MOSTLY_Q5_K_S, "q5_1": LlamaFileType.MOSTLY_Q5_1,
-    "q5_0": LlamaFileType.MOSTLY_Q5_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_S,
-    "q4_1": LlamaFileType.MOSTLY_Q4_1, "q4_0": LlamaFileType.MOSTLY_Q4_0,
-    "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS, "iq4_nl": LlamaFileType.MOSTLY_IQ4_NL,
-    "q3_k": LlamaFileType.MOSTLY_Q3_K_S, "iq3_s": LlamaFileType.MOSTLY_IQ3_S,
-    "iq3_xxs": LlamaFileType.MOSTLY_IQ3_XXS, "q2_k": LlamaFileType.MOSTLY_Q2_K,
-    "iq2_s": LlamaFileType.MOSTLY_IQ2_S, "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS,
-    "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS, "iq1_s": LlamaFileType.MOSTLY_IQ1_S,
-    "iq1_m": LlamaFileType.MOSTLY_IQ1_M, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
-    "tq2_0": LlamaFileType.MOSTLY_TQ2_0, "q1_0": LlamaFileType.MOSTLY_Q1_0,
-    "q2_0": LlamaFileType.MOSTLY_Q2_0, "mxfp4": LlamaFileType.MOSTLY_MXFP4_MOE,
-    "nvfp4": LlamaFileType.MOSTLY_NVFP4,
-}
-
-
 def quant_type(name: str) -> QuantType:
     """Look a type up by llama.cpp name (case-insensitive); unknown names raise PlanError."""
     q = QUANT_TYPES.get(name.strip().lower())
     if q is None:
-        raise PlanError(f"unknown quantization type {name!r}: use one of {', '.join(_NAMES)}")
+        raise PlanError(f"unknown quantization type {name!r}: use one of {', '.join(QUANT_TYPES)}")
     return q
 
 
@@ -141,7 +130,7 @@ def usable_ladder(ladder: tuple[str, ...], imatrix: bool) -> tuple[str, ...]:
 
 def has_fallback(name: str) -> bool:
     """False for the types llama-quantize refuses on a row they do not fit."""
-    return name not in _NO_FALLBACK
+    return QUANT_TYPES[name].fallback is not None
 
 
 def legal_type(name: str, row_len: int) -> str | None:
@@ -150,10 +139,9 @@ def legal_type(name: str, row_len: int) -> str | None:
     q = QUANT_TYPES[name]
     if q.fits(row_len):
         return name
-    if name in _NO_FALLBACK:
+    if q.fallback is None:
         return None
-    fb = _FALLBACK.get(name, name)
-    return fb if QUANT_TYPES[fb].fits(row_len) else "f16"
+    return q.fallback if QUANT_TYPES[q.fallback].fits(row_len) else "f16"
 
 
 def legal_types(ladder: tuple[str, ...], row_len: int) -> list[str]:
@@ -162,7 +150,7 @@ def legal_types(ladder: tuple[str, ...], row_len: int) -> list[str]:
 
 
 def file_type_for(name: str) -> LlamaFileType:
-    return _FILE_TYPE[name]
+    return QUANT_TYPES[name].file_type
 
 
 # llama-quantize's whole-file presets ("mixes"), by the names it accepts: Q2_K, Q3_K_M, IQ4_XS ...
