@@ -12,19 +12,14 @@ Writes bench/results/encoder.json and encoder.md.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import RESULTS, ROOT, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lwq_gguf.quant.encoder import Quantizer  # noqa: E402
-from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.quant.encoder import Quantizer
+from lwq_gguf.report import markdown_table, table
 
 MODEL = ROOT / "models" / "smollm2-135m-k256" / "model.safetensors"
 
@@ -70,13 +65,8 @@ def main() -> None:
               f"{r['lwq_mse']:.3e}", f"{r['mse_ratio']:.3f}", f"{r['ggml_mweights_s']:.2f}",
               f"{r['lwq_mweights_s']:.2f}") for r in rows]
     print(table(head, cells))
-    doc = {"machine": machine(), "command": "bench/encoder.py", "rows": rows}
-    out = ROOT / "bench" / "results" / "encoder.json"
-    out.write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(
-        f"# Q4_K encoders: lwq-gguf vs ggml (one thread)\n\nCommand: `bench/encoder.py`\n\n"
-        f"Machine: {doc['machine']}\n\n{markdown_table(head, cells)}\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(RESULTS / "encoder.json", {"rows": rows},
+                  "Q4_K encoders: lwq-gguf vs ggml (one thread)", markdown_table(head, cells))
 
 
 if __name__ == "__main__":

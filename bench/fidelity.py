@@ -7,30 +7,27 @@ tokens: "full" - every row of every tensor, the Fisher over all 4,096 tokens - a
 (about 65,536 weights per tensor, the Fisher over 1,024 tokens). Plans at several sizes are made
 from each, and each plan is scored by the full tables: the relative excess of the default plan's
 full-table damage over the full plan's is what the shortcuts cost (0 = the same quality as
-predicted by the measurement itself). Writes bench/results/fidelity.json and prints a table.
+predicted by the measurement itself). Writes bench/results/fidelity.json and .md and prints a
+table.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, parser, write_results
 
-from lwq_gguf.model.load import open_model  # noqa: E402
-from lwq_gguf.plan.plan import PlanConfig, make_plan  # noqa: E402
-from lwq_gguf.quant.encoder import damage_key  # noqa: E402
-from lwq_gguf.quant.types import AUTO_LADDER  # noqa: E402
-from lwq_gguf.report import machine, table  # noqa: E402
-from lwq_gguf.score import sensitivity  # noqa: E402
-from lwq_gguf.score.sample import EVERY_ROW, RowSample  # noqa: E402
-from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
-from lwq_gguf.model.inventory import model_tensors  # noqa: E402
+from lwq_gguf.model.inventory import model_tensors
+from lwq_gguf.model.load import open_model
+from lwq_gguf.plan.plan import PlanConfig, make_plan
+from lwq_gguf.quant.encoder import damage_key
+from lwq_gguf.quant.types import AUTO_LADDER
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score import sensitivity
+from lwq_gguf.score.sample import EVERY_ROW, RowSample
+from lwq_gguf.score.scores import ScoreConfig
 
 BITS = (2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
 
@@ -45,7 +42,7 @@ def tables(model, tensors, rows: RowSample, cfg: ScoreConfig) -> tuple[dict, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-k256")
     a = ap.parse_args()
     model = open_model(a.model)
@@ -68,18 +65,17 @@ def main() -> None:
                      "default_plan_damage": cost["default"],
                      "excess": round(cost["default"] / cost["full"] - 1, 4),
                      "same_types": same, "tensors": len(tensors)})
-    doc = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
-           "command": "bench/fidelity.py " + " ".join(sys.argv[1:]), "model": str(a.model),
-           "seconds_full": t_full, "seconds_default": t_fast, "rows": rows}
-    out = ROOT / "bench" / "results" / "fidelity.json"
-    out.write_text(json.dumps(doc, indent=1))
-    print(table(("BPW", "full plan damage", "default plan damage (full tables)", "excess",
-                 "same types"),
-                [(r["avg_bits"], f"{r['full_plan_damage']:.4g}", f"{r['default_plan_damage']:.4g}",
-                  f"{100 * r['excess']:+.2f} %", f"{r['same_types']}/{r['tensors']}")
-                 for r in rows]))
-    print(f"tables: full {t_full} s, default {t_fast} s; wrote {out}")
-
+    head = ("BPW", "full plan damage", "default plan damage (full tables)", "excess",
+            "same types")
+    cells = [(r["avg_bits"], f"{r['full_plan_damage']:.4g}", f"{r['default_plan_damage']:.4g}",
+              f"{100 * r['excess']:+.2f} %", f"{r['same_types']}/{r['tensors']}") for r in rows]
+    print(table(head, cells))
+    print(f"tables: full {t_full} s, default {t_fast} s")
+    write_results(RESULTS / "fidelity.json",
+                  {"model": str(a.model), "seconds_full": t_full, "seconds_default": t_fast,
+                   "rows": rows},
+                  "Fidelity: the default sensitivity tables against the full ones",
+                  f"Tables: full {t_full} s, default {t_fast} s.\n\n{markdown_table(head, cells)}")
 
 if __name__ == "__main__":
     main()

@@ -17,25 +17,22 @@ KLD over all pairs and per type, and the median measured / estimated ratio per t
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, parser, write_results
 
-from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
-from lwq_gguf.quant.encoder import Quantizer  # noqa: E402
-from lwq_gguf.quant.imatrix import read_imatrix  # noqa: E402
-from lwq_gguf.quant.types import QUANT_TYPES  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import default_calibration  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.quant.encoder import Quantizer
+from lwq_gguf.quant.imatrix import read_imatrix
+from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.scores import default_calibration
 
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -100,7 +97,7 @@ def forms(e: np.ndarray, xw: list, gw: list) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "gemma3-270m")
     ap.add_argument("--truth", type=Path, default=None, help="truth's OUT folder")
     ap.add_argument("--tokens", type=int, default=1024)
@@ -142,20 +139,15 @@ def main() -> None:
                       *[f"{med[f]:.3g}" for f in COLS]))
     print(table(head, cells))
     print("all pairs, rank correlation:", {f: round(v, 3) for f, v in summary["all"].items()})
-    out = ROOT / "bench" / "results" / f"fisher-forms-{name}.json"
-    doc = {"model": str(a.model), "tokens": n, "date": time.strftime("%Y-%m-%d"),
-           "machine": machine(), "seconds": round(time.time() - t0),
-           "command": "bench/fisher_forms.py " + " ".join(sys.argv[1:]), "summary": summary,
-           "rows": rows}
-    out.write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(
-        f"# Second-order forms against single-tensor KLD: {name}\n\nCommand: `{doc['command']}`"
-        f"\n\nMachine: {doc['machine']}; {doc['date']}; {n} calibration tokens; truth from "
-        f"bench/truth.py ({len(rows)} layer pairs)\n\nRank correlation over all pairs: "
+    write_results(
+        RESULTS / f"fisher-forms-{name}.json",
+        {"model": str(a.model), "tokens": n, "seconds": round(time.time() - t0),
+         "summary": summary, "rows": rows},
+        f"Second-order forms against single-tensor KLD: {name}",
+        f"{n} calibration tokens; truth from bench/truth.py ({len(rows)} layer pairs)\n\n"
+        "Rank correlation over all pairs: "
         + ", ".join(f"{f} {v:.3f}" for f, v in summary["all"].items())
-        + f"\n\n{markdown_table(head, cells)}\n")
-    print(f"wrote {out}")
-
+        + f"\n\n{markdown_table(head, cells)}")
 
 if __name__ == "__main__":
     main()

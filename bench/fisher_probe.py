@@ -23,23 +23,17 @@ Writes bench/results/fisher-probe.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import RESULTS, ROOT, WIKI, parser, write_results
+from quality import size_target
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from quality import size_target  # noqa: E402
-
-from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp, run_tool
+from lwq_gguf.report import markdown_table, table
 
 MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
 
@@ -71,14 +65,13 @@ def fisher_imatrix(model_dir: Path, fisher_tokens: int, path: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--mixes", default="Q3_K_M,Q4_K_S,Q4_K_M,IQ4_XS")
     ap.add_argument("--fisher-tokens", type=int, default=4096)
     ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--text", type=Path,
-                    default=ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "fisher-probe.json")
+    ap.add_argument("--text", type=Path, default=WIKI)
+    ap.add_argument("--results", type=Path, default=RESULTS / "fisher-probe.json")
     a = ap.parse_args()
     from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many
 
@@ -131,21 +124,17 @@ def main() -> None:
     print(table(head, cells))
     print(summary)
     c = np.array(list(agree.values()))
-    doc = {"model": str(a.model), "text": str(a.text), "chunks": a.chunks,
-           "fisher_tokens": a.fisher_tokens, "date": time.strftime("%Y-%m-%d"),
-           "machine": machine(), "seconds": round(time.time() - t0),
-           "command": "bench/fisher_probe.py " + " ".join(sys.argv[1:]), "summary": summary,
-           "log_importance_correlation": {"min": float(c.min()), "median": float(np.median(c)),
-                                          "max": float(c.max())}, "rows": rows}
-    a.results.write_text(json.dumps(doc, indent=1))
-    a.results.with_suffix(".md").write_text(
-        f"# Probe: Fisher-weighted importance for the encoders\n\nCommand: `{doc['command']}`; "
-        f"{doc['date']}; {doc['machine']}; {doc['seconds']} s; {a.chunks} x 512 tokens of "
-        f"{a.text.name}; Fisher over {a.fisher_tokens} calibration tokens; correlation of log "
-        f"column importances (Fisher vs activations) per tensor: median {np.median(c):.3f}, "
-        f"min {c.min():.3f}\n\n{markdown_table(head, cells)}\n\n{summary}\n")
-    print(f"wrote {a.results}")
-
+    write_results(
+        a.results,
+        {"model": str(a.model), "text": str(a.text), "chunks": a.chunks,
+         "fisher_tokens": a.fisher_tokens, "seconds": round(time.time() - t0), "summary": summary,
+         "log_importance_correlation": {"min": float(c.min()), "median": float(np.median(c)),
+                                        "max": float(c.max())}, "rows": rows},
+        "Probe: Fisher-weighted importance for the encoders",
+        f"{round(time.time() - t0)} s; {a.chunks} x 512 tokens of {a.text.name}; Fisher over "
+        f"{a.fisher_tokens} calibration tokens; correlation of log column importances (Fisher vs "
+        f"activations) per tensor: median {np.median(c):.3f}, min {c.min():.3f}\n\n"
+        f"{markdown_table(head, cells)}\n\n{summary}")
 
 if __name__ == "__main__":
     main()

@@ -28,21 +28,18 @@ bench/results/gptq-probe-kld.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, WIKI, parser, write_results
 
-from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
-from lwq_gguf.quant.encoder import Quantizer  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import default_calibration  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.quant.encoder import Quantizer
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.scores import default_calibration
 
 MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
 LINEAR = {"attn_q": "self_attn.q_proj", "attn_output": "self_attn.o_proj",
@@ -185,31 +182,24 @@ def kld_probe(a) -> None:
                f"{rows[2]['kld'] / rows[0]['kld']:.3f} ({done} tensors re-encoded)")
     print(table(head, cells))
     print(summary)
-    doc = {"model": str(a.model), "text": str(a.text), "chunks": a.chunks, "tokens": a.tokens,
-           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-           "seconds": round(time.time() - t0), "command": "bench/gptq_probe.py " +
-           " ".join(sys.argv[1:]), "summary": summary, "rows": rows}
-    res_path = a.results.with_name(a.results.stem + "-kld.json")
-    res_path.write_text(json.dumps(doc, indent=1))
-    res_path.with_suffix(".md").write_text(
-        f"# Probe: error feedback inside Q4_K, in KLD\n\nCommand: `{doc['command']}`; "
-        f"{doc['date']}; {doc['machine']}; {doc['seconds']} s; {a.chunks} x 512 tokens of "
-        f"{a.text.name}; every tensor Q4_K (llama-quantize --pure with the imatrix), the "
-        f"repeating layers' linear tensors re-encoded in place\n\n{markdown_table(head, cells)}"
-        f"\n\n{summary}\n")
-    print(f"wrote {res_path}")
-
+    write_results(
+        a.results.with_name(a.results.stem + "-kld.json"),
+        {"model": str(a.model), "text": str(a.text), "chunks": a.chunks, "tokens": a.tokens,
+         "seconds": round(time.time() - t0), "summary": summary, "rows": rows},
+        "Probe: error feedback inside Q4_K, in KLD",
+        f"{round(time.time() - t0)} s; {a.chunks} x 512 tokens of {a.text.name}; every tensor Q4_K "
+        "(llama-quantize --pure with the imatrix), the repeating layers' linear tensors "
+        f"re-encoded in place\n\n{markdown_table(head, cells)}\n\n{summary}")
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--layers", default="2,15,27")
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "gptq-probe.json")
+    ap.add_argument("--results", type=Path, default=RESULTS / "gptq-probe.json")
     ap.add_argument("--kld", action="store_true", help="every layer, in llama.cpp: mean KLD")
     ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--text", type=Path,
-                    default=ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    ap.add_argument("--text", type=Path, default=WIKI)
     a = ap.parse_args()
     if a.kld:
         return kld_probe(a)
@@ -246,18 +236,13 @@ def main() -> None:
                f"{float(np.exp(np.mean(np.log(ratios)))):.3f} over {len(rows)} tensors")
     print(table(head, cells))
     print(summary)
-    doc = {"model": str(a.model), "tokens": a.tokens, "date": time.strftime("%Y-%m-%d"),
-           "machine": machine(), "seconds": round(time.time() - t0),
-           "command": "bench/gptq_probe.py " + " ".join(sys.argv[1:]), "summary": summary,
-           "rows": rows}
-    a.results.write_text(json.dumps(doc, indent=1))
-    a.results.with_suffix(".md").write_text(
-        f"# Probe: error feedback inside Q4_K\n\nCommand: `{doc['command']}`; {doc['date']}; "
-        f"{doc['machine']}; {doc['seconds']} s\n\nLayer output error tr((W-Q) H (W-Q)^T), "
-        f"H = X^T X over {a.tokens} calibration tokens.\n\n{markdown_table(head, cells)}\n\n"
-        f"{summary}\n")
-    print(f"wrote {a.results}")
-
+    write_results(
+        a.results,
+        {"model": str(a.model), "tokens": a.tokens, "seconds": round(time.time() - t0),
+         "summary": summary, "rows": rows},
+        "Probe: error feedback inside Q4_K",
+        f"{round(time.time() - t0)} s. Layer output error tr((W-Q) H (W-Q)^T), H = X^T X over "
+        f"{a.tokens} calibration tokens.\n\n{markdown_table(head, cells)}\n\n{summary}")
 
 if __name__ == "__main__":
     main()

@@ -23,9 +23,7 @@ printed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,11 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from harness import RESULTS, ROOT, WIKI, parser, run_child, write_results
 
-from lwq_gguf.report import machine, table  # noqa: E402
+from lwq_gguf.report import markdown_table, table
 
 CLI = [sys.executable, "-m", "lwq_gguf", "-q"]
 
@@ -79,18 +75,11 @@ class GpuMemory:
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds, peak RSS (GiB, from wait4) and peak GPU memory (GiB) of one child."""
-    t0 = time.time()
+    """Wall seconds, peak RSS (GiB, from wait4), peak GPU memory (GiB) and output of one child."""
     with GpuMemory() as g:
-        p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        out = p.stdout.read()
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"gpu: {' '.join(cmd[2:6])} ... failed:\n{out[-4000:]}")
-    return {"seconds": round(time.time() - t0, 1), "peak_rss_gib": round(ru.ru_maxrss / 2**20, 2),
-            "gpu_gib": g.used_gib, "output": out}
+        r = run_child(cmd, env, "gpu", output=True)
+    return {"seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gb"], "gpu_gib": g.used_gib,
+            "output": r["output"]}
 
 
 def stage_score(a, work: Path, doc: dict, save) -> dict:
@@ -159,12 +148,11 @@ def stage_eval(a, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("stage", choices=["score", "eval"])
     ap.add_argument("--shape", default="1b", choices=["1b", "8b"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" /
-                    "wikitext-2-raw" / "wiki.test.raw")
+    ap.add_argument("--text", type=Path, default=WIKI)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--avg-bits", nargs="+", default=["3.5", "4.0"])
     ap.add_argument("--baselines", default="Q3_K_M,Q4_K_M")
@@ -178,31 +166,33 @@ def main() -> None:
     a.devices = a.devices.split(",")
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
-    res = a.results or ROOT / "bench" / "results" / f"gpu-{a.stage}.json"
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-           "command": "python bench/gpu.py " + " ".join(sys.argv[1:])}
+    res = a.results or RESULTS / f"gpu-{a.stage}.json"
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    title = f"GPU: {a.stage}"
     if a.stage == "score":
         d = doc["score"] = {}
-        stage_score(a, work, d, lambda: res.write_text(json.dumps(doc, indent=1)))
-        print(table(("device", "seconds", "tokens/s", "w/o sensitivity tok/s", "plain fwd tok/s",
-                     "peak RSS GiB", "GPU GiB"),
-                    [(k, d[k]["seconds"], d[k]["tokens_per_s"], d[k]["without_sensitivity_tokens_per_s"],
-                      d[k]["plain_forward_tokens_per_s"], d[k]["peak_rss_gib"], d[k]["gpu_gib"])
-                     for k in ("cuda", "cpu")]))
-        print(f"CPU/CUDA time {d['speedup']}x; LIM max |cuda - cpu| {d['lim_max_abs_diff_cuda_cpu']:.2e}")
+        stage_score(a, work, d, lambda: write_results(res, doc, title, "(the stage had not ended)"))
+        head = ("device", "seconds", "tokens/s", "w/o sensitivity tok/s", "plain fwd tok/s",
+                "peak RSS GiB", "GPU GiB")
+        cells = [(k, d[k]["seconds"], d[k]["tokens_per_s"], d[k]["without_sensitivity_tokens_per_s"],
+                  d[k]["plain_forward_tokens_per_s"], d[k]["peak_rss_gib"], d[k]["gpu_gib"])
+                 for k in ("cuda", "cpu")]
+        summary = (f"CPU/CUDA time {d['speedup']}x; LIM max |cuda - cpu| "
+                   f"{d['lim_max_abs_diff_cuda_cpu']:.2e}")
     else:
         d = doc["eval"] = stage_eval(a, work)
-        print(table(("file", "BPW", "PPL cuda", "PPL cpu", "KLD cuda", "KLD cpu",
-                     "same top % cuda", "cpu"),
-                    [(r["label"], r["bpw"], r["ppl_cuda"], r["ppl_cpu"], r["kld_mean_cuda"],
-                      r["kld_mean_cpu"], r["same_top_pct_cuda"], r["same_top_pct_cpu"])
-                     for r in d["rows"]]))
+        head = ("file", "BPW", "PPL cuda", "PPL cpu", "KLD cuda", "KLD cpu", "same top % cuda",
+                "cpu")
+        cells = [(r["label"], r["bpw"], r["ppl_cuda"], r["ppl_cpu"], r["kld_mean_cuda"],
+                  r["kld_mean_cpu"], r["same_top_pct_cuda"], r["same_top_pct_cpu"])
+                 for r in d["rows"]]
         e = d["eval_one_file"]
-        print(f"compare on the GPU {d['compare_on_gpu']['seconds']} s; eval of {e['file']} + base, "
-              f"{a.chunks} chunks: cuda {e['cuda']['seconds']} s, cpu {e['cpu_seconds']} s")
-    res.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {res}")
-
+        summary = (f"compare on the GPU {d['compare_on_gpu']['seconds']} s; eval of {e['file']} + "
+                   f"base, {a.chunks} chunks: cuda {e['cuda']['seconds']} s, cpu "
+                   f"{e['cpu_seconds']} s")
+    print(table(head, cells))
+    print(summary)
+    write_results(res, doc, title, f"{markdown_table(head, cells)}\n\n{summary}")
 
 if __name__ == "__main__":
     main()

@@ -17,24 +17,18 @@ and moe.md.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
+from quality import run
 
-from quality import WIKI, run  # noqa: E402
-
-from lwq_gguf.publish.compare import CompareConfig, run_compare  # noqa: E402
-from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
-from lwq_gguf.plan.plan import Plan, PlanConfig  # noqa: E402
-from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import ScoreConfig  # noqa: E402
+from lwq_gguf.publish.compare import CompareConfig, run_compare
+from lwq_gguf.evaluate.perplexity import EvalConfig
+from lwq_gguf.plan.plan import Plan, PlanConfig
+from lwq_gguf.quant.imatrix import ImatrixChoice
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.scores import ScoreConfig
 
 MODEL = ROOT / "models" / "smollm2-135m-moe6"
 MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
@@ -67,12 +61,12 @@ def split_example(text: Path, chunks: int, out_root: Path, target: float, dense_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap = parser(__doc__)
+    ap.add_argument("--text", type=Path, default=WIKI_OR_NONE)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--dense-bits", type=float, default=3.5)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "moe")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "moe.json")
+    ap.add_argument("--results", type=Path, default=RESULTS / "moe.json")
     a = ap.parse_args()
     if a.text is None:
         ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
@@ -99,22 +93,17 @@ def main() -> None:
     print(table(head, cells))
     print(table(shead, scells))
     print(verdict)
-    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
-           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-           "seconds": round(time.time() - t0), "verdict": verdict,
-           "command": "bench/moe.py " + " ".join(sys.argv[1:]), "rows": rows, "split": split,
-           "split_target_bpw": target, "dense_bits": a.dense_bits}
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps(doc, indent=1))
-    a.results.with_suffix(".md").write_text(
-        f"# Mixture of experts: lwq-gguf vs llama.cpp mixes at equal size\n\n"
-        f"Command: `{doc['command']}`\n\nMachine: {doc['machine']}; {doc['date']}; model "
-        f"{doc['model']}; text {a.text.name}, {a.chunks} chunks x 512; imatrix on both sides; "
-        f"{doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n"
+    seconds = round(time.time() - t0)
+    write_results(
+        a.results,
+        {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
+         "seconds": seconds, "verdict": verdict, "rows": rows, "split": split,
+         "split_target_bpw": target, "dense_bits": a.dense_bits},
+        "Mixture of experts: lwq-gguf vs llama.cpp mixes at equal size",
+        f"Model {MODEL.relative_to(ROOT)}; text {a.text.name}, {a.chunks} chunks x 512; imatrix "
+        f"on both sides; {seconds} s\n\n{markdown_table(head, cells)}\n\n"
         f"Split budget at {target:g} BPW (Q3_K_M's size):\n\n{markdown_table(shead, scells)}\n\n"
-        f"{verdict}\n")
-    print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
-
+        f"{verdict}")
 
 if __name__ == "__main__":
     main()

@@ -18,27 +18,23 @@ file (share 0).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
 
-from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many  # noqa: E402
-from lwq_gguf.files import atomic_output  # noqa: E402
-from lwq_gguf.model.inventory import write_16bit  # noqa: E402
-from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import Scores  # noqa: E402
+from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many
+from lwq_gguf.files import atomic_output
+from lwq_gguf.model.inventory import write_16bit
+from lwq_gguf.llamacpp import find_llama_cpp, run_tool
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.scores import Scores
 
 MODEL = ROOT / "models" / "smollm2-135m-k256"
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 SHARES = tuple(range(0, 101, 10))
 
@@ -65,8 +61,8 @@ def types_file(moved: set[int], n_layers: int, low: str = "q2_k") -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap = parser(__doc__)
+    ap.add_argument("--text", type=Path, default=WIKI_OR_NONE)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "paper")
@@ -126,18 +122,16 @@ def main() -> None:
     tag = "" if a.low == "q2_k" else f"-{a.low}"
     png = ROOT / "docs" / f"paper{tag}.png"
     _plot(mean, png, a.text.name, a.chunks, a.low)
-    doc = {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks, "low": a.low,
-           "early_mean_kld": early,
-           "machine": machine(), "seconds": round(time.time() - t0), "holds": holds,
-           "verdict": verdict, "rows": rows}
-    res_path = ROOT / "bench" / "results" / f"paper{tag}.json"
-    res_path.write_text(json.dumps(doc, indent=1))
-    res_path.with_suffix(".md").write_text(
-        f"# Moving layers from Q4_K to {a.low.upper()} (bench/paper.py --low {a.low})\n\nMachine: {doc['machine']}; "
-        f"{a.text.name}, {a.chunks} chunks x 512; {doc['seconds']} s\n\n"
-        f"{markdown_table(head, cells)}\n\n{verdict}\n\n![](../../docs/{png.name})\n")
-    print(f"wrote {res_path}, {res_path.with_suffix('.md')} and docs/{png.name}")
-
+    seconds = round(time.time() - t0)
+    write_results(
+        RESULTS / f"paper{tag}.json",
+        {"model": str(MODEL.relative_to(ROOT)), "text": str(a.text), "chunks": a.chunks,
+         "low": a.low, "early_mean_kld": early, "seconds": seconds, "holds": holds,
+         "verdict": verdict, "rows": rows},
+        f"Moving layers from Q4_K to {a.low.upper()} (bench/paper.py --low {a.low})",
+        f"{a.text.name}, {a.chunks} chunks x 512; {seconds} s\n\n{markdown_table(head, cells)}"
+        f"\n\n{verdict}\n\n![](../../docs/{png.name})")
+    print(f"plot: docs/{png.name}")
 
 def _plot(mean: dict, png: Path, text: str, chunks: int, low: str) -> None:
     import matplotlib

@@ -37,7 +37,6 @@ docs/ (quality.png, quality-MODEL.png).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,25 +45,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
 
-from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs  # noqa: E402
-from lwq_gguf.evaluate.perplexity import EvalConfig  # noqa: E402
-from lwq_gguf.model.load import open_model  # noqa: E402
-from lwq_gguf.plan.config import reach_bytes  # noqa: E402
-from lwq_gguf.errors import PlanError  # noqa: E402
-from lwq_gguf.plan.plan import PlanConfig, make_plan  # noqa: E402
-from lwq_gguf.model.inventory import model_tensors  # noqa: E402
-from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
-from lwq_gguf.quant.types import ENCODERS  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.quant.encoder import damage_key  # noqa: E402
-from lwq_gguf.score.scores import Scores, ScoreConfig  # noqa: E402
-from lwq_gguf.quant.gguf_file import read_back  # noqa: E402
+from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs
+from lwq_gguf.evaluate.perplexity import EvalConfig
+from lwq_gguf.model.load import open_model
+from lwq_gguf.plan.config import reach_bytes
+from lwq_gguf.errors import PlanError
+from lwq_gguf.plan.plan import PlanConfig, make_plan
+from lwq_gguf.model.inventory import model_tensors
+from lwq_gguf.quant.imatrix import ImatrixChoice
+from lwq_gguf.quant.types import ENCODERS
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.quant.encoder import damage_key
+from lwq_gguf.score.scores import Scores, ScoreConfig
+from lwq_gguf.quant.gguf_file import read_back
 
 MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 K_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
 IQ_MIXES = ("IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS")  # need an imatrix (IQ2_M, IQ3_XXS)
 MEASURED = ("Q5_K_M", "Q6_K")  # baselines measured beside them, no point of ours
@@ -278,9 +275,9 @@ def verdict(rows: list[dict], model: str, same_kld: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=MODEL)
-    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap.add_argument("--text", type=Path, default=WIKI_OR_NONE)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--imatrix", default="none,auto")
     ap.add_argument("--no-ablation", action="store_true", help="skip the embedding-pinned points")
@@ -294,8 +291,7 @@ def main() -> None:
     name = a.model.resolve().name
     if a.results is None:
         default = MODEL.resolve().name == name
-        a.results = ROOT / "bench" / "results" / ("quality.json" if default
-                                                  else f"quality-{name}.json")
+        a.results = RESULTS / ("quality.json" if default else f"quality-{name}.json")
     if a.text is None:
         ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
     t0 = time.time()
@@ -341,22 +337,17 @@ def main() -> None:
     print("\n".join(lines))
     model = Path(os.path.abspath(a.model))  # (a link into the repository stays its path)
     doc = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
-           "text": str(a.text), "chunks": a.chunks, "date": time.strftime("%Y-%m-%d"),
-           "machine": machine(), "seconds": round(time.time() - t0), "verdict": lines, "sensitivity": cost,
-           "command": "bench/quality.py " + " ".join(sys.argv[1:]), "rows": rows,
-           "equal_kld": same_kld, "sweep": sweep}
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps(doc, indent=1))
-    a.results.with_suffix(".md").write_text(
-        f"# Quality: lwq-gguf vs llama.cpp mixes\n\nCommand: `{doc['command']}`\n\n"
-        f"Model {doc['model']}; machine: {doc['machine']}; {doc['date']}; text {a.text.name}, "
-        f"{a.chunks} chunks x 512; {doc['seconds']} s\n\n{markdown_table(head, cells)}\n\n"
-        f"Equal KLD:\n\n{markdown_table(ehead, ecells)}\n\n"
+           "text": str(a.text), "chunks": a.chunks, "seconds": round(time.time() - t0),
+           "verdict": lines, "sensitivity": cost, "rows": rows, "equal_kld": same_kld,
+           "sweep": sweep}
+    write_results(
+        a.results, doc, "Quality: lwq-gguf vs llama.cpp mixes",
+        f"Model {doc['model']}; text {a.text.name}, {a.chunks} chunks x 512; {doc['seconds']} s"
+        f"\n\n{markdown_table(head, cells)}\n\nEqual KLD:\n\n{markdown_table(ehead, ecells)}\n\n"
         + (f"Sweep:\n\n{markdown_table(shead, scells)}\n\n" if sweep else "")
-        + "\n".join(f"- {x}" for x in lines) + "\n")
-    if a.results.name.startswith("quality") and a.results.parent == ROOT / "bench" / "results":
-        plot(doc, ROOT / "docs" / a.results.with_suffix(".png").name)
-    print(f"wrote {a.results} and {a.results.with_suffix('.md')}")
+        + "\n".join(f"- {x}" for x in lines))
+    if a.results.name.startswith("quality") and a.results.parent == RESULTS:
+        plot(json.loads(a.results.read_text()), ROOT / "docs" / a.results.with_suffix(".png").name)
 
 
 def plot(doc: dict, png: Path) -> None:

@@ -4,7 +4,7 @@
     .venv/bin/python bench/scale.py --shape 8b         # random Llama, 8B shapes, bf16 ~16 GB
     .venv/bin/python bench/scale.py --shape olmoe      # random OLMoE-1B-7B shapes, bf16 ~14 GB
 
-Steps, each a child process under /usr/bin/time -v (peak RSS) with its wall time:
+Steps, each a child process timed by bench/harness.py (wall time, peak RSS from wait4):
   score    `lwq-gguf score --rescore --calib-tokens N` (LIM, ZD, Fisher sensitivity, imatrix)
   plan     `lwq-gguf plan --avg-bits 4.0 --scores ... --tensor-type-file types.txt`
   plain    `convert_hf_to_gguf.py --outtype <same>` + `llama-quantize --tensor-type-file
@@ -30,21 +30,17 @@ pipeline's when both ran.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, parser, run_child, today, write_results
 
-from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
-from lwq_gguf.report import machine, table  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.report import markdown_table, table
 
 SHAPES = {"8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
                      vocab_size=128256, num_attention_heads=32, num_key_value_heads=8),
@@ -136,16 +132,9 @@ def tensor_data_equal(a: Path, b: Path) -> bool:
     return digest(a) == digest(b)
 
 
-def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run under /usr/bin/time -v: wall seconds and peak RSS (GB)."""
-    t0 = time.time()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
-    wall = time.time() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"scale: {' '.join(cmd[:4])} ... failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return {"seconds": round(wall, 1), "peak_rss_gb": round(rss / 2**20, 2)}
+def timed(cmd: list, env: dict | None = None) -> dict:
+    """Wall seconds and peak RSS (GB) of one child."""
+    return run_child(cmd, env, "scale")
 
 
 def layer_forward_seconds(model_dir: Path, tokens: int, device: str = "cpu") -> float:
@@ -170,7 +159,7 @@ def layer_forward_seconds(model_dir: Path, tokens: int, device: str = "cpu") -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--shape", choices=["smollm", *SHAPES], default="smollm")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--avg-bits", type=float, default=4.0)
@@ -185,7 +174,7 @@ def main() -> None:
         raise SystemExit(f"scale: --steps: use some of {','.join(STEPS)}")
     model = ROOT / "models" / "smollm2-135m-k256" if a.shape == "smollm" else generate(a.shape)
     work = a.work / a.shape
-    res = ROOT / "bench" / "results" / f"scale-{a.shape}.json"
+    res = RESULTS / f"scale-{a.shape}.json"
     old = json.loads(res.read_text()) if res.is_file() else {}
     types_file = work / "types.txt"
     old_types = types_file.read_text() if types_file.is_file() else None
@@ -230,10 +219,9 @@ def main() -> None:
             (work / f"{step}.gguf").unlink(missing_ok=True)
             r[step] = timed([*cli, "convert", str(model), "--plan", str(work / "plan.json"),
                              "--imatrix", "none", "-o", str(work / f"{step}.gguf"), *extra], env)
-    today = time.strftime("%Y-%m-%d")
     for step in steps:
         if step in r:
-            r[step]["measured"] = today
+            r[step]["measured"] = today()
     for step in set(r) - set(steps):
         r[step].setdefault("measured", "an earlier run (undated)")
     same = {}
@@ -251,9 +239,9 @@ def main() -> None:
     def ratio(step: str) -> float | None:
         return round(r[step]["seconds"] / plain, 3) if plain and step in r else None
 
-    doc = {"shape": a.shape, "model": str(model), "machine": machine(), "calib_tokens":
-           a.calib_tokens, "avg_bits": a.avg_bits, "strategy": a.strategy, "outtype": outtype,
-           "date": today, "steps_run_now": [k for k in steps if k in r],
+    doc = {"shape": a.shape, "model": str(model), "calib_tokens": a.calib_tokens,
+           "avg_bits": a.avg_bits, "strategy": a.strategy, "outtype": outtype,
+           "steps_run_now": [k for k in steps if k in r],
            "steps_carried": sorted(set(r) - set(steps)), "steps": r,
            "convert_ratio": ratio("ours"), "convert_ratio_two_step": ratio("ours_two_step"),
            "convert_ratio_lwq_encoder": ratio("ours_lwq"),
@@ -265,16 +253,20 @@ def main() -> None:
                round(a.calib_tokens / (r["score"]["seconds"] - sens["seconds"]), 1),
            "plain_forward_seconds": round(fwd, 1), "plain_forward_carried": fwd_carried,
            "plain_forward_tokens_per_s": round(a.calib_tokens / fwd, 1)}
-    rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}") for k, s in r.items()]
-    print(table(("step", "seconds", "peak RSS GB"), rows))
-    print(f"convert without scoring / plain convert+quantize = {doc['convert_ratio']} single pass, "
-          f"{doc['convert_ratio_two_step']} two-step (target <= 1.1), "
-          f"{doc['convert_ratio_lwq_encoder']} with the lwq Q4_K encoder; same tensors as plain: "
-          f"{doc['tensor_data_equal_to_plain']}; peak RSS of lwq-gguf steps {doc['peak_rss_gb']:.2f} "
-          f"GB (target <= 8); scoring {doc['scoring_tokens_per_s']} tokens/s vs plain forward "
-          f"{doc['plain_forward_tokens_per_s']} tokens/s")
-    res.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {res}")
+    rows = [(k, f"{s['seconds']:.1f}", f"{s['peak_rss_gb']:.2f}", s["measured"])
+            for k, s in r.items()]
+    head = ("step", "seconds", "peak RSS GB", "measured")
+    print(table(head, rows))
+    summary = (f"convert without scoring / plain convert+quantize = {doc['convert_ratio']} single "
+               f"pass, {doc['convert_ratio_two_step']} two-step (target <= 1.1), "
+               f"{doc['convert_ratio_lwq_encoder']} with the lwq Q4_K encoder; same tensors as "
+               f"plain: {doc['tensor_data_equal_to_plain']}; peak RSS of lwq-gguf steps "
+               f"{doc['peak_rss_gb']:.2f} GB (target <= 8); scoring "
+               f"{doc['scoring_tokens_per_s']} tokens/s vs plain forward "
+               f"{doc['plain_forward_tokens_per_s']} tokens/s")
+    print(summary)
+    write_results(res, doc, f"Scale: the {a.shape} shape",
+                  f"{markdown_table(head, rows)}\n\n{summary}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ over the packaged calibration text, --chunks N/512 of 512 tokens; then the defau
 `lwq-gguf score --rescore` over the first N tokens of the same text (LIM, ZD, the imatrix and
 the Fisher sensitivity table a default convert uses) with an empty score cache and checksum
 memo (a first run, as a user's). Both are child processes timed whole (wall clock, peak RSS
-from /usr/bin/time), imports and model loading included. The F16 GGUF is made once beforehand
+from wait4), imports and model loading included. The F16 GGUF is made once beforehand
 and not timed. The scores file's own phase clock gives the breakdown: hash (checksum of the
 model files), setup (tokenizer, calibration tokens, the model's skeleton), read (weights from
 disk, widened and rounded through the base GGUF's type), zd, forward (LIM and the
@@ -27,41 +27,23 @@ own date and commit (say --fresh to drop them).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from harness import RESULTS, ROOT, commit, parser, run_child, today, write_results
 
-from lwq_gguf.llamacpp import find_llama_cpp  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import default_calibration  # noqa: E402
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.scores import default_calibration
 
 TARGET = 4.0
 RSS_8B_GB = 8.0
 PHASES = ("hash", "setup", "read", "zd", "forward", "imatrix", "head", "backward", "list",
           "sweeps", "wait")
-
-
-def run_timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds and peak RSS (GB) of a child under /usr/bin/time -v."""
-    t0 = time.time()
-    p = subprocess.run(["/usr/bin/time", "-v", *map(str, cmd)], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
-    wall = time.time() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"speed: {' '.join(map(str, cmd[:3]))} ... failed:\n{p.stdout[-2000:]}\n"
-                         f"{p.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return {"seconds": round(wall, 1), "peak_rss_gb": round(rss / 2**20, 2)}
 
 
 def model_dir(shape: str) -> Path:
@@ -96,13 +78,13 @@ def measure(shape: str, tokens: int, work: Path, lc) -> dict:
     threads = os.cpu_count() or 1
     im_cmd = [lc.tool("llama-imatrix"), "-m", base, "-f", calib, "-c", 512, "--chunks",
               tokens // 512, "-t", threads, "-o", work / f"{shape}.imatrix.gguf"]
-    imatrix = run_timed(im_cmd)
+    imatrix = run_child(im_cmd, who="speed")
     print(f"speed: {shape}: llama-imatrix {imatrix['seconds']} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="lwq-speed-") as tmp:
         out = Path(tmp) / "scores.json"
         cmd = [sys.executable, "-m", "lwq_gguf", "-q", "score", model, "--rescore", "--force",
                "--calib-tokens", tokens, "--device", "cpu", "-o", out]
-        ours = run_timed(cmd, {"LWQ_SCORES_CACHE": tmp})  # (also holds the checksum memo)
+        ours = run_child(cmd, {"LWQ_SCORES_CACHE": tmp}, "speed")  # (also holds the checksum memo)
         sc = json.loads(out.read_text())
     phases = sc["sensitivity"]["phases"]
     ratio = round(ours["seconds"] / imatrix["seconds"], 2)
@@ -113,22 +95,11 @@ def measure(shape: str, tokens: int, work: Path, lc) -> dict:
             "llama_imatrix": {**imatrix, "command": " ".join(map(str, im_cmd))},
             "lwq_score": {**ours, "command": "lwq-gguf score MODEL --rescore --calib-tokens "
                           f"{tokens} --device cpu", "phases": phases},
-            "ratio": ratio, "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "commit": commit()}
-
-
-def commit() -> str:
-    """The code measured: HEAD, marked when the working tree differs from it."""
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "lwq_gguf"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+changes" if dirty else "")
+            "ratio": ratio, "date": today(), "commit": commit()}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--shapes", default="demo,1b", help="some of demo,1b,8b,gemma")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "speed")
@@ -136,10 +107,8 @@ def main() -> None:
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     lc = find_llama_cpp()
-    res_json = ROOT / "bench" / "results" / "speed.json"
-    doc = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
-           "command": "bench/speed.py " + " ".join(sys.argv[1:]), "target_ratio": TARGET,
-           "rows": []}
+    res_json = RESULTS / "speed.json"
+    doc = {"target_ratio": TARGET, "rows": []}
     shapes = a.shapes.split(",")
     if res_json.is_file() and not a.fresh:  # other shapes' rows, as they were measured
         old = json.loads(res_json.read_text())
@@ -149,7 +118,10 @@ def main() -> None:
     for shape in shapes:
         doc["rows"].append(measure(shape, a.calib_tokens, a.work, lc))
         doc["rows"].sort(key=lambda r: order.index(r["shape"]) if r["shape"] in order else 9)
-        res_json.write_text(json.dumps(doc, indent=1))  # after each model: a long run keeps it
+        write(res_json, doc)  # after each model: a long run keeps what it measured
+
+
+def write(res_json: Path, doc: dict) -> None:
     heads = ("model", "measured", "tokens", "llama-imatrix s", "lwq score s", "ratio",
              "peak RSS GB", *PHASES)
     rows = [(r["shape"], f"{r['date']} {r.get('commit', '?')}", r["tokens"],
@@ -164,17 +136,14 @@ def main() -> None:
         rss = big[0]["lwq_score"]["peak_rss_gb"]
         verdict += (f"; peak RSS at the 8B shape {rss} GB (target <= {RSS_8B_GB}): "
                     f"{'met' if rss <= RSS_8B_GB else 'NOT met'}")
-    (ROOT / "bench" / "results" / "speed.md").write_text(
-        "# Scoring speed: `lwq-gguf score` against `llama-imatrix`\n\n"
-        f"Command: `{doc['command']}` (rows of other shapes kept from earlier runs, as dated)"
-        f"\n\nMachine: {doc['machine']}; {doc['date']}; the same "
-        "calibration tokens on both sides (the packaged calibration text); seconds are wall "
-        "clock of the whole command, phases from the scores file (sweeps in CPU seconds).\n\n"
-        + markdown_table(heads, rows) + f"\n\n{verdict}\n")
     print(table(heads, rows))
     print(verdict)
-    res_json.write_text(json.dumps(doc, indent=1))
-
+    write_results(res_json, {**doc, "verdict": verdict},
+                  "Scoring speed: `lwq-gguf score` against `llama-imatrix`",
+                  "Rows of shapes not run by this command are kept from earlier runs, as dated. "
+                  "The same calibration tokens on both sides (the packaged calibration text); "
+                  "seconds are wall clock of the whole command, phases from the scores file "
+                  f"(sweeps in CPU seconds).\n\n{markdown_table(heads, rows)}\n\n{verdict}")
 
 if __name__ == "__main__":
     main()

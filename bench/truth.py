@@ -24,33 +24,29 @@ order) and takes today's estimate; the results say how many pairs were carried a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
 
-from lwq_gguf.publish.compare import CompareConfig, run_compare  # noqa: E402
-from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many  # noqa: E402
-from lwq_gguf.files import atomic_write_text  # noqa: E402
-from lwq_gguf.llamacpp import find_llama_cpp, run_tool  # noqa: E402
-from lwq_gguf.plan.plan import PlanConfig  # noqa: E402
-from lwq_gguf.quant.encoder import damage_key  # noqa: E402
-from lwq_gguf.quant.imatrix import ImatrixChoice  # noqa: E402
-from lwq_gguf.quant.types import QUANT_TYPES  # noqa: E402
-from lwq_gguf.report import machine, markdown_table, table  # noqa: E402
-from lwq_gguf.score.scores import Scores, ScoreConfig  # noqa: E402
+from lwq_gguf.publish.compare import CompareConfig, run_compare
+from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many
+from lwq_gguf.files import atomic_write_text
+from lwq_gguf.llamacpp import find_llama_cpp, run_tool
+from lwq_gguf.plan.plan import PlanConfig
+from lwq_gguf.quant.encoder import damage_key
+from lwq_gguf.quant.imatrix import ImatrixChoice
+from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.scores import Scores, ScoreConfig
 
 MODEL = ROOT / "models" / "gemma3-270m"
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BATCH = 6  # files built, then measured side by side (each is a whole 16-bit model)
 
@@ -228,9 +224,9 @@ def carried_note(c: dict | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=MODEL)
-    ap.add_argument("--text", type=Path, default=WIKI if WIKI.is_file() else None)
+    ap.add_argument("--text", type=Path, default=WIKI_OR_NONE)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--per-kind", type=int, default=3)
     ap.add_argument("--ladder", default="all")
@@ -244,7 +240,7 @@ def main() -> None:
     if a.text is None:
         ap.error("--text FILE is needed (WikiText-2 test is not in ../shared here)")
     name = a.model.resolve().name
-    results = a.results or ROOT / "bench" / "results" / f"truth-{name}.json"
+    results = a.results or RESULTS / f"truth-{name}.json"
     t0 = time.time()
     (a.out / name).parent.mkdir(parents=True, exist_ok=True)
     m = measure(a, a.out / name)
@@ -263,18 +259,16 @@ def main() -> None:
     print(table(head, cells))
     print(table(whead, wcells))
     print(f"all pairs: rank correlation {allr:.3f} over {len(m['pairs'])}")
-    doc = {"model": str(a.model), "text": str(a.text), "chunks": a.chunks,
-           "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-           "seconds": round(time.time() - t0), "command": "bench/truth.py " + " ".join(sys.argv[1:]),
-           "spearman_all": allr, "per_type": per_type, **m}
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(doc, indent=1))
-    results.with_suffix(".md").write_text(
-        f"# The damage model against single-tensor KLD: {name}\n\nCommand: `{doc['command']}`\n\n"
-        f"Machine: {doc['machine']}; {doc['date']}; text {a.text.name}, {a.chunks} chunks x 512 "
-        f"(255 scored each); {len(m['pairs'])} of {m['sampled_pairs']} sampled pairs measured"
-        f"{carried_note(m['carried'])}; one tensor quantized (llama-quantize, imatrix from the "
-        f"calibration text), the rest 16-bit; {doc['seconds']} s in this run\n\n"
+    seconds = round(time.time() - t0)
+    write_results(
+        results,
+        {"model": str(a.model), "text": str(a.text), "chunks": a.chunks, "seconds": seconds,
+         "spearman_all": allr, "per_type": per_type, **m},
+        f"The damage model against single-tensor KLD: {name}",
+        f"Text {a.text.name}, {a.chunks} chunks x 512 (255 scored each); {len(m['pairs'])} of "
+        f"{m['sampled_pairs']} sampled pairs measured{carried_note(m['carried'])}; one tensor "
+        "quantized (llama-quantize, imatrix from the calibration text), the rest 16-bit; "
+        f"{seconds} s in this run\n\n"
         f"Rank correlation of estimate and measurement over all {len(m['pairs'])} pairs: "
         f"{allr:.3f}\n\n{markdown_table(head, cells)}\n\nThe five largest over-estimates (top: "
         f"the estimate above the measurement) and under-estimates (bottom), pairs within {FLOOR}x "
@@ -282,9 +276,7 @@ def main() -> None:
         f"{markdown_table(whead, wcells)}\n\nThe runtime floor: a tensor whose weights already "
         f"sit on the type's grid (a model rebuilt from a quantized file: Gemma 3 270M's layers on "
         f"Q5_0, Q4_K and Q8_0) is estimated at ~0, yet costs 1e-5-3e-5 in llama.cpp, which "
-        f"quantizes the activations of a quantized matmul (Q8_0, Q8_1 or Q8_K blocks by type).\n")
-    print(f"wrote {results} and {results.with_suffix('.md')}")
-
+        f"quantizes the activations of a quantized matmul (Q8_0, Q8_1 or Q8_K blocks by type).")
 
 if __name__ == "__main__":
     main()
