@@ -48,6 +48,7 @@ from pathlib import Path
 from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
 
 from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs
+from lwq_gguf.evaluate.metrics import metrics
 from lwq_gguf.evaluate.perplexity import EvalConfig
 from lwq_gguf.model.load import open_model
 from lwq_gguf.plan.config import reach_bytes
@@ -62,6 +63,7 @@ from lwq_gguf.score.scores import Scores, ScoreConfig
 from lwq_gguf.quant.gguf_file import read_back
 
 MODEL = ROOT / "models" / "smollm2-135m-k256-cont"
+KLD, TOP, PPL = metrics("kld_mean", "same_top_pct", "ppl")  # (their formats)
 K_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M")
 IQ_MIXES = ("IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS")  # need an imatrix (IQ2_M, IQ3_XXS)
 MEASURED = ("Q5_K_M", "Q6_K")  # baselines measured beside them, no point of ours
@@ -308,20 +310,21 @@ def main() -> None:
     cells = [(r["point"], r["imatrix"], r["mix"], f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}",
               f"{r['mix_embd_type']} / {r['ours_embd_type']}",
               f"{r['mix_embd_bytes'] / 2**20:.2f} / {r['ours_embd_bytes'] / 2**20:.2f}",
-              f"{r['mix_kld']:.4f}", f"{r['ours_kld']:.4f}", f"{r['kld_ratio']:.3f}",
-              f"{r['estimate_ratio']:.3f}", f"{r['mix_same_top']:.1f} / {r['ours_same_top']:.1f}",
-              f"{r['mix_ppl']:.2f} / {r['ours_ppl']:.2f}") for r in rows]
+              KLD.fmt(r["mix_kld"]), KLD.fmt(r["ours_kld"]), f"{r['kld_ratio']:.3f}",
+              f"{r['estimate_ratio']:.3f}",
+              f"{TOP.fmt(r['mix_same_top'])} / {TOP.fmt(r['ours_same_top'])}",
+              f"{PPL.fmt(r['mix_ppl'])} / {PPL.fmt(r['ours_ppl'])}") for r in rows]
     lines = verdict(rows, name, same_kld)
     ehead = ("imatrix", "mix", "MiB mix", "KLD mix", "smallest lwq-gguf at <= KLD: MiB", "KLD",
              "bytes vs mix")
-    ecells = [(e["imatrix"], e["mix"], f"{e['mix_bytes'] / 2**20:.2f}", f"{e['mix_kld']:.4f}",
+    ecells = [(e["imatrix"], e["mix"], f"{e['mix_bytes'] / 2**20:.2f}", KLD.fmt(e["mix_kld"]),
                "-" if e["ours_bytes"] is None else f"{e['ours_bytes'] / 2**20:.2f}",
-               "-" if e["ours_kld"] is None else f"{e['ours_kld']:.4f}",
+               KLD.fmt(e["ours_kld"]),
                "-" if e["bytes_ratio"] is None else f"{e['bytes_ratio']:.3f}") for e in same_kld]
     shead = ("target BPW", "BPW", "MiB", "KLD", "estimated", "same top", "PPL", "embd type")
     scells = [(f"{r['target']:g}", f"{r['ours_bpw']:.3f}", f"{r['ours_mib']:.2f}",
-               f"{r['ours_kld']:.4f}", f"{r['ours_estimate']:.4f}", f"{r['ours_same_top']:.1f}",
-               f"{r['ours_ppl']:.2f}", r["ours_embd_type"]) for r in sweep]
+               KLD.fmt(r["ours_kld"]), KLD.fmt(r["ours_estimate"]), TOP.fmt(r["ours_same_top"]),
+               PPL.fmt(r["ours_ppl"]), r["ours_embd_type"]) for r in sweep]
     cost = {}  # the sensitivity analysis each setting ran (cached: when it was first measured)
     for imatrix in a.imatrix.split(","):
         sens = json.loads((a.out / a.model.resolve().name / f"imatrix-{imatrix}" / "scores.json")

@@ -24,7 +24,7 @@ from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.plan.recipe import read_plan
 from lwq_gguf.plan.size import SizeLimit, fit_size
 from lwq_gguf.quant.encoder import damage_key, split_damage_key
-from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, imatrix_to_dict, write_imatrix
+from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_to_dict
 from lwq_gguf.quant.gguf_file import read_back
 from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
 from lwq_gguf.score.cache import ScoreCache, model_sha256
@@ -196,7 +196,7 @@ def prepare(job: Job) -> Prepared:
             if job.encoder is not None:
                 plan = replace(plan, config=replace(plan.config, encoder=job.encoder))
         elif job.plan is not None:
-            check_reach(listing.result(), job.plan, imatrix=job.imatrix.mode != "none")
+            check_reach(listing.result(), job.plan, imatrix=job.imatrix.used)
         ladder, keys = _needs(job, plan)
         scores = None
         if job.plan_file is None or job.scores_file is not None or keys:
@@ -212,7 +212,7 @@ def prepare(job: Job) -> Prepared:
 
         plan = make(job.plan) if job.size_limit is None else fit_size(
             job.plan, SizeLimit(bytes=job.size_limit, spec=job.size_spec),
-            inventory(model), job.imatrix.mode != "none",
+            inventory(model), job.imatrix.used,
             scores.to_json() if scores else None, make)
     return Prepared(model, tensors, scores, plan, job.imatrix)
 
@@ -255,12 +255,11 @@ def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
         p = prepare(job)
         if write.two_step and p.scores is None:  # the single pass checks every weight as it goes
             zd_scores(p.model, job.progress)  # the NaN/Inf check reads every weight
-        im_path = p.imatrix.path
+        work = work_paths(out)[0]
         if p.imatrix.mode == "auto":
-            work = work_paths(out)[0]
             work.mkdir(exist_ok=True)
-            im_path = work / "imatrix.gguf"
-            write_imatrix(imatrix_from_dict(p.scores.imatrix), im_path)
+        im_path = p.imatrix.file_for_llama(p.scores.imatrix if p.scores else None,
+                                           work / "imatrix.gguf")
         scores_json = p.scores.to_json() if p.scores else None
         with atomic_output(out) as partial:
             written = write_gguf(lc, p.model.path, p.plan, scores_json,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from lwq_gguf.evaluate.metrics import metrics
 from lwq_gguf.files import atomic_output
 from lwq_gguf.plan.budget import dense_budget
 from lwq_gguf.plan.plan import TOLERANCE, Plan
@@ -100,19 +101,26 @@ def machine() -> str:
     return desc
 
 
-COMPARE_HEADERS = ("file", "MiB", "BPW", "PPL", "ΔPPL", "mean KLD", "p99 KLD", "same top")
+_COMPARE_METRICS = metrics("kld_mean", "kld_p99", "same_top_pct")
+COMPARE_HEADERS = ("file", "MiB", "BPW", "PPL", "ΔPPL", *(m.label for m in _COMPARE_METRICS))
 
 
 def compare_rows(rows) -> list[list[str]]:
-    """Table cells of compare's rows (see lwq_gguf.compare.Row), sorted by BPW."""
+    """Table cells of compare's rows (see lwq_gguf.publish.compare.Row), sorted by BPW; the
+    metrics as lwq_gguf.evaluate.metrics formats them."""
+    ppl = metrics("ppl")[0]
     out = []
     for r in sorted(rows, key=lambda r: (r.kind != "base", r.bpw)):
-        e = r.result
-        kld = "-" if r.kind == "base" else f"{e.kld_mean:.5f} ± {e.kld_err:.5f}"
-        out.append([r.label, f"{r.size_mib:.1f}", f"{r.bpw:.3f}", f"{e.ppl:.3f} ± {e.ppl_err:.3f}",
-                    f"{r.dppl:+.3f}", kld, "-" if r.kind == "base" else f"{e.kld_p99:.4f}",
-                    "-" if r.kind == "base" else f"{e.same_top_pct:.2f}%"])
+        out.append([r.label, f"{r.size_mib:.1f}", f"{r.bpw:.3f}", ppl.cell(r.result),
+                    f"{r.dppl:+.3f}", *("-" if r.kind == "base" else m.cell(r.result)
+                                         for m in _COMPARE_METRICS)])
     return out
+
+
+def eval_rows(result) -> list[tuple[str, str]]:
+    """``lwq-gguf eval``'s table: (metric, value) for every metric measured."""
+    return [(m.label, m.cell(result)) for m in metrics()
+            if not m.vs_base or getattr(result, m.key) is not None]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lwq_gguf"
 # lowest first: a module may import from its own layer or a lower one
-LAYERS = (("__init__", "errors", "files", "llamacpp"), ("evaluate",), ("model",), ("quant",),
-          ("score",), ("plan",), ("write",), ("pipeline",), ("report",), ("publish",),
+# (the floors of docs/design.md's table)
+LAYERS = (("__init__", "errors", "files", "llamacpp"), ("evaluate", "model", "quant"),
+          ("score", "plan"), ("write", "report"), ("pipeline",), ("publish",),
           ("cli", "__main__"))
 
 
@@ -47,6 +48,35 @@ def test_stages_import_only_lower_layers():
             if _layer(imp) > _layer(name):
                 bad.append(f"{name} -> {imp}")
     assert not bad, bad
+
+
+def test_at_most_eight_floors_as_the_imports_stand():
+    """The longest chain of imports between the packages (the base modules as one floor, the
+    CLI with its ``__main__``) is the number of floors: at most 8, and docs/design.md's table
+    has one row per floor."""
+    mods = _modules()
+
+    def room(m: str) -> str:
+        top = m.split(".")[1] if "." in m else "__init__"
+        return "base" if _layer(m) == 0 else "cli" if top == "__main__" else top
+
+    deps: dict[str, set[str]] = {}
+    for n, f in mods.items():
+        deps.setdefault(room(n), set()).update(room(i) for i in _imports(f) & set(mods))
+    for r in deps:
+        deps[r].discard(r)
+    floors: dict[str, int] = {}
+
+    def floor(r: str) -> int:
+        if r not in floors:
+            floors[r] = 1 + max((floor(d) for d in deps[r]), default=0)
+        return floors[r]
+
+    assert max(map(floor, deps)) <= 8, floors
+    assert max(map(floor, deps)) == len(LAYERS), (floors, LAYERS)
+    design = (PKG.parent / "docs" / "design.md").read_text()
+    rows = [ln for ln in design.splitlines() if ln.startswith("| ") and ln[2:3].isdigit()]
+    assert len(rows) == len(LAYERS), rows
 
 
 def test_the_write_stage_does_not_depend_on_scoring():

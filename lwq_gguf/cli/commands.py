@@ -140,9 +140,10 @@ def cmd_plan(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    from lwq_gguf.files import atomic_write_text, check_output
-    from lwq_gguf.pipeline import convert
-    from lwq_gguf.report import plan_summary, plan_types_table
+    import shlex
+
+    from lwq_gguf.publish.release import ReleaseConfig, release
+    from lwq_gguf.report import plan_summary, plan_types_table, table
     from lwq_gguf.write.writer import WriteConfig
 
     folder = a.output.endswith(("/", os.sep))  # (-o FOLDER/: a family, even of one file)
@@ -156,42 +157,60 @@ def cmd_convert(a) -> None:
     if fixed is None and not targets:
         raise LwqError("convert needs --avg-bits B (or --size SIZE, --plan PLAN.json or "
                        "--recipe OTHER.gguf)")
+    common = dict(write=write, verify=not a.no_verify, command="lwq-gguf " + shlex.join(a.argv))
     if fixed is not None:
         if targets:
             raise LwqError(f"{fixed} fixes every tensor's type: drop --avg-bits/--size")
         if a.recipe and not a.recipe.is_file():
             raise LwqError(f"{a.recipe}: no such file: give --recipe the path of a .gguf file")
-        job = _job(a, plan_file=fixed, encoder=a.encoder)
+        family = False
+        cfg = ReleaseConfig(job=_job(a, plan_file=fixed, encoder=a.encoder),
+                            modelfile=_modelfile(a), **common)
     elif len(targets) > 1 or folder or a.output.is_dir() or a.card or a.eval:
-        return _convert_family(a, targets, write)
+        family = True
+        cfg = _family_release(a, targets, common)
     else:
-        job = _one_job(a, targets)
-    modelfile = a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
-    if modelfile is not None:
-        check_output(modelfile, a.force, write.reads)
-    r = convert(job, write, verify=not a.no_verify)
-    print(plan_types_table(r.plan))
-    print(plan_summary(r.plan))
-    check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
-    size = r.output.stat().st_size / 2**20
-    print(f"wrote {r.output}: {size:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
-          f"{r.seconds:.0f} s")
-    if modelfile is not None:
-        from lwq_gguf.write.ollama import modelfile_text
+        family = False
+        cfg = ReleaseConfig(job=_one_job(a, targets), modelfile=_modelfile(a), **common)
 
-        text, notes = modelfile_text(r.output, a.model, modelfile)
-        atomic_write_text(modelfile, text, a.force)
-        for note in notes:
-            print(f"note: {note}")
-        print(f"wrote {modelfile}: ollama create NAME -f {modelfile}")
+    def done(o) -> None:
+        if o.result is None:
+            print(f"FAILED {o.target.label}: {o.error}")
+            return
+        r, mib = o.result, o.path.stat().st_size / 2**20
+        if family:
+            print(f"wrote {o.path}: {mib:.1f} MiB, {r.check.bpw:.3f} BPW; {r.seconds:.0f} s",
+                  flush=True)
+            return
+        check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
+        print(plan_types_table(r.plan))
+        print(plan_summary(r.plan))
+        print(f"wrote {o.path}: {mib:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
+              f"{r.seconds:.0f} s")
+
+    out = release(cfg, on_done=done)
+    if family:
+        print(table(("target", "file", "MiB", "BPW", "check PPL", "types"),
+                    [(o.target.label, o.path.name, f"{o.path.stat().st_size / 2**20:.1f}",
+                      f"{o.result.check.bpw:.3f}", f"{o.result.check.ppl:.2f}"
+                      if o.result.check.ppl else "-", "…".join(o.result.plan.pair))
+                     if o.result else (o.target.label, o.path.name, "-", "-", "-", "FAILED")
+                     for o in out.outcomes]))
+    for line in out.lines:
+        print(line)
+    if family:
+        out.raise_failures(a.output)
+        print(f"{len(out.outcomes)} file(s) in {a.output}")
 
 
-def _convert_family(a, targets, write) -> None:
-    import shlex
+def _modelfile(a) -> Path | None:
+    """One file's Modelfile: --modelfile, or with --ollama ``Modelfile`` beside the file."""
+    return a.modelfile or (a.output.parent / "Modelfile" if a.ollama else None)
 
-    from lwq_gguf.files import atomic_write_text
-    from lwq_gguf.publish.family import run_family
-    from lwq_gguf.report import table
+
+def _family_release(a, targets, common):
+    """A family (several targets, -o FOLDER/, --card or --eval): its release, checked."""
+    from lwq_gguf.publish.release import ReleaseConfig
 
     if a.modelfile:
         raise LwqError("--modelfile names one Modelfile; a family gets FILE.Modelfile beside each "
@@ -201,67 +220,11 @@ def _convert_family(a, targets, write) -> None:
                        "FOLDER/")
     if a.card and a.no_card:
         raise LwqError("--card and --no-card: give one")
-    write.reads.check_folder(a.output)
+    common["write"].reads.check_folder(a.output)
     job = _job(a, plan=_plan_config(a, targets[0].bits or 4.0))
-    compare = _family_compare(a, job, write.reads) if a.eval else None
-    card = not a.no_card
-    if card and a.output.is_dir():  # an earlier card is replaced only with --force
-        from lwq_gguf.files import check_output
-        from lwq_gguf.publish.card import CARD_FILES
-
-        for name in CARD_FILES:
-            check_output(a.output / name, a.force, write.reads)
-
-    def done(o) -> None:
-        if o.result is None:
-            print(f"FAILED {o.target.label}: {o.error}")
-            return
-        print(f"wrote {o.path}: {o.path.stat().st_size / 2**20:.1f} MiB, "
-              f"{o.result.check.bpw:.3f} BPW; {o.result.seconds:.0f} s", flush=True)
-        if a.ollama:
-            from lwq_gguf.write.ollama import modelfile_text
-
-            mf = o.path.with_suffix(".Modelfile")
-            atomic_write_text(mf, modelfile_text(o.path, a.model, mf)[0], a.force, write.reads)
-
-    outcomes = run_family(job, targets, write, verify=not a.no_verify, on_done=done)
-    rows = [(o.target.label, o.path.name, f"{o.path.stat().st_size / 2**20:.1f}",
-             f"{o.result.check.bpw:.3f}", f"{o.result.check.ppl:.2f}" if o.result.check.ppl
-             else "-", "…".join(o.result.plan.pair)) if o.result else
-            (o.target.label, o.path.name, "-", "-", "-", "FAILED") for o in outcomes]
-    print(table(("target", "file", "MiB", "BPW", "check PPL", "types"), rows))
-    ok = [o for o in outcomes if o.result is not None]
-    command = "lwq-gguf " + shlex.join(a.argv)
-    evaluation = None
-    if compare is not None and ok:
-        import json
-        from dataclasses import replace
-
-        from lwq_gguf.publish.compare import run_compare, write_outputs
-        from lwq_gguf.report import COMPARE_HEADERS, compare_rows
-
-        compare = replace(compare, files=tuple((f"lwq {o.target.label}", o.path) for o in ok))
-        res = run_compare(compare, progress=not a.quiet)
-        paths = write_outputs(compare, res, command)
-        evaluation = json.loads(paths[0].read_text())
-        print(table(COMPARE_HEADERS, compare_rows(res.rows)))
-        print("wrote " + ", ".join(str(p) for p in paths))
-    if card and ok:
-        from lwq_gguf.llamacpp import find_llama_cpp
-        from lwq_gguf.publish.card import CardInput, write_card
-
-        readme = write_card(CardInput(
-            model=a.model, files=tuple((o.target.label, o.path) for o in ok),
-            command=command, calib=job.score.calib_file,
-            calib_tokens=job.score.calib_tokens, imatrix=job.imatrix.describe(),
-            llama_cpp=find_llama_cpp().root.name, evaluation=evaluation), a.output)
-        print(f"wrote {readme} (the model card)")
-    failed = [o for o in outcomes if o not in ok]
-    if failed:
-        raise LwqError(f"{len(failed)} of {len(outcomes)} targets failed "
-                       f"({', '.join(o.target.label for o in failed)}; the others are written "
-                       f"in {a.output}): {failed[0].target.label}: {failed[0].error}")
-    print(f"{len(outcomes)} file(s) in {a.output}")
+    return ReleaseConfig(job=job, targets=targets, ollama=a.ollama, card=not a.no_card,
+                         evaluate=_family_compare(a, job, common["write"].reads) if a.eval
+                         else None, **common)
 
 
 def _family_compare(a, job, reads):
@@ -283,7 +246,7 @@ def _baselines(a, imatrix) -> tuple[str, ...]:
 
     if a.baselines is not None:
         return parse_mixes(a.baselines)
-    return default_baselines(imatrix.mode != "none")
+    return default_baselines(imatrix.used)
 
 
 def _eval_config(a):
@@ -299,19 +262,14 @@ def cmd_eval(a) -> None:
 
     from lwq_gguf.evaluate.perplexity import evaluate
     from lwq_gguf.llamacpp import find_llama_cpp
-    from lwq_gguf.report import table
+    from lwq_gguf.report import eval_rows, table
 
     r = evaluate(a.quant, a.text, find_llama_cpp(), _eval_config(a), a.base,
                  progress=not (a.quiet or a.json))
     if a.json:
         print(json.dumps(r.to_dict()))
         return
-    rows = [("PPL", f"{r.ppl:.4f} ± {r.ppl_err:.4f}")]
-    if r.kld_mean is not None:
-        rows += [("PPL ratio (quant/base)", f"{r.ppl_ratio:.4f}"),
-                 ("mean KLD", f"{r.kld_mean:.6f} ± {r.kld_err:.6f}"),
-                 ("99th pct KLD", f"{r.kld_p99:.6f}"), ("same top token", f"{r.same_top_pct:.2f}%")]
-    print(table(("metric", "value"), rows))
+    print(table(("metric", "value"), eval_rows(r)))
     print(f"{r.chunks} chunks x {a.ctx} tokens, {r.tokens_scored} scored, llama.cpp on {r.device}")
 
 

@@ -1,1 +1,2 @@
-"""Stage 1 - model: open a Hugging Face safetensors folder lazily, check it, stream its layers."""
+"""The model stage (floor 1 in docs/design.md): open a Hugging Face safetensors folder lazily,
+check it, stream its layers."""

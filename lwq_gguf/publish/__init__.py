@@ -1,2 +1,3 @@
-"""Publish (on top of the stages): stage 7, `compare` against llama.cpp's mixes; families of files
-and their model cards; what is inside a GGUF (``inspect``)."""
+"""Publish (floor 5 in docs/design.md, on top of the pipeline): what `convert` runs
+(:mod:`.release`), `compare` against llama.cpp's mixes; families of files and their model cards;
+what is inside a GGUF (``inspect``)."""

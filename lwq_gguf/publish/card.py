@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lwq_gguf import __version__
+from lwq_gguf.evaluate.metrics import metrics
 from lwq_gguf.files import atomic_write_text, sha256_file
 from lwq_gguf.publish.inspect import describe, heatmap
 
@@ -79,12 +80,14 @@ def _types_used(f: dict) -> str:
 def _quality(ev: dict, names: dict[str, str]) -> list[str]:
     """The evaluation table: every measured file, family and mixes, by size."""
     rows = sorted((r for r in ev["rows"] if r["kind"] != "base"), key=lambda r: r["size_mib"])
-    out = ["| file | MiB | BPW | mean KLD | same top token | PPL |", "|---|---|---|---|---|---|"]
+    shown = metrics("kld_mean", "same_top_pct", "ppl")
+    out = ["| file | MiB | BPW | " + " | ".join(m.label for m in shown) + " |",
+           "|---|---|---|" + "---|" * len(shown)]
     for r in rows:
         label = (f"**{names.get(r['label'], r['label'])}**" if r["kind"] == "lwq-gguf"
                  else f"llama.cpp {r['label']}")
-        out.append(f"| {label} | {r['size_mib']:.1f} | {r['bpw']:.3f} | {r['kld_mean']:.5f} ± "
-                   f"{r['kld_err']:.5f} | {r['same_top_pct']:.2f}% | {r['ppl']:.3f} |")
+        out.append(f"| {label} | {r['size_mib']:.1f} | {r['bpw']:.3f} | "
+                   + " | ".join(m.cell(r) for m in shown) + " |")
     base = next(r for r in ev["rows"] if r["kind"] == "base")
     out.append(f"\n{ev['chunks']} chunks × {ev['ctx']} tokens of `{Path(ev['text']).name}` "
                f"(sha256 {ev['text_sha256'][:12]}), llama.cpp on {ev['device']} "

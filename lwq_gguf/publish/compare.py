@@ -41,7 +41,7 @@ from lwq_gguf.model.load import HFModel, open_model
 from lwq_gguf.pipeline import Job, convert, get_scores, load_scores
 from lwq_gguf.plan.plan import PlanConfig, check_reach
 from lwq_gguf.quant.encoder import damage_key, encoder_tag
-from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_from_dict, write_imatrix
+from lwq_gguf.quant.imatrix import ImatrixChoice
 from lwq_gguf.quant.types import DEFAULT_BASELINES, mix_needs_imatrix
 from lwq_gguf.score.cache import CODE as SCORE_CODE
 from lwq_gguf.score.scores import ScoreConfig
@@ -214,7 +214,7 @@ def plan_entries(cfg: CompareConfig, model: HFModel, lc: LlamaCpp) -> tuple[list
     imat = cfg.imatrix.key
     if imat == "auto":  # made from the calibration text with the scores
         imat = "auto:" + _recipe(code_digest(*SCORE_CODE), model=fp, score=cfg.score)
-    sfx = "" if cfg.imatrix.mode == "none" else "-imat"
+    sfx = "-imat" if cfg.imatrix.used else ""
     base = Entry(outtype.upper(), "base", gg / f"{name}-{outtype.upper()}.gguf",
                  _recipe(code_digest(*BASE_CODE), kind="base", model=fp, outtype=outtype,
                          llama_cpp=str(lc.root.name)))
@@ -246,14 +246,14 @@ def _check_inputs(cfg: CompareConfig, model: HFModel) -> None:
         raise LwqError(f"{cfg.text}: too short: {size} bytes cannot make 2 chunks of "
                        f"{cfg.eval.ctx} tokens; give a longer text or a smaller --ctx")
     needy = [m for m in cfg.baselines if mix_needs_imatrix(m)]
-    if needy and cfg.imatrix.mode == "none":
+    if needy and not cfg.imatrix.used:
         raise LwqError(f"--baselines {','.join(needy)}: llama.cpp needs an importance matrix "
                        "for these: pass --imatrix FILE or drop them")
     if not cfg.targets and not cfg.baselines and not cfg.files:
         raise LwqError("nothing to compare: give --avg-bits and/or --baselines")
     tensors = model_tensors(model)
     for bits in cfg.targets:  # budgets and ladders are checked before any scoring
-        check_reach(tensors, replace(cfg.plan, avg_bits=bits), imatrix=cfg.imatrix.mode != "none")
+        check_reach(tensors, replace(cfg.plan, avg_bits=bits), imatrix=cfg.imatrix.used)
 
 
 def _job(cfg: CompareConfig, **kw) -> Job:
@@ -276,9 +276,7 @@ def _scores_file(cfg: CompareConfig, model: HFModel, files: _Files, progress: bo
                             (damage_key(cfg.imatrix.key, cfg.plan.encoder),))
         atomic_write_text(path, scores.to_json())
         files.record(e)
-    scores = load_scores(path, model)
-    if cfg.imatrix.mode == "auto":
-        write_imatrix(imatrix_from_dict(scores.imatrix), cfg.out_dir / "imatrix.gguf")
+    cfg.imatrix.file_for_llama(load_scores(path, model).imatrix, cfg.out_dir / "imatrix.gguf")
     return path
 
 

@@ -50,7 +50,7 @@ def parse_targets(avg_bits, sizes) -> tuple[Target, ...]:
 
 def target_job(job: Job, t: Target) -> Job:
     """``job`` (whose plan is the template) for one target; refused here when out of reach."""
-    imatrix = job.imatrix.mode != "none"
+    imatrix = job.imatrix.used
     model = open_model(job.model)
     if t.size is not None:
         bits = size_target(inventory(model), SizeLimit(bytes=t.size, spec=t.spec), job.plan,

@@ -6,7 +6,7 @@ input activations, one row per expert; ``NAME.counts`` = tokens seen, one per ex
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -110,15 +110,17 @@ def imatrix_from_dict(d: dict) -> Imatrix:
 
 @dataclass(frozen=True, kw_only=True)
 class ImatrixChoice:
-    """``--imatrix none|auto|FILE``, parsed once at the edge.
+    """``--imatrix none|auto|FILE``, parsed once at the edge and handed down as this one value.
 
     ``auto``: computed from the calibration text with the scores (used for planning and
-    quantizing); ``none``; ``file``: a llama-imatrix file, identified by its sha256.
+    quantizing); ``none``; ``file``: a llama-imatrix file, identified by its sha256 and read
+    once, here (``data``); child processes get the path.
     """
 
     mode: str = "auto"  # none | auto | file
     path: Path | None = None
     sha256: str | None = None
+    data: Imatrix | None = field(default=None, compare=False, repr=False)  # a file's contents
 
     @classmethod
     def parse(cls, spec: str | Path | None) -> ImatrixChoice:
@@ -128,12 +130,17 @@ class ImatrixChoice:
         path = Path(spec)
         if not path.is_file():
             raise LwqError(f"{path}: imatrix file not found: {_FIX}, or none")
-        read_imatrix(path)  # refused here, before any slow work, when it is not an imatrix
+        data = read_imatrix(path)  # refused here, before any slow work, when it is not an imatrix
         try:
             digest = sha256_file(path)
         except OSError as e:
             raise LwqError(f"{path}: cannot read the imatrix ({e.strerror}): {_FIX}") from None
-        return cls(mode="file", path=path, sha256=digest)
+        return cls(mode="file", path=path, sha256=digest, data=data)
+
+    @property
+    def used(self) -> bool:
+        """Whether the files are quantized with an imatrix (types that need one are usable)."""
+        return self.mode != "none"
 
     @property
     def key(self) -> str:
@@ -142,7 +149,20 @@ class ImatrixChoice:
 
     def given(self) -> dict[str, Imatrix]:
         """{key: the file's imatrix} for a file, else {}."""
-        return {self.key: read_imatrix(self.path)} if self.mode == "file" else {}
+        if self.mode != "file":
+            return {}
+        return {self.key: self.data if self.data is not None else read_imatrix(self.path)}
+
+    def file_for_llama(self, auto: dict | None, path: Path) -> Path | None:
+        """The imatrix file that llama.cpp and the writer read: a given file as it is; for
+        ``auto`` the scores' imatrix (``auto``, as Scores.imatrix stores it) written to ``path``;
+        None without one."""
+        if self.mode == "file":
+            return self.path
+        if self.mode == "auto":
+            write_imatrix(imatrix_from_dict(auto), path)
+            return path
+        return None
 
     def describe(self) -> str:
         return {"none": "no imatrix", "auto": "imatrix from the calibration text"}.get(

@@ -58,3 +58,26 @@ def test_size_targets_land_within_half_a_percent(cont_model, tmp_path):
     p = run_cli("-q", "plan", cont_model, "--size", "0.1GB", "--ladder", "k",
                 "--calib-tokens", "512", check=True)
     assert "BPW" in p.stdout
+
+
+def test_side_outputs_are_checked_before_any_work(tiny, tmp_path):
+    """Every registered side output names its files up front: an existing family Modelfile or
+    card is refused (without --force) before anything is scored or written."""
+    from lwq_gguf.publish.release import SIDE_OUTPUTS, ReleaseConfig
+
+    assert [s.name for s in SIDE_OUTPUTS] == ["modelfile", "evaluation", "card"]
+    model, out = tiny("llama", 2), tmp_path / "fam"
+    out.mkdir()
+    job = Job(model=model, score=ScoreConfig(calib_tokens=256), progress=False,
+              plan=PlanConfig(avg_bits=4.0, ladder=("k",)))
+    cfg = ReleaseConfig(job=job, write=WriteConfig(output=out), ollama=True, card=True,
+                        targets=(Target(bits=3.5), Target(bits=5.0)))
+    wanted = {s.name: s.paths(cfg) for s in SIDE_OUTPUTS if s.wanted(cfg)}
+    assert wanted["modelfile"] == tuple(p.with_suffix(".Modelfile") for p in cfg.gguf_paths())
+    assert out / "README.md" in wanted["card"] and "evaluation" not in wanted
+    taken = cfg.gguf_paths()[1].with_suffix(".Modelfile")
+    taken.write_text("mine")
+    line = error_line(run_cli("convert", model, "--avg-bits", "3.5", "5", "--ollama", "-o",
+                              f"{out}/"))
+    assert taken.name in line and "--force" in line
+    assert taken.read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [taken.name]
