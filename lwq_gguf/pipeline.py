@@ -255,11 +255,8 @@ def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
         p = prepare(job)
         if write.two_step and p.scores is None:  # the single pass checks every weight as it goes
             zd_scores(p.model, job.progress)  # the NaN/Inf check reads every weight
-        work = work_paths(out)[0]
-        if p.imatrix.mode == "auto":
-            work.mkdir(exist_ok=True)
         im_path = p.imatrix.file_for_llama(p.scores.imatrix if p.scores else None,
-                                           work / "imatrix.gguf")
+                                           work_paths(out)[0] / "imatrix.gguf")
         scores_json = p.scores.to_json() if p.scores else None
         with atomic_output(out) as partial:
             written = write_gguf(lc, p.model.path, p.plan, scores_json,

@@ -163,15 +163,13 @@ def cmd_convert(a) -> None:
             raise LwqError(f"{fixed} fixes every tensor's type: drop --avg-bits/--size")
         if a.recipe and not a.recipe.is_file():
             raise LwqError(f"{a.recipe}: no such file: give --recipe the path of a .gguf file")
-        family = False
         cfg = ReleaseConfig(job=_job(a, plan_file=fixed, encoder=a.encoder),
                             modelfile=_modelfile(a), **common)
     elif len(targets) > 1 or folder or a.output.is_dir() or a.card or a.eval:
-        family = True
         cfg = _family_release(a, targets, common)
     else:
-        family = False
         cfg = ReleaseConfig(job=_one_job(a, targets), modelfile=_modelfile(a), **common)
+    family = cfg.family
 
     def done(o) -> None:
         if o.result is None:
@@ -220,7 +218,6 @@ def _family_release(a, targets, common):
                        "FOLDER/")
     if a.card and a.no_card:
         raise LwqError("--card and --no-card: give one")
-    common["write"].reads.check_folder(a.output)
     job = _job(a, plan=_plan_config(a, targets[0].bits or 4.0))
     return ReleaseConfig(job=job, targets=targets, ollama=a.ollama, card=not a.no_card,
                          evaluate=_family_compare(a, job, common["write"].reads) if a.eval

@@ -82,17 +82,19 @@ class SideOutput:
 
 # ---- the side outputs -------------------------------------------------------------------------
 
+def _modelfile_of(cfg: ReleaseConfig, gguf: Path) -> Path:
+    return gguf.with_suffix(".Modelfile") if cfg.family else cfg.modelfile
+
+
 def _modelfiles(cfg: ReleaseConfig) -> tuple[Path, ...]:
-    if cfg.family:
-        return tuple(p.with_suffix(".Modelfile") for p in cfg.gguf_paths())
-    return (cfg.modelfile,)
+    return tuple(_modelfile_of(cfg, p) for p in cfg.gguf_paths())
 
 
 def _write_modelfiles(cfg: ReleaseConfig, done: Released) -> None:
     from lwq_gguf.write.ollama import modelfile_text
 
     for o in done.written:
-        mf = o.path.with_suffix(".Modelfile") if cfg.family else cfg.modelfile
+        mf = _modelfile_of(cfg, o.path)
         text, notes = modelfile_text(o.path, cfg.job.model, mf)
         atomic_write_text(mf, text, cfg.write.force, cfg.write.reads)
         if not cfg.family:

@@ -155,11 +155,12 @@ class ImatrixChoice:
 
     def file_for_llama(self, auto: dict | None, path: Path) -> Path | None:
         """The imatrix file that llama.cpp and the writer read: a given file as it is; for
-        ``auto`` the scores' imatrix (``auto``, as Scores.imatrix stores it) written to ``path``;
-        None without one."""
+        ``auto`` the scores' imatrix (``auto``, as Scores.imatrix stores it) written to ``path``
+        (its folder made if need be); None without one."""
         if self.mode == "file":
             return self.path
         if self.mode == "auto":
+            path.parent.mkdir(exist_ok=True)
             write_imatrix(imatrix_from_dict(auto), path)
             return path
         return None
