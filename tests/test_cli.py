@@ -225,13 +225,13 @@ def test_more_than_one_target_outside_compare(model):
 def test_an_internal_error_is_one_line_and_a_traceback_only_with_debug(model, monkeypatch,
                                                                       capsys):
     """A bug (here: a stage made to raise) is one line that says so; --debug shows where."""
-    import lwq_gguf.pipeline
+    import lwq_gguf.publish.outputs
     from lwq_gguf.cli.main import EX_BUG, main
 
     def broken(*_a, **_k):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(lwq_gguf.pipeline, "prepare", broken)
+    monkeypatch.setattr(lwq_gguf.publish.outputs, "prepare", broken)
     args = ["plan", str(model), "--avg-bits", "4", "--strategy", "lim"]
     assert main(args) == EX_BUG
     err = capsys.readouterr().err
@@ -247,13 +247,13 @@ def test_an_internal_error_is_one_line_and_a_traceback_only_with_debug(model, mo
 def test_an_os_error_that_is_not_a_full_disk_is_not_called_one(monkeypatch, capsys, model):
     import errno
 
-    import lwq_gguf.pipeline
+    import lwq_gguf.publish.outputs
     from lwq_gguf.cli.main import main
 
     def denied(*_a, **_k):
         raise PermissionError(errno.EACCES, "Permission denied", "/some/file")
 
-    monkeypatch.setattr(lwq_gguf.pipeline, "prepare", denied)
+    monkeypatch.setattr(lwq_gguf.publish.outputs, "prepare", denied)
     assert main(["plan", str(model), "--avg-bits", "4"]) == 2
     err = capsys.readouterr().err
     assert "/some/file" in err and "Permission denied" in err and "disk full" not in err

@@ -77,26 +77,15 @@ def _job(a, **kw):
 # ---- the commands ------------------------------------------------------------------------------
 
 def cmd_score(a) -> None:
-    from lwq_gguf.files import atomic_write_text, check_output
-    from lwq_gguf.pipeline import prepare
-    from lwq_gguf.quant.imatrix import imatrix_from_dict, write_imatrix
+    from lwq_gguf.publish.outputs import ScoreFiles, write_scores
     from lwq_gguf.report import table
-    from lwq_gguf.score.layers import plot_scores
 
-    out = a.output or Path(f"{a.model.resolve().name}.scores.json")
-    png = a.png or out.with_suffix(".png")
-    imatrix = out.with_name(out.name.removesuffix(".json").removesuffix(".scores") + ".imatrix.gguf")
-    reads = _reads(a)
-    for path in (out, png) + (() if a.no_sensitivity else (imatrix,)):
-        check_output(path, a.force, reads)
     if a.scores:
         raise LwqError("score measures the scores: drop --scores")
+    files = ScoreFiles.named(a.model, a.output, a.png, sensitivity=not a.no_sensitivity)
     ladder = {"ladder": parse_ladder(a.ladder)} if a.ladder else {}
-    scores = prepare(_job(a, measure=() if a.no_sensitivity else ("auto",), **ladder)).scores
-    atomic_write_text(out, scores.to_json(), a.force)
-    if scores.imatrix:
-        write_imatrix(imatrix_from_dict(scores.imatrix), imatrix)
-    plot_scores(scores, png, f"{a.model.name}: layer importance")
+    job = _job(a, measure=() if a.no_sensitivity else ("auto",), **ladder)
+    scores = write_scores(job, files, a.force, _reads(a)).scores
     lim = scores.lim or (0.0,) * scores.n_layers  # (): no forward pass of this architecture
     order = sorted(range(scores.n_layers), key=lambda i: -lim[i])
     rank = {layer: i + 1 for i, layer in enumerate(order)}
@@ -109,33 +98,26 @@ def cmd_score(a) -> None:
         print(f"sensitivity ({sens.get('basis', 'expected KLD')}) of "
               f"{len(next(iter(sens['damage'].values())))} tensors x {len(sens['ladder'])} types "
               f"(imatrix {keys}) in {sens['seconds']:.0f} s"
-              + (f"; imatrix written to {imatrix} (llama-quantize --imatrix)"
-                 if scores.imatrix else ""))
+              + (f"; imatrix written to {files.imatrix} (llama-quantize --imatrix)"
+                 if files.imatrix and scores.imatrix else ""))
         if sens.get("phases"):
             print("time (s): " + ", ".join(f"{k} {v:g}" for k, v in sens["phases"].items())
                   + " (sweeps: CPU seconds over the worker threads)")
-    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {out} and {png}")
+    print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {files.scores} "
+          f"and {files.png}")
 
 
 def cmd_plan(a) -> None:
-    from lwq_gguf.files import atomic_write_text, check_output
-    from lwq_gguf.pipeline import prepare
+    from lwq_gguf.publish.outputs import write_plan
     from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
 
-    job = _one_job(a, _targets(a))
-    reads = _reads(a)
-    for path in (a.output, a.tensor_type_file):
-        if path:
-            check_output(path, a.force, reads)
-    p = prepare(job)
+    p = write_plan(_one_job(a, _targets(a)), a.output, a.tensor_type_file, a.force, _reads(a))
     print(plan_layers_table(p.plan, p.scores.lim if p.scores else None))
     print(plan_types_table(p.plan))
     print(plan_summary(p.plan))
     if a.output:
-        atomic_write_text(a.output, p.plan.to_json(), a.force)
         print(f"wrote {a.output}")
     if a.tensor_type_file:
-        atomic_write_text(a.tensor_type_file, p.plan.tensor_type_file(), a.force)
         print(f"wrote {a.tensor_type_file} (llama-quantize --tensor-type-file)")
 
 
