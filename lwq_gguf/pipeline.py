@@ -66,6 +66,18 @@ class Prepared:
     plan: Plan | None
     imatrix: ImatrixChoice  # the one used (--imatrix auto means none without a forward pass)
 
+    @property
+    def planned(self) -> Plan:
+        """The plan (of a job that plans or reads a plan)."""
+        assert self.plan is not None, "a job without a plan"
+        return self.plan
+
+    @property
+    def scored(self) -> Scores:
+        """The scores (of a job that scores)."""
+        assert self.scores is not None, "a job without scores"
+        return self.scores
+
 
 def load_scores(path: Path, model: HFModel) -> Scores:
     """A scores file, accepted only for the model (architecture, depth and weights) it was made on."""
@@ -106,6 +118,7 @@ def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
     if scores is None and (not missing or model.arch is None):  # layer scores alone
         scores, fresh = score_model(model, job.score, digest, job.progress), True
     if missing:
+        sens: dict
         from lwq_gguf.score.sensitivity import SensitivityRequest, measure_sensitivity
 
         if model.arch is None:  # no forward pass: weight error, in the converter child
@@ -115,16 +128,18 @@ def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
             m = measure_sensitivity(model, tensors_of, req, job.score, job.progress, phases)
             sens, im = m.sensitivity, m.imatrix
             sens["basis"] = BASIS_FISHER
-            if scores is None:
+            if scores is None:  # (a scores file or the cache always has its layer scores)
                 calib = job.score.calib_file
                 scores = Scores(model.architecture, model.n_layers, m.lim, m.zd, calib.name,
                                 sha256_file(calib), m.tokens, m.device, digest)
+        assert scores is not None
         old = scores.sensitivity or {}
         if old.get("ladder") == sens["ladder"]:  # keep the tables already measured
             sens["damage"] = {**old["damage"], **sens["damage"]}
         scores = replace(scores, sensitivity=sens,
                          imatrix=imatrix_to_dict(im) if im is not None else scores.imatrix)
         fresh = True
+    assert scores is not None
     if cache is not None and fresh:  # once, complete: a run killed before leaves the old entry
         cache.store(scores)
     return scores
@@ -203,11 +218,13 @@ def prepare(job: Job) -> Prepared:
             scores = get_scores(job, model, listing.result, ladder, keys)
         tensors = listing.result()
     if job.plan is not None:
+        assert scores is not None  # (a job that plans is scored)
+
         def make(cfg: PlanConfig) -> Plan:
             plan = make_plan(tensors, model.n_layers, cfg, scores.lim, scores.zd,
                              scores.damage(damage_key(job.imatrix.key, cfg.encoder)))
             if cfg.strategy == "auto":
-                plan = replace(plan, basis=scores.sensitivity.get("basis", BASIS_FISHER))
+                plan = replace(plan, basis=(scores.sensitivity or {}).get("basis", BASIS_FISHER))
             return plan
 
         plan = make(job.plan) if job.size_limit is None else fit_size(
@@ -259,14 +276,14 @@ def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
                                            work_paths(out)[0] / "imatrix.gguf")
         scores_json = p.scores.to_json() if p.scores else None
         with atomic_output(out) as partial:
-            written = write_gguf(lc, p.model.path, p.plan, scores_json,
+            written = write_gguf(lc, p.model.path, p.planned, scores_json,
                                  replace(write, imatrix=im_path), job.progress)
             assert written == partial, (written, partial)
-            check = (check_file(partial, p.plan, job.score.calib_file, out) if verify
+            check = (check_file(partial, p.planned, job.score.calib_file, out) if verify
                      else CheckResult(read_back(partial).bpw, None))
             if job.size_limit is not None and partial.stat().st_size > job.size_limit:
                 raise VerifyError(f"{out}: {partial.stat().st_size} bytes, above --size "
                                   f"{job.size_spec}: report this bug")
     finally:
         cleanup(out)  # the work folder (and a partial file, never the target)
-    return ConvertResult(out, p.plan, p.scores, check, time.time() - t0)
+    return ConvertResult(out, p.planned, p.scores, check, time.time() - t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan.budget import parse_size
@@ -85,7 +86,7 @@ def cmd_score(a) -> None:
     files = ScoreFiles.named(a.model, a.output, a.png, sensitivity=not a.no_sensitivity)
     ladder = {"ladder": parse_ladder(a.ladder)} if a.ladder else {}
     job = _job(a, measure=() if a.no_sensitivity else ("auto",), **ladder)
-    scores = write_scores(job, files, a.force, _reads(a)).scores
+    scores = write_scores(job, files, a.force, _reads(a)).scored
     lim = scores.lim or (0.0,) * scores.n_layers  # (): no forward pass of this architecture
     order = sorted(range(scores.n_layers), key=lambda i: -lim[i])
     rank = {layer: i + 1 for i, layer in enumerate(order)}
@@ -112,9 +113,9 @@ def cmd_plan(a) -> None:
     from lwq_gguf.report import plan_layers_table, plan_summary, plan_types_table
 
     p = write_plan(_one_job(a, _targets(a)), a.output, a.tensor_type_file, a.force, _reads(a))
-    print(plan_layers_table(p.plan, p.scores.lim if p.scores else None))
-    print(plan_types_table(p.plan))
-    print(plan_summary(p.plan))
+    print(plan_layers_table(p.planned, p.scores.lim if p.scores else None))
+    print(plan_types_table(p.planned))
+    print(plan_summary(p.planned))
     if a.output:
         print(f"wrote {a.output}")
     if a.tensor_type_file:
@@ -139,7 +140,8 @@ def cmd_convert(a) -> None:
     if fixed is None and not targets:
         raise LwqError("convert needs --avg-bits B (or --size SIZE, --plan PLAN.json or "
                        "--recipe OTHER.gguf)")
-    common = dict(write=write, verify=not a.no_verify, command="lwq-gguf " + shlex.join(a.argv))
+    common: dict[str, Any] = dict(write=write, verify=not a.no_verify,
+                                  command="lwq-gguf " + shlex.join(a.argv))
     if fixed is not None:
         if targets:
             raise LwqError(f"{fixed} fixes every tensor's type: drop --avg-bits/--size")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from lwq_gguf import __version__
 from lwq_gguf.plan.plan import STRATEGIES
@@ -17,7 +18,7 @@ EX_BUG = 70  # an internal error (sysexits EX_SOFTWARE)
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
     """-q and --debug, accepted before or after the subcommand."""
-    default = {} if top else {"default": argparse.SUPPRESS}  # the subcommand's never overrides
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}  # the subcommand's never overrides
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars", **default)
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal "
                    "error (also LWQ_DEBUG=1)", **default)

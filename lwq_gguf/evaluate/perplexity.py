@@ -34,6 +34,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -212,8 +213,8 @@ class _Tally:
         nll = np.concatenate(self.nll)
         mean, err = _mean_err(nll)
         ppl = math.exp(mean)
-        res = dict(ppl=ppl, ppl_err=ppl * err, chunks=n_chunks, tokens_scored=int(nll.size),
-                   device=device)
+        res: dict[str, Any] = dict(ppl=ppl, ppl_err=ppl * err, chunks=n_chunks,
+                                   tokens_scored=int(nll.size), device=device)
         if self.kld:
             kld = np.concatenate(self.kld)
             k_mean, k_err = _mean_err(kld)
@@ -267,20 +268,23 @@ def _evaluate_groups(quants: list[Path], base: Path | None, lc: LlamaCpp, cfg: E
     # torch's threaded arithmetic when this process has loaded torch anyway (scoring, compare);
     # else numpy, which gives the same numbers (tests/evaluate/test_eval.py) without importing
     # torch for a few seconds (`eval`, and convert's check after a --scores file or a cache hit)
-    ops = _TorchOps() if "torch" in sys.modules and not in_child() else _NumpyOps()
-    results: list[EvalResult | None] = [None] * len(quants)
+    ops: Any = _TorchOps() if "torch" in sys.modules and not in_child() else _NumpyOps()
+    results: list[EvalResult] = []
     b = load_gguf(lc, base, cfg.ctx, device, cfg.threads) if base else None
-    tokens = n_chunks = None
-    for group in _groups(quants, base, cfg.memory_budget):
+    base_real = base.resolve() if base else None
+    tokens: Any = None
+    n_chunks, add_bos, bos = 0, False, 0
+    for group in _groups(quants, base, cfg.memory_budget or _memory_budget(device)):
         # the base itself, listed as a quant, is read from the base's logits (KLD 0)
-        models = [None if b is not None and quants[i].resolve() == base.resolve()
+        models = [None if quants[i].resolve() == base_real
                   else load_gguf(lc, quants[i], cfg.ctx, device, cfg.threads) for i in group]
-        if b is not None:
+        if b is not None and base is not None:
             for i, m in zip(group, models):
                 if m is not None:
                     _same_model(quants[i], m, base, b)
         if tokens is None:
             first = b if b is not None else models[0]
+            assert first is not None  # (a quant that is the base is there only beside it)
             tokens = first.tokenize(run.raw, add_bos=True, special=False)
             n_chunks = min(cfg.chunks or 1 << 62, _whole_chunks(tokens, run.text, cfg.ctx))
             add_bos, bos = adds_bos(lc, first), first.token_bos()
@@ -305,10 +309,9 @@ def _evaluate_groups(quants: list[Path], base: Path | None, lc: LlamaCpp, cfg: E
                     tally.nll_base.append(-ops.f64(lb[rows, targets]))
                     tally.kld.append(ops.f64(neg_entropy - (pb * lq).sum(-1)))
                     tally.same.append(ops.numpy(lq.argmax(-1) == top_b))
-        for i, tally in zip(group, tallies):
-            results[i] = tally.result(n_chunks, device)
+        results += [tally.result(n_chunks, device) for tally in tallies]
         del models
-    return results  # type: ignore[return-value]
+    return results
 
 
 def evaluate(quant: Path, text: Path, lc: LlamaCpp, cfg: EvalConfig = EvalConfig(),

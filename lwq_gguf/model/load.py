@@ -137,12 +137,12 @@ def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = _weight_map(index)
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
+        names = sorted(set(weight_map.values()))
+        missing = [f for f in names if not (path / f).is_file()]
         if missing:
             raise ModelInputError(f"{index}: names missing shard {missing[0]}: download that file "
                                   "into the model folder")
-        return [path / f for f in files]
+        return [path / f for f in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelInputError(f"{path}: no *.safetensors files: lwq-gguf reads safetensors "
@@ -186,8 +186,8 @@ def open_model(path: str | Path) -> HFModel:
     index = path / "model.safetensors.index.json"
     if index.exists():
         for name, fname in _weight_map(index).items():
-            ref = tensors.get(name)
-            if ref is None or ref.file.name != fname:
+            held = tensors.get(name)
+            if held is None or held.file.name != fname:
                 raise ModelInputError(f"{index}: says tensor {name!r} is in {fname} but it is not: "
                                       "re-download the index and shards together")
     for ref in tensors.values():

@@ -108,11 +108,12 @@ class LayerStream:
         self.torch, self.model, self.device = torch, model, device
         _fixed_mmap_threshold()
         conf = AutoConfig.from_pretrained(str(model.path))
-        self.arch = arch_of(model.architecture)
-        if self.arch is None:
+        arch = arch_of(model.architecture)
+        if arch is None:
             raise UnsupportedModelError(
                 f"{model.path}: lwq-gguf runs no forward pass of {model.architecture} (it does for "
                 f"{', '.join(SCORED)}): use --strategy zd, or auto for a plan from weight error")
+        self.arch = arch
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):  # weights on meta, buffers computed
@@ -151,7 +152,8 @@ class LayerStream:
     def layers(self):
         return self.lm.model.layers
 
-    def _ref(self, name: str):
+    def ref(self, name: str):
+        """The safetensors reference of HF weight ``name`` (a tied output: the embedding's)."""
         if name == "lm_head.weight" and self.tied:  # the output is the token embedding
             name = "model.embed_tokens.weight"
         ref = self.refs.get(name) or self.refs.get(name.removeprefix("model."))
@@ -173,7 +175,7 @@ class LayerStream:
             for name, b in module.named_buffers():
                 b.copy_(self._buffers[f"{prefix}.{name}"])
             for name, p in module.named_parameters():
-                ref = self._ref(f"{prefix}.{name}")
+                ref = self.ref(f"{prefix}.{name}")
                 step = max(1, ROW_BLOCK // max(1, p.numel() // ref.shape[0]))
                 for i, a in _row_blocks(ref, step):  # in row blocks: no whole float32 copies
                     p[i:i + step].copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
@@ -199,7 +201,7 @@ class LayerStream:
         """Rows ``keep`` (sorted) of weight ``name``, rounded through ``half``, on the device;
         read in row blocks, so a vocabulary-sized tensor is never whole in memory."""
         torch = self.torch
-        ref = self._ref(name)
+        ref = self.ref(name)
         step = max(1, ROW_BLOCK // max(1, int(np.prod(ref.shape[1:]))))
         parts = []
         for i, a in _row_blocks(ref, step):

@@ -78,6 +78,7 @@ def dense_budget(tensors: Sequence[GGUFTensor], dense_bytes: int | None,
                         "(ffn_*_exps): use --avg-bits alone")
     if dense_bytes is not None:
         return dense_bytes
+    assert dense_bits is not None  # (one of the two bounds the dense part)
     return int(dense_bits * sum(t.numel for t in tensors if is_dense(t)) / 8)
 
 

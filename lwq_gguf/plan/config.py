@@ -155,7 +155,7 @@ class Plan:
             if not tensors:
                 raise ValueError("no tensors")
             return cls(cfg, tensors, types, tuple(int(i) for i in d["layer_order"]),
-                       tuple(str(t) for t in d["pair"]), str(d.get("basis", "")),
+                       (str(d["pair"][0]), str(d["pair"][1])), str(d.get("basis", "")),
                        str(d.get("tool_version", "?")))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise PlanError(f"{source}: corrupt plan file ({e}): make a new one with "

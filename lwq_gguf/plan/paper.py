@@ -67,17 +67,27 @@ def _two_level(units: list[int], levels: list[list[str]], shapes: list[tuple], b
 
 
 
+def _level(q: str, t: GGUFTensor) -> str:
+    """What ladder type ``q`` is on ``t`` (llama.cpp's fallback); refused where it has none."""
+    ty = legal_type(q, t.shape[0])
+    if ty is None:
+        raise PlanError(f"{t.name}: {q} cannot quantize its rows of {t.shape[0]} and has no "
+                        "fallback: use a ladder of K-quants or legacy types (--ladder k)")
+    return ty
+
+
 def plan_two_level(tensors: tuple[GGUFTensor, ...], cfg: PlanConfig, order: tuple[int, ...]
                    ) -> Plan:
     """Plan every tensor with layers ranked ``order`` (most important first); see above."""
     rank = {layer: i for i, layer in enumerate(order)}
     total_elems = sum(t.numel for t in tensors)
     fixed = [fixed_type(t, cfg) for t in tensors]
-    fixed_bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(tensors, fixed) if ty)
+    fixed_bits = sum(tensor_nbytes(ty, t.shape) * 8 for t, ty in zip(tensors, fixed)
+                     if ty is not None)
     free = [i for i, ty in enumerate(fixed) if ty is None]
     emb = [i for i in free if tensors[i].name in _EMBED]
     units = sorted((i for i in free if i not in emb), key=lambda i: _priority(tensors[i], rank))
-    levels = [[legal_type(q, t.shape[0]) for q in cfg.ladder] for t in tensors]
+    levels = [[_level(q, t) for q in cfg.ladder] for t in tensors]
     shapes = [t.shape for t in tensors]
     n_levels = len(cfg.ladder)
 
@@ -90,17 +100,18 @@ def plan_two_level(tensors: tuple[GGUFTensor, ...], cfg: PlanConfig, order: tupl
     prefs = [hi] + list(range(j, -1, -1)) + list(range(hi + 1, n_levels))
     emb.sort(key=lambda i: tensors[i].name != "output.weight")  # output first: it matters more
     combos = sorted(itertools.product(range(len(prefs)), repeat=len(emb)), key=lambda c: (sum(c), c))
-    best = None
+    best: Plan | None = None
     for combo in combos:
         e_level = {i: prefs[k] for i, k in zip(emb, combo)}
         emb_bits = sum(tensor_nbytes(levels[i][e], shapes[i]) * 8 for i, e in e_level.items())
         chosen, lo = _two_level(units, levels, shapes, target * total_elems - fixed_bits - emb_bits)
         chosen.update({i: levels[i][e] for i, e in e_level.items()})
-        types = tuple(fixed[i] or chosen[i] for i in range(len(tensors)))
+        types = tuple(f if f is not None else chosen[i] for i, f in enumerate(fixed))
         plan = Plan(cfg, tensors, types, order, (cfg.ladder[lo], cfg.ladder[min(lo + 1, n_levels - 1)]))
         if abs(plan.bpw() - target) <= TOLERANCE:
             return plan
         if best is None or abs(plan.bpw() - target) < abs(best.bpw() - target):
             best = plan
+    assert best is not None  # (combos holds at least the all-zero one)
     raise PlanError(f"--avg-bits {target:g}: the closest this model's tensors allow is "
                     f"{best.bpw():.3f} BPW (tensor steps too coarse): choose a nearby target")

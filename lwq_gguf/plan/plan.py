@@ -109,7 +109,7 @@ def _plan_auto(tensors: tuple[GGUFTensor, ...], order: tuple[int, ...], cfg: Pla
     # embedding), the smaller file wins; the summary shows its BPW beside the target
     if least is not None and _damage(options, least) < _damage(options, pick) * (1 - 1e-9):
         pick = least
-    types = list(fixed)
+    types = [ty or "" for ty in fixed]  # (every free one is chosen below)
     for k, i in enumerate(free):
         types[i] = choices[k][pick[k]]
     used = sorted({choices[k][pick[k]] for k in range(len(free))} or {"f16"},

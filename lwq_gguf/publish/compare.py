@@ -331,11 +331,11 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> CompareResult:
         atomic_write_text(cache / f"{keys[i]}.json", json.dumps(r.to_dict()))
         results[i] = r
 
-    rows = []
-    for i, (e, r) in enumerate(zip(entries, results)):
-        rows.append(Row(e.label, e.kind, os.path.relpath(e.path, cfg.out_dir),
-                        e.path.stat().st_size / 2**20, read_back(e.path).bpw, r,
-                        r.ppl - results[0].ppl, i not in todo))
+    done = [r for r in results if r is not None]
+    assert len(done) == len(entries)
+    rows = [Row(e.label, e.kind, os.path.relpath(e.path, cfg.out_dir), e.path.stat().st_size / 2**20,
+                read_back(e.path).bpw, r, r.ppl - done[0].ppl, i not in todo)
+            for i, (e, r) in enumerate(zip(entries, done))]
     return CompareResult(tuple(rows), text_sha, device, time.time() - t0, len(stale), len(todo))
 
 

@@ -51,12 +51,14 @@ def parse_targets(avg_bits, sizes) -> tuple[Target, ...]:
 def target_job(job: Job, t: Target) -> Job:
     """``job`` (whose plan is the template) for one target; refused here when out of reach."""
     imatrix = job.imatrix.used
+    assert job.plan is not None  # (the template)
     model = open_model(job.model)
     if t.size is not None:
         bits = size_target(inventory(model), SizeLimit(bytes=t.size, spec=t.spec), job.plan,
                            imatrix)
         return replace(job, plan=replace(job.plan, avg_bits=bits), size_limit=t.size,
                        size_spec=t.spec)
+    assert t.bits is not None  # (a target is a size or a BPW)
     cfg = replace(job.plan, avg_bits=t.bits)
     check_reach(model_tensors(model), cfg, imatrix=imatrix)
     return replace(job, plan=cfg)

@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lwq_gguf.errors import LwqError
 from lwq_gguf.plan.budget import gib
@@ -144,7 +145,7 @@ def diff(a: Recipe, b: Recipe) -> dict:
 
 def describe(paths: list[Path]) -> dict:
     recipes = [read_recipe(p) for p in paths]
-    doc = {"files": [one(r) for r in recipes]}
+    doc: dict[str, Any] = {"files": [one(r) for r in recipes]}
     if len(recipes) == 2:
         doc["diff"] = diff(*recipes)
     return doc

@@ -45,10 +45,10 @@ def write_scores(job: Job, files: ScoreFiles, force: bool, reads: Reads) -> Prep
     for path in files.paths():
         check_output(path, force, reads)
     p = prepare(job)
-    atomic_write_text(files.scores, p.scores.to_json(), force, reads)
-    if files.imatrix and p.scores.imatrix:
-        write_imatrix(imatrix_from_dict(p.scores.imatrix), files.imatrix)
-    plot_scores(p.scores, files.png, f"{job.model.name}: layer importance")
+    atomic_write_text(files.scores, p.scored.to_json(), force, reads)
+    if files.imatrix and p.scored.imatrix:
+        write_imatrix(imatrix_from_dict(p.scored.imatrix), files.imatrix)
+    plot_scores(p.scored, files.png, f"{job.model.name}: layer importance")
     return p
 
 
@@ -61,7 +61,7 @@ def write_plan(job: Job, output: Path | None, tensor_type_file: Path | None, for
         check_output(path, force, reads)
     p = prepare(job)
     if output:
-        atomic_write_text(output, p.plan.to_json(), force, reads)
+        atomic_write_text(output, p.planned.to_json(), force, reads)
     if tensor_type_file:
-        atomic_write_text(tensor_type_file, p.plan.tensor_type_file(), force, reads)
+        atomic_write_text(tensor_type_file, p.planned.tensor_type_file(), force, reads)
     return p

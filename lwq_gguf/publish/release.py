@@ -83,7 +83,9 @@ class SideOutput:
 # ---- the side outputs -------------------------------------------------------------------------
 
 def _modelfile_of(cfg: ReleaseConfig, gguf: Path) -> Path:
-    return gguf.with_suffix(".Modelfile") if cfg.family else cfg.modelfile
+    if cfg.family or cfg.modelfile is None:
+        return gguf.with_suffix(".Modelfile")
+    return cfg.modelfile
 
 
 def _modelfiles(cfg: ReleaseConfig) -> tuple[Path, ...]:
@@ -106,7 +108,7 @@ def _write_evaluation(cfg: ReleaseConfig, done: Released) -> None:
     from lwq_gguf.publish.compare import run_compare, write_outputs
     from lwq_gguf.report import COMPARE_HEADERS, compare_rows, table
 
-    if not done.written:
+    if not done.written or cfg.evaluate is None:
         return
     compare = replace(cfg.evaluate,
                       files=tuple((f"lwq {o.target.label}", o.path) for o in done.written))

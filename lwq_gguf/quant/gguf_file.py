@@ -52,17 +52,20 @@ class _Header:
             raise struct.error("unexpected end of file")
         self.pos += n
 
-    def string(self, keep: bool = True) -> str | None:
+    def string(self) -> str:
         n = self.take("Q")
         start = self.pos
         self.skip(n)
-        return bytes(self.buf[start:self.pos]).decode("utf-8", "replace") if keep else None
+        return bytes(self.buf[start:self.pos]).decode("utf-8", "replace")
+
+    def skip_string(self) -> None:
+        self.skip(self.take("Q"))
 
     def value(self, vtype: int, keep: bool):
         if vtype in _SCALAR:
             return self.take(_SCALAR[vtype])
         if vtype == 8:
-            return self.string(keep)
+            return self.string() if keep else self.skip_string()
         if vtype != 9:
             raise struct.error(f"unknown value type {vtype}")
         etype, count = self.take("I"), self.take("Q")

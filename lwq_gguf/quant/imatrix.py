@@ -145,11 +145,11 @@ class ImatrixChoice:
     @property
     def key(self) -> str:
         """The name of this setting in the sensitivity tables: none | auto | file:<sha256[:16]>."""
-        return f"file:{self.sha256[:16]}" if self.mode == "file" else self.mode
+        return f"file:{(self.sha256 or '')[:16]}" if self.mode == "file" else self.mode
 
     def given(self) -> dict[str, Imatrix]:
         """{key: the file's imatrix} for a file, else {}."""
-        if self.mode != "file":
+        if self.mode != "file" or self.path is None:
             return {}
         return {self.key: self.data if self.data is not None else read_imatrix(self.path)}
 
@@ -160,6 +160,7 @@ class ImatrixChoice:
         if self.mode == "file":
             return self.path
         if self.mode == "auto":
+            assert auto is not None, "--imatrix auto without the scores' imatrix"
             path.parent.mkdir(exist_ok=True)
             write_imatrix(imatrix_from_dict(auto), path)
             return path

@@ -24,8 +24,9 @@ before squaring: the output part is kept for the window's own token rows only.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import ZDInspector, calibration_ids, torch_device
 from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows
 from lwq_gguf.score.scores import ScoreConfig, sig6
+
+if TYPE_CHECKING:
+    from lwq_gguf.model.stream import LayerStream
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
@@ -167,23 +171,23 @@ class _Pass:
     """What the backward pass shares: the stream, the windows, the 16-bit type, the GGUF names,
     the token count, the row sample, the clock and the progress callback."""
 
-    s: object  # LayerStream
+    s: LayerStream
     windows: list
-    half: object  # torch dtype
+    half: Any  # torch dtype
     names: dict
     n_tok: int
     sample: RowSample
     phases: Phases
-    tick: object
+    tick: Callable[[int], None]
     pinned: frozenset  # layers kept loaded from the forward
 
 
 @dataclass
 class _Head:
     grads: list  # d loss / d h (last layer's output), per window, on the host
-    fisher: object  # output weight's sum of g^2 on the kept rows (tied: kept for the embedding)
-    weight: object  # the output weight's kept rows
-    keep: object  # the kept rows (a sorted index tensor)
+    fisher: Any  # output weight's sum of g^2 on the kept rows (tied: kept for the embedding)
+    weight: Any  # the output weight's kept rows
+    keep: Any  # the kept rows (a sorted index tensor)
     n_rows: int  # the output's row count
     rows: list  # tied: per window (token rows, the output gradient on those rows)
     proxy: np.ndarray  # every output row's damage proxy, a_i sum_j b_j w_ij^2
@@ -203,9 +207,9 @@ def stratified_rows(n: int, present: np.ndarray, count: int) -> np.ndarray:
 class _HeadJob:
     windows: list
     chosen: list  # the Fisher windows
-    half: object  # torch dtype
+    half: Any  # torch dtype
     sample: RowSample
-    imatrix: object  # x -> None: adds the output's inputs to the imatrix
+    imatrix: Callable[[Any], None]  # x -> None: adds the output's inputs to the imatrix
 
 
 def _head_backward(s, hs, job: _HeadJob) -> _Head:
@@ -244,14 +248,19 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
             x = hn.detach()
             z = head(x).float()  # (through the module: its imatrix hook)
             cap = s.softcap  # the model's logits are cap * tanh(z / cap)
-            t = torch.tanh(z / cap) if cap else None
-            d = torch.softmax(t * cap if cap else z, -1)
+            if cap:
+                t = torch.tanh(z / cap)
+                d = torch.softmax(t * cap, -1)
+                slope = t.mul_(t).neg_().add_(1)  # d logits / d z = 1 - tanh^2 (t's memory)
+                del t
+            else:
+                d, slope = torch.softmax(z, -1), None
             del z
             y = torch.multinomial(d, 1, generator=gen)[:, 0]
             d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
-            if cap:
-                d.mul_(1 - t * t)  # ... / d z
-                del t
+            if slope is not None:
+                d.mul_(slope)  # ... / d z
+                del slope
             energy += (d * d).sum(0)
             inputs_sq += (x * x).sum(0)
             for i in range(0, len(keep), block):
@@ -296,7 +305,7 @@ def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
     rows = {n: _rows_kept(m.out_features, m.in_features, names[n][1], experts[names[n][0]], sample)
             for n, m in lin.items()}
     fisher = {n: torch.zeros(len(r), lin[n].in_features, device=dev) for n, r in rows.items()}
-    cur: dict[str, object] = {}  # this window's gradient of each weight's sampled rows
+    cur: dict[str, Any] = {}  # this window's gradient of each weight's sampled rows
 
     def hook_for(n):
         r = torch.from_numpy(rows[n]).to(dev)
@@ -369,7 +378,7 @@ def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
     s, windows, half, names, n_tok = run.s, run.windows, run.half, run.names, run.n_tok
     torch = s.torch
     hf = "model.embed_tokens.weight"
-    n_rows, n_cols = s._ref(hf).shape[:2]
+    n_rows, n_cols = s.ref(hf).shape[:2]
     # untied: the Fisher windows' tokens, exactly (every other row's Fisher is zero); tied:
     # those and a sample of the rest, which counts for the rest by the output's proxy
     keep = head.keep if s.tied else torch.from_numpy(head.present).to(s.device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -44,7 +44,7 @@ BLOCK = 1 << 20  # weights per quantize/compare step
 ROWS = RowSample()  # the rows measured per tensor (score.sample)
 
 
-def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: list[str],
+def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: Sequence[str],
                   imatrix: np.ndarray | None, experts: np.ndarray | None = None
                   ) -> dict[str, float]:
     """1/2 sum F (w - Q(w))^2 for each type (in row blocks: float64 sums, small temporaries).
@@ -52,14 +52,15 @@ def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types
     ``experts``: the expert each row of a merged ``ffn_*_exps`` tensor belongs to, when
     ``imatrix`` holds one row per expert (each expert is quantized with its own)."""
     if imatrix is not None and imatrix.size != w.shape[1]:
+        assert experts is not None, "an imatrix per expert needs the rows' experts"
         per_expert = imatrix.reshape(-1, w.shape[1])
-        total = dict.fromkeys(types, 0.0)
+        totals = dict.fromkeys(types, 0.0)
         for e in np.unique(experts):
             sel = experts == e
             for ty, d in tensor_damage(quantizer, w[sel], fisher[sel], types,
                                        per_expert[e]).items():
-                total[ty] += d
-        return total
+                totals[ty] += d
+        return totals
     step = max(1, BLOCK // w.shape[1])
     out = {}
     for ty in types:

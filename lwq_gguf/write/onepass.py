@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +50,7 @@ class _Target:
     """One tensor's destination: its planned type (None: kept as converted), shape, bytes."""
 
     name: str
-    src_type: object  # gguf.GGMLQuantizationType of the converter's data
+    src_type: Any  # gguf.GGMLQuantizationType of the converter's data
     dst_type: str | None
     shape: tuple[int, ...]
     nbytes: int
@@ -59,10 +61,10 @@ class _Target:
 class _Shared:
     """What every tensor's write uses: the quantizer, the thread pools, the progress callback."""
 
-    quantizer: object
+    quantizer: Any  # quant.encoder.Quantizer
     pool: ThreadPoolExecutor
     prefetch: ThreadPoolExecutor
-    on_done: object
+    on_done: Callable[[str], None]
     workers: int = field(default=1)
 
 
@@ -73,7 +75,8 @@ class Planned:
         self.t, self.src, self.shared = target, src, shared
         self.name = target.name
         self.next: Planned | None = None  # the tensor written after this one
-        self.ahead = None  # its materialization, started while this one is quantized
+        self.ahead: Future[np.ndarray] | None = None  # its materialization, started while this
+        # one is quantized
 
     @property
     def nbytes(self) -> int:  # GGUFWriter checks it against the TensorInfo
@@ -151,6 +154,7 @@ def requantize_writer(writer, job: QuantizeSettings, on_done
         raise ModelInputError("single-pass writer: split output is not supported: use --two-step")
     old = writer.tensors[0]
     new = {}
+    order: list[Planned] = []  # in the order written
     for name in sorted(old, key=loader_order):
         ti = old[name]
         shape = tuple(int(d) for d in ti.shape)
@@ -176,9 +180,10 @@ def requantize_writer(writer, job: QuantizeSettings, on_done
                                 "q2_k or above for it, or give an imatrix that covers it")
         ti_new = gguf.gguf_writer.TensorInfo(shape=shape, dtype=want.ggml if dst else ti.dtype,
                                              nbytes=nbytes)
-        ti_new.tensor = Planned(_Target(name, ti.dtype, dst, shape, nbytes, im), ti.tensor, shared)
+        planned = Planned(_Target(name, ti.dtype, dst, shape, nbytes, im), ti.tensor, shared)
+        ti_new.tensor = planned  # type: ignore[assignment]  # (the writer calls its tofile)
         new[name] = ti_new
-    order = [ti.tensor for ti in new.values()]
+        order.append(planned)
     for a, b in zip(order, order[1:]):
         a.next = b
     writer.tensors[0] = new
@@ -189,7 +194,7 @@ def requantize_writer(writer, job: QuantizeSettings, on_done
     writer.add_uint32(gguf.Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION)
     writer.add_uint32(gguf.Keys.General.FILE_TYPE, int(job.ftype))
     if imatrix is not None:  # llama-quantize's kv overrides (strings cut to 127 bytes, uint32)
-        writer.add_string("quantize.imatrix.file", _cut(job.imatrix_name or job.imatrix))
+        writer.add_string("quantize.imatrix.file", _cut(job.imatrix_name or job.imatrix or ""))
         if imatrix.dataset:
             writer.add_string("quantize.imatrix.dataset", _cut(imatrix.dataset))
         writer.add_uint32("quantize.imatrix.entries_count", len(imatrix.sums))

@@ -109,6 +109,7 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores_json: str | Non
 def _imatrix_arg(cfg: WriteConfig) -> str:
     """llama-quantize records the path it is given: one made in the work folder is named
     relatively, so the file does not depend on the output's name."""
+    assert cfg.imatrix is not None
     return (cfg.imatrix.name if cfg.imatrix.parent == work_paths(cfg.output)[0]
             else str(cfg.imatrix.resolve()))
 
