@@ -45,3 +45,24 @@ def test_transformers_and_llama_cpp_tokenize_alike(gemma_model, gemma_f16):
     assert vocab_tokens(lc, gemma_f16, text.encode()) == hf
     assert vocab_tokens(lc, gemma_model[1], text.encode()) == hf  # the packaged vocabulary too
     assert len(hf) > 1000
+
+
+def test_calibration_tokens_are_llama_imatrix_s(gemma_model, gemma_f16):
+    """Scoring reads the calibration text as llama-imatrix does: its literal "<unk>" strings
+    (WikiText's, dozens per 4,096 tokens) are text, not Gemma's special <unk> token, and every
+    window starts with BOS (the window's first token replaced, as llama.cpp does per chunk)."""
+    from lwq_gguf.model.load import open_model
+    from lwq_gguf.score.layers import calibration_ids
+    from lwq_gguf.score.scores import ScoreConfig
+
+    cfg = ScoreConfig(calib_tokens=2048, seq_len=512)
+    ids = calibration_ids(open_model(gemma_model[0]), cfg)
+    raw = default_calibration().read_bytes()
+    raw = raw[:raw.index(b"\n", 40_000)]
+    assert raw[:12_000].count(b"<unk>") > 20
+    ref = vocab_tokens(find_llama_cpp(), gemma_f16, raw)
+    bos = ref[0]
+    ref = ref[1:2049]
+    for i in range(0, len(ref), cfg.seq_len):
+        ref[i] = bos
+    assert ids == ref

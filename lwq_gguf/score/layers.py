@@ -116,13 +116,18 @@ def prefix_ids(tok, text: str, n: int, margin: int = 64) -> list[int]:
     size = max(4096, 8 * (n + margin))
     while True:
         cut = text.rfind("\n", 0, size) if size < len(text) else len(text)
-        ids = tok(text[: cut if cut > 0 else size], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tok(text[: cut if cut > 0 else size], add_special_tokens=False, verbose=False,
+                  split_special_tokens=True)["input_ids"]
         if size >= len(text) or len(ids) >= n + margin:
             return ids[:n]
         size *= 2
 
 
 def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
+    """The calibration tokens as llama-imatrix and llama-perplexity read a text: special-token
+    strings in it (WikiText's literal ``<unk>``) are text, not the special tokens, and where the
+    model's tokenizer adds BOS every window of ``cfg.seq_len`` starts with it (its first token
+    replaced, as those tools do with each chunk)."""
     from transformers import AutoTokenizer
 
     file = cfg.calib_file
@@ -139,6 +144,10 @@ def calibration_ids(model: HFModel, cfg: ScoreConfig) -> list[int]:
     ids = prefix_ids(tok, text, cfg.calib_tokens)
     if len(ids) < 16:
         raise LwqError(f"{file}: calibration text too short ({len(ids)} tokens): give a longer text")
+    bos = tok.bos_token_id
+    if bos is not None and tok("a")["input_ids"][:1] == [bos]:  # the model's text starts with BOS
+        for i in range(0, len(ids), cfg.seq_len):
+            ids[i] = bos
     return ids
 
 

@@ -160,10 +160,12 @@ def test_prefix_tokenization_equals_whole_text(demo_models, tiny, n):
     text = default_calibration().read_text(encoding="utf-8")
     for path in (demo_models[0], tiny("llama", 2)):
         tok = AutoTokenizer.from_pretrained(str(path))
-        whole = tok(text[:400_000], add_special_tokens=False, verbose=False)["input_ids"]
+        whole = tok(text[:400_000], add_special_tokens=False, verbose=False,
+                    split_special_tokens=True)["input_ids"]
         assert prefix_ids(tok, text[:400_000], n) == whole[:n]
     short = "a short text\nof two lines"
-    assert prefix_ids(tok, short, n) == tok(short, add_special_tokens=False)["input_ids"][:n]
+    assert prefix_ids(tok, short, n) == tok(short, add_special_tokens=False,
+                                            split_special_tokens=True)["input_ids"][:n]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float16"])

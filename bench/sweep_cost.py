@@ -1,0 +1,99 @@
+"""Where the sensitivity sweeps' time goes, and what pruning dominated types could save.
+
+    .venv/bin/python bench/sweep_cost.py --scores OUT/scores.json [--cols 1024] [--seconds 0.5]
+
+The sweeps quantize each tensor's sampled rows (~64k weights) to every ladder type and back.
+This measures, for every type of the scores file's ladder, the pinned ggml's quantize + dequantize
+time per weight (a 64 x COLS float32 block of random weights with a random imatrix, one thread),
+and from the scores file's damage table (the full sweeps' result) how much of the sweep time goes
+to types that are *dominated* on a tensor - some type of no more BPW has at most 1/M of its
+damage, so the planner would never pick it. That share, at margins M, is the most that measuring
+every type on a small row sample first and refining only the undominated ones could save, even
+if the small sample were exact (it must also pay for itself). Every tensor is counted as one
+sample of equal size (the default row sample is ~64k weights for every layer tensor).
+
+Writes bench/results/sweep-cost-MODEL.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness import RESULTS, parser, write_results
+
+from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.quant.encoder import Quantizer
+from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.report import markdown_table, table
+
+MARGINS = (1.0, 1.25, 1.5, 2.0)
+
+
+def type_costs(ladder: list[str], cols: int, seconds: float) -> dict[str, float]:
+    """ns per weight of one quantize + dequantize, per type."""
+    q = Quantizer(find_llama_cpp(), "ggml")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, cols)) * 0.02).astype(np.float32)
+    im = (rng.random(cols) + 0.1).astype(np.float32)
+    out = {}
+    for ty in ladder:
+        q.roundtrip(w[:8], ty, im)  # (first call: the type's tables)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            q.roundtrip(w, ty, im)
+            n += 1
+        out[ty] = (time.perf_counter() - t0) / n / w.size * 1e9
+    return out
+
+
+def dominated(row: dict[str, float], q: str, margin: float) -> bool:
+    bpw = QUANT_TYPES[q].bpw
+    return any(o != q and QUANT_TYPES[o].bpw <= bpw and row[o] * margin <= row[q]
+               and not (QUANT_TYPES[o].bpw == bpw and row[o] * margin == row[q]) for o in row)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--scores", type=Path, required=True, help="a scores JSON with damage tables")
+    ap.add_argument("--key", default="auto@ggml", help="the damage table (imatrix@encoder)")
+    ap.add_argument("--cols", type=int, default=1024, help="row width of the timed block")
+    ap.add_argument("--seconds", type=float, default=0.5, help="timing per type")
+    ap.add_argument("--results", type=Path, default=None)
+    a = ap.parse_args()
+    doc = json.loads(a.scores.read_text())
+    damage = doc["sensitivity"]["damage"][a.key]
+    ladder = sorted({q for row in damage.values() for q in row}, key=lambda q: QUANT_TYPES[q].bpw)
+    cost = type_costs(ladder, a.cols, a.seconds)
+    total = sum(cost[q] for row in damage.values() for q in row)
+    share = {q: sum(cost[q] for row in damage.values() if q in row) / total for q in ladder}
+    prune = []
+    for m in MARGINS:
+        n = sum(dominated(row, q, m) for row in damage.values() for q in row)
+        c = sum(cost[q] for row in damage.values() for q in row if dominated(row, q, m))
+        prune.append({"margin": m, "types_dominated": n / sum(map(len, damage.values())),
+                      "cost_dominated": c / total})
+    head = ("type", "BPW", "ns / weight", "share of the sweeps")
+    cells = [(q, f"{QUANT_TYPES[q].bpw:.3f}", f"{cost[q]:.1f}", f"{share[q]:.1%}")
+             for q in sorted(ladder, key=lambda q: -share[q])]
+    phead = ("margin M", "(tensor, type) pairs dominated", "sweep time in them")
+    pcells = [(f"{p['margin']:g}", f"{p['types_dominated']:.0%}", f"{p['cost_dominated']:.0%}")
+              for p in prune]
+    print(table(head, cells))
+    print(table(phead, pcells))
+    name = a.scores.resolve().parent.name
+    results = a.results or RESULTS / f"sweep-cost-{name}.json"
+    write_results(results, {"scores": str(a.scores), "key": a.key, "cols": a.cols,
+                            "tensors": len(damage), "ns_per_weight": cost, "share": share,
+                            "pruning": prune},
+                  f"Sweep cost per type and the dominated share: {name}",
+                  f"Scores {a.scores} ({len(damage)} tensors, table {a.key}); timing on a 64 x "
+                  f"{a.cols} block, one thread\n\n{markdown_table(head, cells)}\n\n"
+                  f"{markdown_table(phead, pcells)}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The truth's pairs against estimates made with other Fisher token counts, and what each costs.
+
+    .venv/bin/python bench/truth_rescore.py [--truth bench/results/truth-gemma3-270m.json]
+                                            [--fisher-tokens 1024 2048 4096]
+
+bench/truth.py measured single-tensor KLD for a sample of (tensor, type) pairs. Those
+measurements do not depend on how the planner estimates; this re-estimates the same pairs with
+the Fisher taken over other numbers of calibration tokens (``lwq-gguf score --fisher-tokens N
+--ladder all --rescore``, timed whole as a child process; the imatrix, from all calibration
+tokens, is the same for every N) and, for each N, reports:
+
+* the rank correlation of estimate and measurement over all pairs;
+* the *tensor error*: per tensor, the median over its types of measured / estimated (pairs at
+  the runtime floor left out, as bench/truth.py does), then over tensors the median, the range
+  and the spread (geometric standard deviation). A common factor does not change a plan; a
+  spread between tensors moves bits to the wrong ones;
+* per layer of the sample, the median tensor error;
+* the score time.
+
+Writes bench/results/truth-rescore-MODEL.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from harness import RESULTS, ROOT, parser, run_child, write_results
+
+from lwq_gguf.report import markdown_table, table
+
+FLOOR = 5  # as bench/truth.py: pairs within FLOOR x the tensor's Q8_0 KLD are the runtime floor
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def layer_of(name: str) -> str:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return m.group(1) if m else name.split(".")[0]
+
+
+def assess(pairs: list[dict], damage: dict) -> dict:
+    """The pairs' measurements against the estimates of ``damage``."""
+    est = [damage[p["tensor"]][p["type"]] for p in pairs]
+    floor = {p["tensor"]: p["kld"] for p in pairs if p["type"] == "q8_0"}
+    per_tensor: dict[str, list[float]] = {}
+    for p, e in zip(pairs, est):
+        if e > 0 and p["kld"] > FLOOR * floor.get(p["tensor"], 0):
+            per_tensor.setdefault(p["tensor"], []).append(p["kld"] / e)
+    err = {n: float(np.median(v)) for n, v in per_tensor.items()}
+    logs = np.log(list(err.values()))
+    layers: dict[str, list[float]] = {}
+    for n, v in err.items():
+        layers.setdefault(layer_of(n), []).append(v)
+    return {"spearman": spearman(est, [p["kld"] for p in pairs]),
+            "tensor_error_median": float(np.exp(np.median(logs))),
+            "tensor_error_min": float(np.exp(logs.min())),
+            "tensor_error_max": float(np.exp(logs.max())),
+            "tensor_error_gsd": float(np.exp(logs.std())),
+            "per_layer": {k: float(np.median(v)) for k, v in layers.items()},
+            "tensor_error": err}
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--truth", type=Path, default=RESULTS / "truth-gemma3-270m.json")
+    ap.add_argument("--fisher-tokens", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--results", type=Path, default=None)
+    a = ap.parse_args()
+    truth = json.loads(a.truth.read_text())
+    model = Path(truth["model"])
+    model = model if model.is_absolute() else ROOT / model
+    pairs = truth["pairs"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in a.fisher_tokens:
+            out = Path(tmp) / f"f{n}.scores.json"
+            timed = run_child([sys.executable, "-m", "lwq_gguf", "-q", "score", model,
+                               "--fisher-tokens", n, "--ladder", "all", "--rescore", "-o", out],
+                              who=f"score --fisher-tokens {n}")
+            tables = json.loads(out.read_text())["sensitivity"]["damage"]
+            key = "auto@ggml" if "auto@ggml" in tables else next(k for k in tables
+                                                                 if k.startswith("auto@"))
+            # (score's default encoder is lwq-gguf's own for Q4_K; the truth files are ggml's)
+            same = [p for p in pairs if key.endswith("@ggml") or p["type"] != "q4_k"]
+            rows.append({"fisher_tokens": n, "table": key, "pairs": len(same), **timed,
+                         **assess(same, tables[key])})
+            print(f"fisher tokens {n}: rank {rows[-1]['spearman']:.3f}, tensor error spread "
+                  f"{rows[-1]['tensor_error_gsd']:.2f}x, {timed['seconds']} s", flush=True)
+    layers = sorted({k for r in rows for k in r["per_layer"]},
+                    key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    head = ("Fisher tokens", "score s", "pairs", "rank corr.", "tensor error: median", "min", "max",
+            "spread (GSD)") + tuple(f"layer {k}" if k.isdigit() else k for k in layers)
+    cells = [(r["fisher_tokens"], f"{r['seconds']:.1f}", r["pairs"], f"{r['spearman']:.3f}",
+              f"{r['tensor_error_median']:.2f}", f"{r['tensor_error_min']:.2f}",
+              f"{r['tensor_error_max']:.2f}", f"{r['tensor_error_gsd']:.2f}")
+             + tuple(f"{r['per_layer'].get(k, math.nan):.2f}" for k in layers) for r in rows]
+    print(table(head, cells))
+    name = model.name
+    write_results(a.results or RESULTS / f"truth-rescore-{name}.json",
+                  {"truth": str(a.truth), "truth_date": truth["date"], "model": str(model),
+                   "pairs": len(pairs), "rows": rows},
+                  f"The truth's pairs against other Fisher token counts: {name}",
+                  f"{len(pairs)} pairs measured by bench/truth.py ({a.truth.name}, "
+                  f"{truth['date']}); estimates from `lwq-gguf score --fisher-tokens N --ladder all "
+                  f"--rescore`, seconds: that whole command; score's own Q4_K encoder is not the truth "
+                  f"files' (ggml's), so Q4_K pairs are left out\n\n"
+                  f"{markdown_table(head, cells)}\n\n*Tensor error*: per tensor the median over "
+                  f"its types of measured / estimated (pairs within {FLOOR}x the tensor's Q8_0 KLD "
+                  "left out); a factor common to every tensor does not change a plan, the spread "
+                  "(geometric standard deviation over tensors) moves bits between them.\n")
+
+
+if __name__ == "__main__":
+    main()
