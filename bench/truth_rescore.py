@@ -33,14 +33,9 @@ import numpy as np
 
 from harness import RESULTS, ROOT, parser, run_child, write_results
 
+from truth import FLOOR, spearman
+
 from lwq_gguf.report import markdown_table, table
-
-FLOOR = 5  # as bench/truth.py: pairs within FLOOR x the tensor's Q8_0 KLD are the runtime floor
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def layer_of(name: str) -> str:
