@@ -47,6 +47,9 @@ from pathlib import Path
 
 from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
 
+from gguf import LlamaFileType
+
+from lwq_gguf.evaluate.guard import MIX_SLACK
 from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs
 from lwq_gguf.evaluate.metrics import metrics
 from lwq_gguf.evaluate.perplexity import EvalConfig
@@ -56,7 +59,7 @@ from lwq_gguf.errors import PlanError
 from lwq_gguf.plan.plan import PlanConfig, make_plan
 from lwq_gguf.model.inventory import model_tensors
 from lwq_gguf.quant.imatrix import ImatrixChoice
-from lwq_gguf.quant.types import ENCODERS
+from lwq_gguf.quant.types import ENCODERS, MIXES
 from lwq_gguf.report import markdown_table, table
 from lwq_gguf.quant.encoder import damage_key
 from lwq_gguf.score.scores import Scores, ScoreConfig
@@ -122,13 +125,24 @@ def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, ba
             "mix_same_top": b.result.same_top_pct, "ours_same_top": a.result.same_top_pct,
             "mix_ppl": b.result.ppl, "ours_ppl": a.result.ppl, "base_ppl": base_ppl,
             "mix_estimate": pb, "ours_estimate": pa, "estimate_ratio": pa / pb,
-            "chunks": a.result.chunks}
+            "ours_kept": kept(out / a.file), "chunks": a.result.chunks}
 
 
-def planned(model: Path, targets, imatrix: bool, scores: Path
+def kept(path: Path) -> str:
+    """What convert wrote: its plan, or (evaluate.guard) llama.cpp's own mix, which carries no
+    lwq.* keys."""
+    info = read_back(path)
+    if "lwq.plan" in info.metadata:
+        return "plan"
+    ftype = int(info.metadata.get("general.file_type", -1))
+    return next((m for m in MIXES if int(LlamaFileType[f"MOSTLY_{m}"]) == ftype), "mix")
+
+
+def planned(model: Path, targets, imatrix: bool, scores: Path, mix_bpw: dict[str, float]
             ) -> tuple[tuple[float, ...], dict[float, float]]:
-    """The targets the planner accepts, and for each the smallest target with the same plan
-    (files that would be byte-identical are built and measured once)."""
+    """The targets the planner accepts, and for each the smallest target with the same plan and
+    the same llama.cpp mixes within its budget (``mix_bpw``: the mixes convert sets beside the
+    plan, evaluate.guard): files that would be byte-identical are built and measured once."""
     tensors = model_tensors(open_model(model))
     sc = Scores.from_json(scores.read_text())
     damage = sc.damage(damage_key("auto" if imatrix else "none", "lwq"))
@@ -139,8 +153,9 @@ def planned(model: Path, targets, imatrix: bool, scores: Path
         except PlanError:
             continue
         ok.append(bits)
-        first.setdefault(types, bits)
-        first[bits] = first[types]
+        key = (types, tuple(sorted(m for m, b in mix_bpw.items() if b <= bits + MIX_SLACK)))
+        first.setdefault(key, bits)
+        first[bits] = first[key]
     return tuple(ok), {b: first[b] for b in ok}
 
 
@@ -162,7 +177,8 @@ def _point(point: str, imatrix: str, bits: float, r, out: Path, damage: dict) ->
             "ours_bpw": r.bpw, "ours_bytes": (out / r.file).stat().st_size, "ours_mib": r.size_mib,
             "ours_kld": r.result.kld_mean, "ours_same_top": r.result.same_top_pct,
             "ours_ppl": r.result.ppl, "ours_estimate": estimate(types, damage),
-            "ours_embd_type": types.get("token_embd.weight"), "chunks": r.result.chunks}
+            "ours_embd_type": types.get("token_embd.weight"), "ours_kept": kept(out / r.file),
+            "chunks": r.result.chunks}
 
 
 def equal_kld(rows: list[dict]) -> list[dict]:
@@ -200,7 +216,9 @@ def run(text: Path, chunks: int, out_root: Path, imatrix: str, encoder: str = "l
         points += [(f"{SHRINK:g}x size", m, SHRINK) for m in SMALLER]
     bits = {(p, m): size_target(out / built[m].file, k) for p, m, k in points}
     sweep = sweep_range(model, step, with_im) if step and with_im else ()
-    accepted, same = planned(model, set(bits.values()) | set(sweep), with_im, out / "scores.json")
+    mix_bpw = {m: read_back(out / built[m].file).bpw for m in built}
+    accepted, same = planned(model, set(bits.values()) | set(sweep), with_im, out / "scores.json",
+                             mix_bpw)
     sweep = tuple(b for b in sweep if b in accepted)
     c = replace(cfg, targets=tuple(sorted(set(same.values()))),
                 plan=PlanConfig(avg_bits=min(bits.values()), encoder=encoder))
@@ -305,13 +323,13 @@ def main() -> None:
     rows = [r for r in rows if r["point"] != "sweep"]
     same_kld = equal_kld(rows + sweep)
     head = ("point", "imatrix", "mix", "MiB mix/ours", "embd type mix/ours",
-            "MiB embd+out mix/ours", "KLD mix", "KLD ours", "ratio", "estimated",
+            "MiB embd+out mix/ours", "KLD mix", "KLD ours", "ratio", "estimated", "ours is",
             "same top mix/ours", "PPL mix/ours")
     cells = [(r["point"], r["imatrix"], r["mix"], f"{r['mix_mib']:.3f} / {r['ours_mib']:.3f}",
               f"{r['mix_embd_type']} / {r['ours_embd_type']}",
               f"{r['mix_embd_bytes'] / 2**20:.2f} / {r['ours_embd_bytes'] / 2**20:.2f}",
               KLD.fmt(r["mix_kld"]), KLD.fmt(r["ours_kld"]), f"{r['kld_ratio']:.3f}",
-              f"{r['estimate_ratio']:.3f}",
+              f"{r['estimate_ratio']:.3f}", r["ours_kept"],
               f"{TOP.fmt(r['mix_same_top'])} / {TOP.fmt(r['ours_same_top'])}",
               f"{PPL.fmt(r['mix_ppl'])} / {PPL.fmt(r['ours_ppl'])}") for r in rows]
     lines = verdict(rows, name, same_kld)
@@ -321,10 +339,11 @@ def main() -> None:
                "-" if e["ours_bytes"] is None else f"{e['ours_bytes'] / 2**20:.2f}",
                KLD.fmt(e["ours_kld"]),
                "-" if e["bytes_ratio"] is None else f"{e['bytes_ratio']:.3f}") for e in same_kld]
-    shead = ("target BPW", "BPW", "MiB", "KLD", "estimated", "same top", "PPL", "embd type")
+    shead = ("target BPW", "BPW", "MiB", "KLD", "estimated", "same top", "PPL", "embd type",
+             "file is")
     scells = [(f"{r['target']:g}", f"{r['ours_bpw']:.3f}", f"{r['ours_mib']:.2f}",
                KLD.fmt(r["ours_kld"]), KLD.fmt(r["ours_estimate"]), TOP.fmt(r["ours_same_top"]),
-               PPL.fmt(r["ours_ppl"]), r["ours_embd_type"]) for r in sweep]
+               PPL.fmt(r["ours_ppl"]), r["ours_embd_type"], r["ours_kept"]) for r in sweep]
     cost = {}  # the sensitivity analysis each setting ran (cached: when it was first measured)
     for imatrix in a.imatrix.split(","):
         sens = json.loads((a.out / a.model.resolve().name / f"imatrix-{imatrix}" / "scores.json")

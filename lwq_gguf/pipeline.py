@@ -8,6 +8,8 @@ checks the file. ``score``, ``plan``, ``convert`` and ``compare`` all go through
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,14 +17,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lwq_gguf.errors import PlanError, VerifyError
+from lwq_gguf.evaluate.guard import Budget, Guard, choose, measure, offered
 from lwq_gguf.files import atomic_output, check_output, read_user_text, sha256_file
-from lwq_gguf.llamacpp import find_llama_cpp
+from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp
 from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, inventory,
                                       model_tensors, run_job)
 from lwq_gguf.model.load import HFModel, open_model
+from lwq_gguf.plan.mixes import mix_recipes
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.plan.recipe import read_plan
-from lwq_gguf.plan.size import SizeLimit, fit_size
+from lwq_gguf.plan.size import SizeLimit, fit_size, predicted_bytes
 from lwq_gguf.quant.encoder import damage_key, split_damage_key
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_to_dict
 from lwq_gguf.quant.gguf_file import read_back
@@ -33,8 +37,7 @@ from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
 from lwq_gguf.score.weights import BASIS_FISHER, BASIS_WEIGHTS
 from lwq_gguf.write.verify import CheckResult, check_file
-from lwq_gguf.write.writer import (WriteConfig, cleanup,
-                                   work_paths, write_gguf)
+from lwq_gguf.write.writer import WriteConfig, cleanup, guard_dir, work_paths, write_gguf
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +58,8 @@ class Job:
     # and within SIZE_SLACK of it; size_spec: as the user wrote it, for messages
     size_limit: int | None = None
     size_spec: str = ""
+    # convert: set the plan beside llama.cpp's own mixes of the same size (evaluate.guard)
+    mix_guard: bool = True
     progress: bool = True
 
 
@@ -237,10 +242,53 @@ def prepare(job: Job) -> Prepared:
 @dataclass(frozen=True)
 class ConvertResult:
     output: Path
-    plan: Plan
+    plan: Plan  # what the file holds: the plan, or a llama.cpp mix's recipe (plan.mix)
     scores: Scores | None
     check: CheckResult
     seconds: float
+    guard: Guard | None = None  # the plan set beside llama.cpp's mixes (None: not asked)
+
+
+def _guard(job: Job, p: Prepared) -> Guard | None:
+    """The plan beside llama.cpp's own mixes of the same budget (:mod:`lwq_gguf.evaluate.guard`):
+    for a planned (--strategy auto) file without a separate non-expert budget."""
+    cfg = job.plan
+    if (not job.mix_guard or cfg is None or cfg.strategy != "auto" or p.scores is None
+            or cfg.dense_bytes is not None or cfg.dense_bits is not None):
+        return None
+    damage = p.scores.damage(damage_key(p.imatrix.key, cfg.encoder))
+    if damage is None:
+        return None
+    imatrix = p.imatrix.used
+    recipes = mix_recipes(p.model, p.tensors, offered(imatrix))
+    header = inventory(p.model).header_bytes
+    scores_json = p.scores.to_json()
+    budget = (Budget(size=job.size_limit) if job.size_limit is not None
+              else Budget(avg_bits=cfg.avg_bits))
+    return choose(p.planned, recipes, damage, budget,
+                  lambda plan: predicted_bytes(header, plan, scores_json, imatrix))
+
+
+def _measure(g: Guard, job: Job, p: Prepared, write: WriteConfig, partial: Path,
+             lc: LlamaCpp) -> Guard:
+    """Write the mix's own file beside the planned one, measure both (evaluate.guard.measure)
+    and leave the winner at ``partial``."""
+    assert g.verify is not None
+    folder = guard_dir(write.output)
+    folder.mkdir(exist_ok=True)
+    try:
+        out = folder / "mix.gguf"
+        im = p.imatrix.file_for_llama(p.scores.imatrix if p.scores else None,
+                                      work_paths(out)[0] / "imatrix.gguf")
+        mix_file = write_gguf(lc, p.model.path, g.verify, None,
+                              replace(write, output=out, imatrix=im), job.progress)
+        g = measure(g, partial, mix_file, p.model.path, job.score.calib_file, lc, folder,
+                    job.progress)
+        if g.chosen.mix:
+            os.replace(mix_file, partial)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return g
 
 
 def _encoder(job: Job) -> str:
@@ -272,18 +320,23 @@ def convert(job: Job, write: WriteConfig, verify: bool = True) -> ConvertResult:
         p = prepare(job)
         if write.two_step and p.scores is None:  # the single pass checks every weight as it goes
             zd_scores(p.model, job.progress)  # the NaN/Inf check reads every weight
+        guard = _guard(job, p)
+        plan = guard.chosen if guard is not None else p.planned
         im_path = p.imatrix.file_for_llama(p.scores.imatrix if p.scores else None,
                                            work_paths(out)[0] / "imatrix.gguf")
         scores_json = p.scores.to_json() if p.scores else None
         with atomic_output(out) as partial:
-            written = write_gguf(lc, p.model.path, p.planned, scores_json,
+            written = write_gguf(lc, p.model.path, plan, scores_json,
                                  replace(write, imatrix=im_path), job.progress)
             assert written == partial, (written, partial)
-            check = (check_file(partial, p.planned, job.score.calib_file, out) if verify
+            if guard is not None and guard.verify is not None:
+                guard = _measure(guard, job, p, write, partial, lc)
+                plan = guard.chosen
+            check = (check_file(partial, plan, job.score.calib_file, out) if verify
                      else CheckResult(read_back(partial).bpw, None))
             if job.size_limit is not None and partial.stat().st_size > job.size_limit:
                 raise VerifyError(f"{out}: {partial.stat().st_size} bytes, above --size "
                                   f"{job.size_spec}: report this bug")
     finally:
         cleanup(out)  # the work folder (and a partial file, never the target)
-    return ConvertResult(out, p.planned, p.scores, check, time.time() - t0)
+    return ConvertResult(out, plan, p.scores, check, time.time() - t0, guard)

@@ -59,6 +59,11 @@ def plan_layers_table(plan: Plan, lim: Sequence[float] | None) -> str:
 
 
 def plan_summary(plan: Plan) -> str:
+    if plan.mix:
+        return (f"llama.cpp's own {plan.mix}: BPW {plan.bpw():.3f} over the whole file (target "
+                f"{plan.config.avg_bits:g}), levels {plan.pair[0]}/{plan.pair[1]}, "
+                f"{plan.nbytes / 2**20:.1f} MiB of tensors; the file is llama-quantize's, byte "
+                "for byte")
     line = (f"BPW {plan.bpw():.3f} over the whole file (target {plan.config.avg_bits:g}, "
             f"strategy {plan.config.strategy}{': ' + plan.basis if plan.basis else ''}, "
             f"levels {plan.pair[0]}/{plan.pair[1]}); "

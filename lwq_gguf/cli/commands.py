@@ -72,7 +72,7 @@ def _job(a, **kw):
 
     imatrix = ImatrixChoice.parse(getattr(a, "imatrix", "auto"))
     return Job(model=a.model, score=_score_config(a), imatrix=imatrix, scores_file=a.scores,
-               progress=not a.quiet, **kw)
+               mix_guard=not getattr(a, "no_mix_guard", False), progress=not a.quiet, **kw)
 
 
 # ---- the commands ------------------------------------------------------------------------------
@@ -167,6 +167,8 @@ def cmd_convert(a) -> None:
         check = f"llama.cpp check PPL {r.check.ppl:.2f} (4x128 tokens, CPU)" if r.check.ppl else "no check"
         print(plan_types_table(r.plan))
         print(plan_summary(r.plan))
+        if r.guard is not None:
+            print(f"llama.cpp's mixes: {r.guard.line()}")
         print(f"wrote {o.path}: {mib:.1f} MiB, {r.check.bpw:.3f} BPW read back; {check}; "
               f"{r.seconds:.0f} s")
 

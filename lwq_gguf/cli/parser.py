@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "as the single pass with --encoder ggml)")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--no-verify", action="store_true", help="skip the read-back and llama.cpp check")
+    c.add_argument("--no-mix-guard", action="store_true", help="write the plan even where one of "
+                   "llama.cpp's own mixes fits the same budget and is estimated (or, when close, "
+                   "measured on the calibration text) better; by default that mix is written")
     c.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all cores)")
     c.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile (TEMPLATE, "
                    "SYSTEM and stop tokens from the chat template) beside the GGUF")

@@ -10,6 +10,8 @@ lwq-gguf. Jobs:
 * ``inventory`` (this module) - the exact GGUF tensor list (name, ggml shape, type) the converter
   would write, computed lazily without writing anything (cached: :func:`inventory`);
 * ``write`` (this module) - the 16-bit GGUF, with extra metadata key/values (``kv``: lwq.*);
+* ``stub`` (this module) - the 16-bit GGUF's header, metadata and tensor infos, its data a sparse
+  hole of the right length: what ``llama-quantize --dry-run`` reads (:mod:`lwq_gguf.plan.mixes`);
 * ``onepass`` (:mod:`lwq_gguf.write.onepass`) - the planned GGUF itself, each tensor quantized as
   the writer reaches it;
 * ``damage`` (:mod:`lwq_gguf.score.weights`) - the weight-error damage tables of the tensors as
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -95,7 +98,7 @@ class GGUFTensor:
 
 @dataclass(frozen=True, kw_only=True)
 class ConverterJob:
-    mode: str  # inventory | write (this module) | onepass | damage (their stages' handlers)
+    mode: str  # inventory | write | stub (this module) | onepass | damage (their stages' handlers)
     src: str  # the pinned llama.cpp source folder (convert_hf_to_gguf.py, conversion/)
     model: str
     out: str
@@ -224,14 +227,34 @@ def _inventory(inst, job: ConverterJob) -> int:
 def _header_bytes(inst, job: ConverterJob) -> int:
     """Bytes of the 16-bit file's header, metadata and tensor infos (what precedes the data):
     written to a scratch file without the tensors."""
+    scratch = Path(job.out).with_name("header.gguf")
+    _write_header(inst, scratch)
+    return scratch.stat().st_size
+
+
+def _write_header(inst, path: Path) -> int:
+    """The header, metadata and tensor infos of the converter's file at ``path``; returns the
+    bytes its tensor data would take (each tensor padded to the alignment)."""
     inst.prepare_metadata(vocab_only=False)
     w = inst.gguf_writer
-    scratch = Path(job.out).with_name("header.gguf")
-    w.write_header_to_file(path=scratch)
+    align = w.data_alignment
+    data = sum(-(-ti.nbytes // align) * align for shard in w.tensors for ti in shard.values())
+    w.write_header_to_file(path=path)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-    return scratch.stat().st_size
+    return data
+
+
+def _stub(inst, job: ConverterJob) -> int:
+    """The 16-bit GGUF without its data: header, metadata and tensor infos, then a sparse hole
+    as long as the data (no weight is read; the hole takes no disk)."""
+    inst.prepare_tensors()
+    out = Path(job.out)
+    data = _write_header(inst, out)
+    align = inst.gguf_writer.data_alignment
+    os.truncate(out, -(-out.stat().st_size // align) * align + data)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -296,4 +319,4 @@ def inventory(model: HFModel) -> Inventory:
 
 
 if __name__ == "__main__":
-    raise SystemExit(child_main({"inventory": _inventory, "write": _write}))
+    raise SystemExit(child_main({"inventory": _inventory, "write": _write, "stub": _stub}))

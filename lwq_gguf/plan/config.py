@@ -91,6 +91,9 @@ class Plan:
     layer_order: tuple[int, ...]  # most important first
     pair: tuple[str, str]
     basis: str = ""  # strategy auto: what the damage tables measure (score.weights.BASIS_*)
+    # the llama-quantize preset this plan reproduces (plan.mixes.mix_plan): its file is
+    # llama-quantize's own, byte for byte (the preset's file type, no lwq.* keys)
+    mix: str = ""
     tool_version: str = field(default=__version__, compare=False)
 
     def type_of(self, name: str) -> str:
@@ -125,7 +128,7 @@ class Plan:
         return {
             "format": PLAN_FORMAT, "version": PLAN_VERSION, "tool_version": self.tool_version,
             "config": cfg, "layer_order": list(self.layer_order), "pair": list(self.pair),
-            "basis": self.basis,
+            "basis": self.basis, **({"mix": self.mix} if self.mix else {}),
             "summary": {"bpw": round(self.bpw(), 4), "bpw_layers": round(self.bpw(True), 4),
                         "bytes": self.nbytes, "elements": sum(t.numel for t in self.tensors)},
             "tensors": [{"name": t.name, "shape": list(t.shape), "src_type": t.src_type, "type": ty}
@@ -156,7 +159,7 @@ class Plan:
                 raise ValueError("no tensors")
             return cls(cfg, tensors, types, tuple(int(i) for i in d["layer_order"]),
                        (str(d["pair"][0]), str(d["pair"][1])), str(d.get("basis", "")),
-                       str(d.get("tool_version", "?")))
+                       str(d.get("mix", "")), str(d.get("tool_version", "?")))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise PlanError(f"{source}: corrupt plan file ({e}): make a new one with "
                             "`lwq-gguf plan`") from None

@@ -39,7 +39,9 @@ def lwq_metadata(plan: Plan, scores_json: str | None) -> dict:
 def predicted_bytes(header_bytes: int, plan: Plan, scores_json: str | None, imatrix: bool) -> int:
     """The planned file's size on disk, at most (exact but for the imatrix keys' strings and
     any dimension of 1 the writer drops)."""
-    extra = kv_bytes(lwq_metadata(plan, scores_json)) + (IMATRIX_KV_MAX if imatrix else 0)
+    # (a llama.cpp preset's own recipe, plan.mix, is written without the lwq.* keys)
+    lwq = 0 if plan.mix else kv_bytes(lwq_metadata(plan, scores_json))
+    extra = lwq + (IMATRIX_KV_MAX if imatrix else 0)
     return file_bytes(header_bytes, plan.tensor_bytes(), extra)
 
 

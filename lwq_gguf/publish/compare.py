@@ -52,7 +52,8 @@ COMPARE_FORMAT, COMPARE_VERSION = "lwq-gguf.compare", 1
 # the lwq-gguf code each kind of entry is made by (its digest is part of the entry's recipe)
 BASE_CODE = ("model/inventory.py",)  # the 16-bit base (then llama-quantize for the mixes)
 # scores.json and the imatrix computed with them: SCORE_CODE, the score cache's own key
-BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py")  # layer-wise files
+# layer-wise files (with the check against llama.cpp's mixes)
+BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py", "evaluate/guard.py")
 EVAL_CODE = ("evaluate/perplexity.py", "evaluate/runner.py")  # what measures them
 
 

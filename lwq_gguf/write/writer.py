@@ -23,6 +23,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import gguf
 from tqdm import tqdm
 
 from lwq_gguf.errors import OutputError, PlanError
@@ -53,6 +54,12 @@ def work_paths(output: Path) -> tuple[Path, Path]:
     return output.parent / f".{output.name}.lwq-work", partial_path(output)
 
 
+def guard_dir(output: Path) -> Path:
+    """The folder beside the target where a llama.cpp mix is written and measured against the
+    plan (lwq_gguf.evaluate.guard)."""
+    return output.parent / f".{output.name}.lwq-guard"
+
+
 def check_imatrix(imatrix: Path | None, plan: Plan) -> None:
     if imatrix is not None and not imatrix.is_file():
         raise OutputError(f"{imatrix}: imatrix file not found: make one with llama-imatrix")
@@ -68,6 +75,13 @@ def check_free_space(folder: Path, need: int) -> None:
         raise OutputError(f"{folder}: not enough free disk space: need {need / 2**20:.0f} MiB "
                           f"(output, and the 16-bit intermediate with --two-step), have "
                           f"{free / 2**20:.0f} MiB: free space or write elsewhere")
+
+
+def _file_type(plan: Plan) -> int:
+    """general.file_type: a preset's own (plan.mix), else the type most weights have."""
+    if plan.mix:
+        return int(gguf.LlamaFileType[f"MOSTLY_{plan.mix}"])
+    return int(file_type_for(_dominant_type(plan)))
 
 
 def _dominant_type(plan: Plan) -> str:
@@ -90,8 +104,10 @@ def write_gguf(lc: LlamaCpp, model_dir: Path, plan: Plan, scores_json: str | Non
     base_bytes = sum(t.numel for t in plan.tensors) * (4 if cfg.outtype == "f32" else 2)
     check_free_space(cfg.output.parent, base_bytes * cfg.two_step + plan.nbytes + (64 << 20))
     work.mkdir(exist_ok=True)
+    # a llama.cpp preset's own recipe (plan.mix) is written as llama-quantize writes it
+    kv = {} if plan.mix else lwq_metadata(plan, scores_json)
     job = ConverterJob(mode="write", src=str(lc.src), model=str(model_dir), out=str(partial),
-                       outtype=cfg.outtype, kv=lwq_metadata(plan, scores_json))
+                       outtype=cfg.outtype, kv=kv)
     try:
         if cfg.two_step:
             _two_step(lc, plan, cfg, job, progress)
@@ -116,7 +132,7 @@ def _imatrix_arg(cfg: WriteConfig) -> str:
 
 def _one_pass(plan: Plan, cfg: WriteConfig, job: ConverterJob, progress: bool) -> None:
     q = QuantizeSettings(types=dict(zip((t.name for t in plan.tensors), plan.types)),
-                         ftype=int(file_type_for(_dominant_type(plan))),
+                         ftype=_file_type(plan),
                          encoder=plan.config.encoder, threads=cfg.threads,
                          imatrix=str(cfg.imatrix) if cfg.imatrix else None,
                          imatrix_name=_imatrix_arg(cfg) if cfg.imatrix else None)
@@ -138,9 +154,8 @@ def _two_step(lc: LlamaCpp, plan: Plan, cfg: WriteConfig, job: ConverterJob, pro
     cmd = [str(lc.tool("llama-quantize"))]
     if cfg.imatrix:
         cmd += ["--imatrix", _imatrix_arg(cfg)]
-    ftype = file_type_for(_dominant_type(plan))
     cmd += ["--tensor-type-file", "types.txt", str(base.resolve()), str(partial.resolve()),
-            str(int(ftype)), str(cfg.threads or os.cpu_count() or 1)]
+            str(_file_type(plan)), str(cfg.threads or os.cpu_count() or 1)]
     step = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
     with tqdm(total=n, desc="quantize", unit="tensor", disable=not progress, leave=False) as bar:
         run_tool(cmd, what="llama-quantize", cwd=work,
@@ -151,4 +166,5 @@ def cleanup(output: Path) -> None:
     """Remove what a failed or killed run left beside ``output`` (never ``output`` itself)."""
     work, partial = work_paths(output)
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(guard_dir(output), ignore_errors=True)
     partial.unlink(missing_ok=True)
