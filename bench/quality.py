@@ -49,7 +49,7 @@ from harness import RESULTS, ROOT, WIKI_OR_NONE, parser, write_results
 
 from gguf import LlamaFileType
 
-from lwq_gguf.evaluate.guard import MIX_SLACK
+from lwq_gguf.plan.guard import MIX_SLACK
 from lwq_gguf.publish.compare import CompareConfig, run_compare, write_outputs
 from lwq_gguf.evaluate.metrics import metrics
 from lwq_gguf.evaluate.perplexity import EvalConfig
@@ -129,7 +129,7 @@ def _row(point: str, imatrix: str, mix: str, bits: float, limit: float, a, b, ba
 
 
 def kept(path: Path) -> str:
-    """What convert wrote: its plan, or (evaluate.guard) llama.cpp's own mix, which carries no
+    """What convert wrote: its plan, or (plan.guard) llama.cpp's own mix, which carries no
     lwq.* keys."""
     info = read_back(path)
     if "lwq.plan" in info.metadata:
@@ -142,7 +142,7 @@ def planned(model: Path, targets, imatrix: bool, scores: Path, mix_bpw: dict[str
             ) -> tuple[tuple[float, ...], dict[float, float]]:
     """The targets the planner accepts, and for each the smallest target with the same plan and
     the same llama.cpp mixes within its budget (``mix_bpw``: the mixes convert sets beside the
-    plan, evaluate.guard): files that would be byte-identical are built and measured once."""
+    plan, plan.guard): files that would be byte-identical are built and measured once."""
     tensors = model_tensors(open_model(model))
     sc = Scores.from_json(scores.read_text())
     damage = sc.damage(damage_key("auto" if imatrix else "none", "lwq"))

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lwq_gguf.errors import PlanError, VerifyError
-from lwq_gguf.evaluate.guard import Budget, Guard, choose, measure, offered
 from lwq_gguf.files import atomic_output, check_output, read_user_text, sha256_file
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp
 from lwq_gguf.model.inventory import (WRITTEN_MARK, ConverterJob, GGUFTensor, inventory,
-                                      model_tensors, run_job)
+                                      model_tensors, run_job, write_16bit)
 from lwq_gguf.model.load import HFModel, open_model
+from lwq_gguf.plan.guard import Budget, Guard, choose, measure, offered
 from lwq_gguf.plan.mixes import mix_recipes
 from lwq_gguf.plan.plan import Plan, PlanConfig, check_reach, make_plan
 from lwq_gguf.plan.recipe import read_plan
@@ -58,7 +58,7 @@ class Job:
     # and within SIZE_SLACK of it; size_spec: as the user wrote it, for messages
     size_limit: int | None = None
     size_spec: str = ""
-    # convert: set the plan beside llama.cpp's own mixes of the same size (evaluate.guard)
+    # convert: set the plan beside llama.cpp's own mixes of the same size (plan.guard)
     mix_guard: bool = True
     progress: bool = True
 
@@ -250,7 +250,7 @@ class ConvertResult:
 
 
 def _guard(job: Job, p: Prepared) -> Guard | None:
-    """The plan beside llama.cpp's own mixes of the same budget (:mod:`lwq_gguf.evaluate.guard`):
+    """The plan beside llama.cpp's own mixes of the same budget (:mod:`lwq_gguf.plan.guard`):
     for a planned (--strategy auto) file without a separate non-expert budget."""
     cfg = job.plan
     if (not job.mix_guard or cfg is None or cfg.strategy != "auto" or p.scores is None
@@ -271,10 +271,15 @@ def _guard(job: Job, p: Prepared) -> Guard | None:
 
 def _measure(g: Guard, job: Job, p: Prepared, write: WriteConfig, partial: Path,
              lc: LlamaCpp) -> Guard:
-    """Write the mix's own file beside the planned one, measure both (evaluate.guard.measure)
+    """Write the mix's own file beside the planned one, measure both (plan.guard.measure)
     and leave the winner at ``partial``."""
     assert g.verify is not None
     folder = guard_dir(write.output)
+    need = 2 * sum(t.numel for t in p.tensors) + g.verify.nbytes + (256 << 20)
+    free = shutil.disk_usage(write.output.parent).free
+    if free < need:  # the plan is the better by its estimate: kept, and the summary says so
+        return replace(g, verify=None, note=f"not measured: the 16-bit model and the mix need "
+                       f"{need / 2**30:.1f} GiB free beside the output, {free / 2**30:.1f} GiB are")
     folder.mkdir(exist_ok=True)
     try:
         out = folder / "mix.gguf"
@@ -282,8 +287,9 @@ def _measure(g: Guard, job: Job, p: Prepared, write: WriteConfig, partial: Path,
                                       work_paths(out)[0] / "imatrix.gguf")
         mix_file = write_gguf(lc, p.model.path, g.verify, None,
                               replace(write, output=out, imatrix=im), job.progress)
-        g = measure(g, partial, mix_file, p.model.path, job.score.calib_file, lc, folder,
-                    job.progress)
+        base = folder / "base.gguf"
+        write_16bit(lc, p.model.path, base)
+        g = measure(g, (partial, mix_file), base, job.score.calib_file, lc, job.progress)
         if g.chosen.mix:
             os.replace(mix_file, partial)
     finally:

@@ -10,7 +10,7 @@ code that reads them.
 
 :func:`mix_plan` turns a recipe into a :class:`Plan` whose file is llama-quantize's own, byte for
 byte (ggml's encoder, the preset's file type, no lwq.* keys): the candidate
-:mod:`lwq_gguf.evaluate.guard` sets beside the planned file.
+:mod:`lwq_gguf.plan.guard` sets beside the planned file.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ COMPARE_FORMAT, COMPARE_VERSION = "lwq-gguf.compare", 1
 BASE_CODE = ("model/inventory.py",)  # the 16-bit base (then llama-quantize for the mixes)
 # scores.json and the imatrix computed with them: SCORE_CODE, the score cache's own key
 # layer-wise files (with the check against llama.cpp's mixes)
-BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py", "evaluate/guard.py")
+BUILD_CODE = ("model", "quant", "score", "plan", "write", "pipeline.py")
 EVAL_CODE = ("evaluate/perplexity.py", "evaluate/runner.py")  # what measures them
 
 

@@ -56,7 +56,7 @@ def work_paths(output: Path) -> tuple[Path, Path]:
 
 def guard_dir(output: Path) -> Path:
     """The folder beside the target where a llama.cpp mix is written and measured against the
-    plan (lwq_gguf.evaluate.guard)."""
+    plan (lwq_gguf.plan.guard)."""
     return output.parent / f".{output.name}.lwq-guard"
 
 

@@ -8,7 +8,7 @@ the planner's own estimate (the sum of each tensor's measured damage) rates best
 * none fits, or the plan's estimate is at most ``VERIFY_ABOVE`` x the preset's: the plan;
 * the preset's estimate is no higher than the plan's: the preset, whose file is llama-quantize's
   own byte for byte (so the result is that mix, never worse than it);
-* in between: :func:`measure` writes both and runs them against the 16-bit model in llama.cpp on
+* in between: the caller writes both, and :func:`measure` runs them against the 16-bit model in llama.cpp on
   the calibration text (``VERIFY_CHUNKS`` chunks of 512 tokens, the text the imatrix and the
   scores came from, never an evaluation text); the lower mean KLD wins.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 
 from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many
 from lwq_gguf.llamacpp import LlamaCpp
-from lwq_gguf.model.inventory import write_16bit
 from lwq_gguf.plan.config import Plan, candidates, fixed_type
 from lwq_gguf.plan.mixes import estimated_damage, mix_plan
 from lwq_gguf.quant.types import default_baselines, mix_needs_imatrix
@@ -57,6 +56,7 @@ class Guard:
     kld_plan: float | None = None  # measured on the calibration text (the in-between case)
     kld_mix: float | None = None
     verify: Plan | None = None  # the preset's recipe, still to be measured (:func:`measure`)
+    note: str = ""  # why a measurement did not run
 
     def line(self) -> str:
         """One line for the summary."""
@@ -70,6 +70,8 @@ class Guard:
                     f"KLD {self.kld_plan:.5g} (plan) vs {self.kld_mix:.5g}: {won} written")
         if self.chosen.mix:
             return f"{self.mix} fits and the plan is no better ({est}): {won} written"
+        if self.note:
+            return f"{self.mix} fits and is close ({est}), {self.note}: the plan written"
         return f"the best that fits is {self.mix} ({est}): the plan written"
 
 
@@ -114,19 +116,13 @@ def offered(imatrix: bool) -> tuple[str, ...]:
     return tuple(m for m in default_baselines(imatrix) if imatrix or not mix_needs_imatrix(m))
 
 
-def measure(g: Guard, planned: Path, mix_file: Path, model_dir: Path, text: Path, lc: LlamaCpp,
-            work: Path, progress: bool = True) -> Guard:
-    """Both files against the 16-bit model (written to ``work``, removed after) on ``text``;
+def measure(g: Guard, files: tuple[Path, Path], base: Path, text: Path, lc: LlamaCpp,
+            progress: bool = True) -> Guard:
+    """``files`` (the planned file, the preset's) against the 16-bit model ``base`` on ``text``;
     the lower mean KLD is kept (the plan on a tie)."""
     assert g.verify is not None
-    base = work / "base.gguf"
-    try:
-        write_16bit(lc, model_dir, base)
-        a, b = evaluate_many([planned, mix_file], text, lc, EvalConfig(chunks=VERIFY_CHUNKS),
-                             base=base, progress=progress)
-    finally:
-        base.unlink(missing_ok=True)
+    a, b = evaluate_many(list(files), text, lc, EvalConfig(chunks=VERIFY_CHUNKS), base=base,
+                         progress=progress)
     assert a.kld_mean is not None and b.kld_mean is not None
     chosen = g.verify if b.kld_mean < a.kld_mean else g.chosen
     return replace(g, chosen=chosen, kld_plan=a.kld_mean, kld_mix=b.kld_mean, verify=None)
-

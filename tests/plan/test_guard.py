@@ -1,4 +1,4 @@
-"""The plan set beside llama.cpp's own mixes (evaluate.guard, plan.mixes).
+"""The plan set beside llama.cpp's own mixes (plan.guard, plan.mixes).
 
 The choice on synthetic plans (no llama.cpp); the recipes, the mix's file and the measurement with
 the pinned llama.cpp on a tiny generated model.
@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from lwq_gguf.evaluate.guard import VERIFY_ABOVE, Budget, Guard, choose, measure
+from lwq_gguf.plan.guard import VERIFY_ABOVE, Budget, Guard, choose, measure
 from lwq_gguf.evaluate.perplexity import EvalConfig, evaluate_many
 from lwq_gguf.llamacpp import find_llama_cpp, run_tool
 from lwq_gguf.model.inventory import GGUFTensor, model_tensors, write_16bit
@@ -117,13 +117,11 @@ def test_recipe_and_file_are_llama_quantize_s_own(tiny, tmp_path):
     plan = Plan(PlanConfig(avg_bits=4.0), tensors, tuple(recipes["Q4_K_M"][t.name] for t in tensors),
                 (0, 1), ("q3_k", "q6_k"))
     g = Guard(plan, "Q3_K_S", 1.0, 1.2, verify=mix_plan(plan, "Q3_K_S", recipes["Q3_K_S"]))
-    work = tmp_path / "guard"
-    work.mkdir()
-    m = measure(g, tmp_path / "Q4_K_M.gguf", tmp_path / "Q3_K_S.gguf", model_dir,
-                default_calibration(), lc, work, progress=False)
+    m = measure(g, (tmp_path / "Q4_K_M.gguf", tmp_path / "Q3_K_S.gguf"), base,
+                default_calibration(), lc, progress=False)
     want = evaluate_many([tmp_path / "Q4_K_M.gguf", tmp_path / "Q3_K_S.gguf"],
                          default_calibration(), lc, EvalConfig(chunks=16),
                          base=base, progress=False)
     assert (m.kld_plan, m.kld_mix) == (want[0].kld_mean, want[1].kld_mean)
     assert (m.chosen.mix == "Q3_K_S") == (want[1].kld_mean < want[0].kld_mean)
-    assert list(work.iterdir()) == [] and m.verify is None
+    assert m.verify is None
