@@ -56,7 +56,21 @@ def assess(pairs: list[dict], damage: dict) -> dict:
     layers: dict[str, list[float]] = {}
     for n, v in err.items():
         layers.setdefault(layer_of(n), []).append(v)
+    by_tensor: dict[str, dict[str, float]] = {}
+    for p, e in zip(pairs, est):
+        if e > 0:
+            by_tensor.setdefault(p["tensor"], {})[p["type"]] = p["kld"] / e
+    per_type: dict[str, dict] = {}
+    for ty in sorted({p["type"] for p in pairs}):
+        own = [(r[ty], float(np.median([v for k, v in r.items() if k != ty])))
+               for r in by_tensor.values() if ty in r and len(r) > 1]
+        mine = [(p["kld"], e) for p, e in zip(pairs, est) if p["type"] == ty]
+        per_type[ty] = {"pairs": len(mine),
+                        "spearman": spearman([e for _, e in mine], [k for k, _ in mine]),
+                        "measured_over_estimate": float(np.median([a for a, _ in own])),
+                        "vs_other_types": float(np.median([a / b for a, b in own]))}
     return {"spearman": spearman(est, [p["kld"] for p in pairs]),
+            "per_type": per_type,
             "tensor_error_median": float(np.exp(np.median(logs))),
             "tensor_error_min": float(np.exp(logs.min())),
             "tensor_error_max": float(np.exp(logs.max())),
@@ -100,6 +114,15 @@ def main() -> None:
               f"{r['tensor_error_max']:.2f}", f"{r['tensor_error_gsd']:.2f}")
              + tuple(f"{r['per_layer'].get(k, math.nan):.2f}" for k in layers) for r in rows]
     print(table(head, cells))
+    types = sorted({t for r in rows for t in r["per_type"]})
+    type_head = ("Fisher tokens", "type", "pairs", "rank corr.", "measured/est. median",
+                 "vs the tensor's other types: median")
+    type_cells = [(r["fisher_tokens"], t, r["per_type"][t]["pairs"],
+                   f"{r['per_type'][t]['spearman'] or math.nan:.2f}",
+                   f"{r['per_type'][t]['measured_over_estimate']:.2f}",
+                   f"{r['per_type'][t]['vs_other_types']:.2f}") for r in rows for t in types
+                  if t in r["per_type"]]
+    print(table(type_head, type_cells))
     name = model.name
     write_results(a.results or RESULTS / f"truth-rescore-{name}.json",
                   {"truth": str(a.truth), "truth_date": truth["date"], "model": str(model),
@@ -112,7 +135,10 @@ def main() -> None:
                   f"{markdown_table(head, cells)}\n\n*Tensor error*: per tensor the median over "
                   f"its types of measured / estimated (pairs within {FLOOR}x the tensor's Q8_0 KLD "
                   "left out); a factor common to every tensor does not change a plan, the spread "
-                  "(geometric standard deviation over tensors) moves bits between them.\n")
+                  "(geometric standard deviation over tensors) moves bits between them.\n\n"
+                  f"Per type (every pair of the type; *vs the tensor's other types*: measured / "
+                  f"estimated divided by its median over the same tensor's other types):\n\n"
+                  f"{markdown_table(type_head, type_cells)}\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ class QuantType:
     # F16 where that does not fit either), or None where llama-quantize refuses the tensor
     fallback: str | None
     file_type: LlamaFileType  # the pure llama.cpp file type that best labels a file of this type
+    # the int8 blocks llama.cpp's CPU backend rounds a matmul's activations to for this type
+    # (its vec_dot_type: Q8_0/Q8_1 32 weights, Q8_K 256); 0: not rounded (a float type)
+    act_block: int = 0
 
     @property
     def bpw(self) -> float:
@@ -60,13 +63,27 @@ _ROWS = (
 )
 
 
+# The type each one's activations are rounded to on the CPU (type_traits_cpu[].vec_dot_type in
+# ggml-cpu.c at the pin): the K-quants, i-quants but IQ4_NL, and the ternary types take Q8_K
+_VEC_DOT = {"q4_1": "q8_1", "q5_1": "q8_1",
+            **dict.fromkeys(("q8_0", "q5_0", "q4_0", "iq4_nl", "mxfp4", "nvfp4", "q2_0", "q1_0"),
+                            "q8_0")}
+
+
+def _act_block(name: str) -> int:
+    if name in ("f32", "f16", "bf16"):
+        return 0
+    return GGML_QUANT_SIZES[GGMLQuantizationType[_VEC_DOT.get(name, "q8_k").upper()]][0]
+
+
 def _build() -> dict[str, QuantType]:
     table = {}
     for name, imatrix, fallback, file_type in _ROWS:
         g = GGMLQuantizationType[name.upper()]
         block, size = GGML_QUANT_SIZES[g]
         table[name] = QuantType(name, g, block, size, imatrix,
-                                name if fallback == "" else fallback, LlamaFileType[file_type])
+                                name if fallback == "" else fallback, LlamaFileType[file_type],
+                                _act_block(name))
     return table
 
 

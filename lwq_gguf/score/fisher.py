@@ -33,6 +33,7 @@ import numpy as np
 from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
+from lwq_gguf.quant.types import QUANT_TYPES
 from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import ZDInspector, calibration_ids, torch_device
 from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows
@@ -41,6 +42,8 @@ from lwq_gguf.score.scores import ScoreConfig, sig6
 if TYPE_CHECKING:
     from lwq_gguf.model.stream import LayerStream
 
+# the activation blocks llama.cpp's CPU matmuls round to (quant.types: QuantType.act_block)
+ACT_BLOCKS = tuple(sorted({q.act_block for q in QUANT_TYPES.values() if q.act_block}))
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
 __all__ = ["FisherRun", "FisherTensor", "kept_rows", "streamed_fisher"]
@@ -192,6 +195,7 @@ class _Head:
     rows: list  # tied: per window (token rows, the output gradient on those rows)
     proxy: np.ndarray  # every output row's damage proxy, a_i sum_j b_j w_ij^2
     present: np.ndarray  # the tokens of the Fisher windows (sorted)
+    floor: dict[int, float]  # the output matmul's runtime floor, summed over the Fisher tokens
 
 
 def stratified_rows(n: int, present: np.ndarray, count: int) -> np.ndarray:
@@ -236,6 +240,7 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
     inputs_sq = torch.zeros(w.shape[1], device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     grads, rows = [], []
+    floor = dict.fromkeys(ACT_BLOCKS, 0.0)
     block = max(1, HEAD_BLOCK // w.shape[1])
     for j, (h, win) in enumerate(zip(hs, windows)):
         if j not in chosen:
@@ -271,6 +276,8 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
                 rows.append((tok.to(s.device), (d[:, tok].T @ x).to(s.device)))
             dx = d @ w
             del d
+            for b, v in act_floor(x, dx).items():
+                floor[b] += v
         hn.backward(dx)
         norm.weight.grad = None
         grads.append(h.grad.cpu())
@@ -279,7 +286,29 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
     s.unload(norm)
     s.unload(head)
     return _Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows,
-                 proxy, present)
+                 proxy, present, floor)
+
+
+def act_floor(x, gx) -> dict[int, float]:
+    """The runtime floor of one matmul over some tokens: for each activation block, 1/2 sum over
+    tokens and inputs of gx^2 dx^2 - the second-order KLD of rounding its input ``x`` (tokens x
+    inputs) to int8 in blocks of that many inputs, scale max|x| / 127 per block (ggml's
+    quantize_row_q8_0 / q8_K), as llama.cpp's CPU backend does for a quantized weight; ``gx`` is
+    the gradient that reaches the input through this matmul alone (g W). Inputs past the last
+    whole block count nothing (a type of that block does not fit such rows). Summed over tokens;
+    the caller divides by the token count, as for the Fisher."""
+    import torch
+
+    x, g2 = x.float(), gx.float().square()
+    out = {}
+    for b in ACT_BLOCKS:
+        n = x.shape[1] - x.shape[1] % b
+        xb = x[:, :n].reshape(x.shape[0], n // b, b)
+        d = xb.abs().amax(-1, keepdim=True).div_(127).clamp_min_(1e-30)
+        e = xb / d
+        e.sub_(torch.round(e)).mul_(d).square_()  # the rounding error, squared
+        out[b] = 0.5 * float((g2[:, :n].reshape(e.shape) * e).sum())
+    return out
 
 
 def _rows_kept(n: int, cols: int, expert: int | None, n_exp: int, sample: RowSample):
@@ -323,7 +352,24 @@ def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
             out.register_hook(on_grad)
         return hook
 
+    floor = {n: dict.fromkeys(ACT_BLOCKS, 0.0) for n in lin}
+
+    def floor_for(n):
+        def pre(_mod, args):  # a view of the input of this matmul alone: its gradient is g W
+            if not args[0].requires_grad:
+                return None
+            x = args[0].view_as(args[0])
+            seen = args[0].detach().reshape(-1, x.shape[-1])
+
+            def on_grad(gx):
+                for b, v in act_floor(seen, gx.reshape(-1, gx.shape[-1])).items():
+                    floor[n][b] += v
+            x.register_hook(on_grad)
+            return (x, *args[1:])
+        return pre
+
     handles = [m.register_forward_hook(hook_for(n)) for n, m in lin.items()]
+    handles += [m.register_forward_pre_hook(floor_for(n)) for n, m in lin.items()]
     try:
         for j, g in enumerate(grads):
             x = inputs[j].to(dev).requires_grad_(True)
@@ -336,7 +382,8 @@ def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {n: (rows[n], fisher[n], m.weight.detach(), m.out_features) for n, m in lin.items()}
+    return {n: (rows[n], fisher[n], m.weight.detach(), m.out_features, floor[n])
+            for n, m in lin.items()}
 
 
 def _backward(run: _Pass, inputs, head: _Head) -> Iterator[FisherTensor]:
@@ -344,7 +391,8 @@ def _backward(run: _Pass, inputs, head: _Head) -> Iterator[FisherTensor]:
     if not s.tied:
         yield FisherTensor(names["lm_head.weight"][0], head.weight.cpu().numpy(),
                            head.fisher.div_(n_tok).cpu().numpy(), head.n_rows,
-                           head.keep.cpu().numpy())
+                           head.keep.cpu().numpy(),
+                           floor={b: v / n_tok for b, v in head.floor.items()})
         head.fisher = head.weight = None
     grads = head.grads
     torch = s.torch
@@ -355,18 +403,20 @@ def _backward(run: _Pass, inputs, head: _Head) -> Iterator[FisherTensor]:
             got = _layer_fisher(run, layer, i, inputs[i], grads)
         inputs[i] = None
         merged: dict[str, dict[int, tuple]] = {}
-        for n, (rows, f, w, n_rows) in got.items():
+        for n, (rows, f, w, n_rows, fl) in got.items():
             (gname, expert), w = names[n], w[torch.from_numpy(rows)].cpu().numpy()
             f = f.div_(n_tok).cpu().numpy()
+            fl = {b: v / n_tok for b, v in fl.items()}
             if expert is None:
-                yield FisherTensor(gname, w, f, n_rows, rows)
+                yield FisherTensor(gname, w, f, n_rows, rows, floor=fl)
             else:
-                merged.setdefault(gname, {})[expert] = (w, f, rows, n_rows)
+                merged.setdefault(gname, {})[expert] = (w, f, rows, n_rows, fl)
         for gname, parts in merged.items():  # the converter's 3-D tensor, rows expert by expert
             n, per = len(parts), parts[0][3]
             yield FisherTensor(gname, merge_experts({e: p[0] for e, p in parts.items()}),
                                merge_experts({e: p[1] for e, p in parts.items()}), per * n,
-                               np.concatenate([parts[e][2] + e * per for e in range(n)]), n)
+                               np.concatenate([parts[e][2] + e * per for e in range(n)]), n,
+                               floor={b: sum(p[4][b] for p in parts.values()) for b in ACT_BLOCKS})
         del got, merged
         s.release(layer) if i in run.pinned else s.unload(layer)
     yield _embedding(run, head, grads)
@@ -408,5 +458,7 @@ def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
         at = torch.searchsorted(keep, rows).clamp(max=len(keep) - 1)
         hit = keep[at] == rows  # the window's tokens among the kept rows
         fisher[at[hit]] += add[hit]
+    # a lookup rounds nothing: only a tied output's matmul has a floor
+    floor = {b: v / n_tok for b, v in head.floor.items()} if s.tied else None
     return FisherTensor(names[hf][0], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows,
-                        k, weights=weights)
+                        k, weights=weights, floor=floor)

@@ -62,6 +62,9 @@ class FisherTensor:
     experts: int = 1  # merged experts: rows [e * rows / experts, (e + 1) * rows / experts) are e's
     # what each kept row's damage counts for in the tensor's (None: rows / kept, every row)
     weights: np.ndarray | None = None
+    # the runtime floor per token of the whole tensor: {activation block: 1/2 sum (g W)^2 dx^2},
+    # dx the matmul input's int8 rounding in blocks of that many (score.fisher.act_floor)
+    floor: dict[int, float] | None = None
 
     def expert_of_kept(self) -> np.ndarray:
         """The expert each kept row belongs to."""

@@ -2,7 +2,7 @@
 
 For every quantizable tensor t of the GGUF and every type q the plan may give it:
 
-    damage(t, q) = 1/2 * sum_i F_i * (w_i - Q_q(w)_i)^2
+    damage(t, q) = 1/2 * sum_i F_i * (w_i - Q_q(w)_i)^2  +  floor(t, block(q))
 
 * ``Q_q`` is the quantizer the file will be written with (:mod:`lwq_gguf.quant.encoder`: the pinned
   ggml's, as llama-quantize runs it, or lwq-gguf's own Q4_K encoder), run on the 16-bit weights
@@ -11,6 +11,12 @@ For every quantizable tensor t of the GGUF and every type q the plan may give it
   token, estimated over the calibration text as E[g^2] with labels sampled from the model itself
   (so it is the curvature of KL(p_base || p) at the base weights, not of the text's loss); 1/2
   Delta^T F Delta is the second-order expansion of the mean per-token KLD.
+
+* ``floor`` is the runtime floor: llama.cpp's CPU backend rounds a quantized matmul's
+  activations to int8 blocks (32 for Q4_0 … Q8_0, IQ4_NL, MXFP4, NVFP4; 256 for the K-quants and
+  the other i-quants), which costs KLD however exactly the weights are stored; estimated in the
+  same backward pass, 1/2 sum (g W)^2 dx^2 per token (:func:`lwq_gguf.score.fisher.act_floor`;
+  checked against single-tensor KLD by ``bench/act_floor.py``).
 
 Tensors are assumed to add up (the planner minimises the sum under the byte budget). The same
 forward passes collect the importance matrix (mean squared input of every matmul weight, as
@@ -73,6 +79,13 @@ def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types
             total += float(np.einsum("i,i,i->", f, e, e))
         out[ty] = 0.5 * total
     return out
+
+
+def runtime_floor(ft: FisherTensor, ty: str) -> float:
+    """What llama.cpp's CPU matmul adds to a tensor stored in ``ty`` by rounding its activations
+    (score.fisher.act_floor), measured in the same pass as the Fisher; 0 where not measured."""
+    block = QUANT_TYPES[ty].act_block
+    return ft.floor.get(block, 0.0) if ft.floor and block else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +154,8 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
                 if im is None and QUANT_TYPES[ty].needs_imatrix:
                     continue  # offered only with an importance matrix
                 out[key] = sig6(tensor_damage(quantizers[split_damage_key(key)[1]], ft.weight,
-                                              fisher, [ty], im, experts)[ty])
+                                              fisher, [ty], im, experts)[ty]
+                                + runtime_floor(ft, ty))
         bar.update(sweep(ft.weight.size * len(modes)))
         return t.name, ty, out
 

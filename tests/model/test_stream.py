@@ -252,3 +252,68 @@ def test_one_pass_gives_the_layer_scores(tiny, arch):
     assert run.tokens == 1100 and run.fisher_tokens == 512
     assert fisher_windows(5, 300, 256) == [0, 2] and fisher_windows(3, 4096, 512) == [0, 1, 2]
     assert len(list(run.tensors)) > 0
+
+
+def q8_error(x, block):
+    """x minus its int8 rounding in blocks of ``block`` (scale max|x|/127): written out plainly."""
+    n = x.shape[1] - x.shape[1] % block
+    err = torch.zeros_like(x)
+    for s in range(0, n, block):
+        b = x[:, s:s + block]
+        d = b.abs().max(dim=1, keepdim=True).values / 127
+        err[:, s:s + block] = b - torch.round(b / d) * d
+    return err
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True), ("gemma3", True),
+                                       ("qwen2moe", False)])
+def test_runtime_floor_equals_whole_model(tiny, arch, tied):
+    """Per tensor, 1/2 sum (g W)^2 dx^2 / tokens from the streamed pass equals the same formed
+    from a whole-model backward: each matmul's output gradient times its weight."""
+    from lwq_gguf.model.arch import gguf_names
+    from lwq_gguf.score.fisher import ACT_BLOCKS, streamed_fisher
+
+    path = tiny(arch, 2, tied=tied)
+    model = open_model(path)
+    cfg = ScoreConfig(calib_tokens=700, device="cpu")
+    got = {t.name: t.floor for t in streamed_fisher(model, cfg, progress=False).tensors}
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                              attn_implementation=model.arch.attention).eval()
+    names = gguf_names(lm, model.arch, model.n_layers)
+    with torch.no_grad():
+        for hf, p in lm.named_parameters():
+            if hf in names:
+                p.copy_(p.to(torch.float16).float())
+    ref: dict[str, dict[int, float]] = {}
+
+    def hook_for(gname, mod):
+        def hook(_m, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+
+            def on_grad(g):
+                gx = g.reshape(-1, g.shape[-1]) @ mod.weight.detach()
+                for b in ACT_BLOCKS:
+                    v = 0.5 * float((gx.square() * q8_error(x, b).square()).sum())
+                    ref.setdefault(gname, dict.fromkeys(ACT_BLOCKS, 0.0))[b] += v
+            out.register_hook(on_grad)
+        return hook
+
+    for n, m in lm.named_modules():
+        if isinstance(m, torch.nn.Linear) and (n + ".weight" in names or n == "lm_head"):
+            gname = "token_embd.weight" if n == "lm_head" and tied else names.get(
+                n + ".weight", ("output.weight",))[0]
+            m.register_forward_hook(hook_for(gname, m))
+    ids = calibration_ids(model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(0, len(ids), cfg.seq_len):
+        logits = lm(input_ids=torch.tensor([ids[s: s + cfg.seq_len]]), use_cache=False).logits[0]
+        with torch.no_grad():
+            y = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+    assert set(got) == set(ref) | {"token_embd.weight"}
+    for name, r in ref.items():
+        for b in ACT_BLOCKS:
+            want = r[b] / len(ids)
+            assert want > 0 and abs(got[name][b] - want) <= 1e-3 * want, (name, b, got[name], want)
+    if not tied:  # an embedding lookup rounds nothing
+        assert got["token_embd.weight"] is None
