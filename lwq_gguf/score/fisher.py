@@ -33,17 +33,15 @@ import numpy as np
 from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
-from lwq_gguf.quant.types import QUANT_TYPES
 from lwq_gguf.score.clock import Phases
+from lwq_gguf.score.floor import ACT_BLOCKS, act_floor, floor_hook
 from lwq_gguf.score.layers import ZDInspector, calibration_ids, torch_device
-from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows
+from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows, stratified_rows
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
 if TYPE_CHECKING:
     from lwq_gguf.model.stream import LayerStream
 
-# the activation blocks llama.cpp's CPU matmuls round to (quant.types: QuantType.act_block)
-ACT_BLOCKS = tuple(sorted({q.act_block for q in QUANT_TYPES.values() if q.act_block}))
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
 __all__ = ["FisherRun", "FisherTensor", "kept_rows", "streamed_fisher"]
@@ -198,15 +196,6 @@ class _Head:
     floor: dict[int, float]  # the output matmul's runtime floor, summed over the Fisher tokens
 
 
-def stratified_rows(n: int, present: np.ndarray, count: int) -> np.ndarray:
-    """Rows of a token embedding to measure: every token the Fisher windows hold (their input
-    gradients make the embedding's Fisher; it is zero on the others) and, up to ``count``, a
-    fixed sample of the rest (a tied output's part)."""
-    rest = np.setdiff1d(np.arange(n), present)
-    pick = rest[kept_rows(len(rest), max(0, count - len(present)))]
-    return np.sort(np.concatenate([present, pick]))
-
-
 @dataclass(frozen=True)
 class _HeadJob:
     windows: list
@@ -289,28 +278,6 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
                  proxy, present, floor)
 
 
-def act_floor(x, gx) -> dict[int, float]:
-    """The runtime floor of one matmul over some tokens: for each activation block, 1/2 sum over
-    tokens and inputs of gx^2 dx^2 - the second-order KLD of rounding its input ``x`` (tokens x
-    inputs) to int8 in blocks of that many inputs, scale max|x| / 127 per block (ggml's
-    quantize_row_q8_0 / q8_K), as llama.cpp's CPU backend does for a quantized weight; ``gx`` is
-    the gradient that reaches the input through this matmul alone (g W). Inputs past the last
-    whole block count nothing (a type of that block does not fit such rows). Summed over tokens;
-    the caller divides by the token count, as for the Fisher."""
-    import torch
-
-    x, g2 = x.float(), gx.float().square()
-    out = {}
-    for b in ACT_BLOCKS:
-        n = x.shape[1] - x.shape[1] % b
-        xb = x[:, :n].reshape(x.shape[0], n // b, b)
-        d = xb.abs().amax(-1, keepdim=True).div_(127).clamp_min_(1e-30)
-        e = xb / d
-        e.sub_(torch.round(e)).mul_(d).square_()  # the rounding error, squared
-        out[b] = 0.5 * float((g2[:, :n].reshape(e.shape) * e).sum())
-    return out
-
-
 def _rows_kept(n: int, cols: int, expert: int | None, n_exp: int, sample: RowSample):
     """The rows of an n-row weight whose Fisher is kept: the sample's rows of the weight, or for
     expert e of a merged tensor, its part of the merged tensor's sample (local indices)."""
@@ -353,23 +320,8 @@ def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
         return hook
 
     floor = {n: dict.fromkeys(ACT_BLOCKS, 0.0) for n in lin}
-
-    def floor_for(n):
-        def pre(_mod, args):  # a view of the input of this matmul alone: its gradient is g W
-            if not args[0].requires_grad:
-                return None
-            x = args[0].view_as(args[0])
-            seen = args[0].detach().reshape(-1, x.shape[-1])
-
-            def on_grad(gx):
-                for b, v in act_floor(seen, gx.reshape(-1, gx.shape[-1])).items():
-                    floor[n][b] += v
-            x.register_hook(on_grad)
-            return (x, *args[1:])
-        return pre
-
     handles = [m.register_forward_hook(hook_for(n)) for n, m in lin.items()]
-    handles += [m.register_forward_pre_hook(floor_for(n)) for n, m in lin.items()]
+    handles += [m.register_forward_pre_hook(floor_hook(floor[n])) for n, m in lin.items()]
     try:
         for j, g in enumerate(grads):
             x = inputs[j].to(dev).requires_grad_(True)

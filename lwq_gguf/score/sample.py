@@ -4,7 +4,7 @@ Rows quantize independently (every ggml type encodes a row block by block), so t
 type on a tensor is a sum over rows, estimated from a fixed random sample of rows scaled up by
 rows / sampled. The sample is sized in weights (:class:`RowSample`): about ``weights`` per
 tensor, at least ``min_rows`` rows; a vocabulary-sized output keeps ``vocab_rows`` rows (a token
-embedding is sampled by :func:`lwq_gguf.score.fisher.stratified_rows`). Only the sampled rows'
+embedding is sampled by :func:`stratified_rows`). Only the sampled rows'
 Fisher is ever formed, so the backward pass computes their weight gradients alone.
 """
 
@@ -63,7 +63,7 @@ class FisherTensor:
     # what each kept row's damage counts for in the tensor's (None: rows / kept, every row)
     weights: np.ndarray | None = None
     # the runtime floor per token of the whole tensor: {activation block: 1/2 sum (g W)^2 dx^2},
-    # dx the matmul input's int8 rounding in blocks of that many (score.fisher.act_floor)
+    # dx the matmul input's int8 rounding in blocks of that many (score.floor)
     floor: dict[int, float] | None = None
 
     def expert_of_kept(self) -> np.ndarray:
@@ -75,3 +75,12 @@ class FisherTensor:
         if self.weights is not None:
             return self.weights
         return np.full(len(self.keep), self.rows / max(1, len(self.keep)))
+
+
+def stratified_rows(n: int, present: np.ndarray, count: int) -> np.ndarray:
+    """Rows of a token embedding to measure: every token the Fisher windows hold (their input
+    gradients make the embedding's Fisher; it is zero on the others) and, up to ``count``, a
+    fixed sample of the rest (a tied output's part)."""
+    rest = np.setdiff1d(np.arange(n), present)
+    pick = rest[kept_rows(len(rest), max(0, count - len(present)))]
+    return np.sort(np.concatenate([present, pick]))

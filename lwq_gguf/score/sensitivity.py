@@ -15,7 +15,7 @@ For every quantizable tensor t of the GGUF and every type q the plan may give it
 * ``floor`` is the runtime floor: llama.cpp's CPU backend rounds a quantized matmul's
   activations to int8 blocks (32 for Q4_0 … Q8_0, IQ4_NL, MXFP4, NVFP4; 256 for the K-quants and
   the other i-quants), which costs KLD however exactly the weights are stored; estimated in the
-  same backward pass, 1/2 sum (g W)^2 dx^2 per token (:func:`lwq_gguf.score.fisher.act_floor`;
+  same backward pass, 1/2 sum (g W)^2 dx^2 per token (:mod:`lwq_gguf.score.floor`;
   checked against single-tensor KLD by ``bench/act_floor.py``).
 
 Tensors are assumed to add up (the planner minimises the sum under the byte budget). The same

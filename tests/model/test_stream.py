@@ -271,7 +271,8 @@ def test_runtime_floor_equals_whole_model(tiny, arch, tied):
     """Per tensor, 1/2 sum (g W)^2 dx^2 / tokens from the streamed pass equals the same formed
     from a whole-model backward: each matmul's output gradient times its weight."""
     from lwq_gguf.model.arch import gguf_names
-    from lwq_gguf.score.fisher import ACT_BLOCKS, streamed_fisher
+    from lwq_gguf.score.fisher import streamed_fisher
+    from lwq_gguf.score.floor import ACT_BLOCKS
 
     path = tiny(arch, 2, tied=tied)
     model = open_model(path)
