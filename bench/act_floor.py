@@ -17,7 +17,8 @@ windows of 512). It compares, per tensor of the truth's sample, that estimate wi
 excess, measured KLD minus the weight-error estimate, of the types rounding to those blocks:
 Q8_0 (blocks of 32) and Q6_K (blocks of 256), whose own weight error is the smallest of each.
 
-Writes bench/results/act-floor-MODEL.{json,md}. A probe: nothing in the planner uses it yet.
+Writes bench/results/act-floor-MODEL.{json,md}. The planner forms the same quantity in its scoring
+pass (lwq_gguf/score/floor.py); this probe is its independent check.
 """
 
 from __future__ import annotations
