@@ -34,7 +34,7 @@ from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.score.clock import Phases
-from lwq_gguf.score.floor import ACT_BLOCKS, act_floor, floor_hook
+from lwq_gguf.score.floor import ACT_BLOCKS, add_act_floor, floor_hook, per_token
 from lwq_gguf.score.layers import ZDInspector, calibration_ids, torch_device
 from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows, stratified_rows
 from lwq_gguf.score.scores import ScoreConfig, sig6
@@ -265,8 +265,7 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
                 rows.append((tok.to(s.device), (d[:, tok].T @ x).to(s.device)))
             dx = d @ w
             del d
-            for b, v in act_floor(x, dx).items():
-                floor[b] += v
+            add_act_floor(floor, x, dx)
         hn.backward(dx)
         norm.weight.grad = None
         grads.append(h.grad.cpu())
@@ -344,7 +343,7 @@ def _backward(run: _Pass, inputs, head: _Head) -> Iterator[FisherTensor]:
         yield FisherTensor(names["lm_head.weight"][0], head.weight.cpu().numpy(),
                            head.fisher.div_(n_tok).cpu().numpy(), head.n_rows,
                            head.keep.cpu().numpy(),
-                           floor={b: v / n_tok for b, v in head.floor.items()})
+                           floor=per_token(head.floor, n_tok))
         head.fisher = head.weight = None
     grads = head.grads
     torch = s.torch
@@ -358,7 +357,7 @@ def _backward(run: _Pass, inputs, head: _Head) -> Iterator[FisherTensor]:
         for n, (rows, f, w, n_rows, fl) in got.items():
             (gname, expert), w = names[n], w[torch.from_numpy(rows)].cpu().numpy()
             f = f.div_(n_tok).cpu().numpy()
-            fl = {b: v / n_tok for b, v in fl.items()}
+            fl = per_token(fl, n_tok)
             if expert is None:
                 yield FisherTensor(gname, w, f, n_rows, rows, floor=fl)
             else:
@@ -411,6 +410,6 @@ def _embedding(run: _Pass, head: _Head, grads) -> FisherTensor:
         hit = keep[at] == rows  # the window's tokens among the kept rows
         fisher[at[hit]] += add[hit]
     # a lookup rounds nothing: only a tied output's matmul has a floor
-    floor = {b: v / n_tok for b, v in head.floor.items()} if s.tied else None
+    floor = per_token(head.floor, n_tok) if s.tied else None
     return FisherTensor(names[hf][0], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows,
                         k, weights=weights, floor=floor)

@@ -20,24 +20,27 @@ from lwq_gguf.quant.types import QUANT_TYPES
 ACT_BLOCKS = tuple(sorted({q.act_block for q in QUANT_TYPES.values() if q.act_block}))
 
 
-def act_floor(x, gx) -> dict[int, float]:
-    """For each activation block, 1/2 sum over tokens and inputs of gx^2 dx^2: ``x`` (tokens x
+def add_act_floor(acc: dict[int, float], x, gx) -> None:
+    """Add to ``acc``, for each activation block, 1/2 sum over tokens and inputs of gx^2 dx^2: ``x`` (tokens x
     inputs) rounded to int8 in blocks of that many inputs, scale max|x| / 127 per block (ggml's
     quantize_row_q8_0 / q8_K); ``gx`` the gradient reaching the input through this matmul alone.
     Inputs past the last whole block count nothing (a type of that block does not fit such rows).
-    Summed over tokens; the caller divides by the token count, as for the Fisher."""
+    Summed over tokens: :func:`per_token` divides by the token count, as for the Fisher."""
     import torch
 
     x, g2 = x.float(), gx.float().square()
-    out = {}
     for b in ACT_BLOCKS:
         n = x.shape[1] - x.shape[1] % b
         xb = x[:, :n].reshape(x.shape[0], n // b, b)
         d = xb.abs().amax(-1, keepdim=True).div_(127).clamp_min_(1e-30)
         e = xb / d
         e.sub_(torch.round(e)).mul_(d).square_()  # the rounding error, squared
-        out[b] = 0.5 * float((g2[:, :n].reshape(e.shape) * e).sum())
-    return out
+        acc[b] += 0.5 * float((g2[:, :n].reshape(e.shape) * e).sum())
+
+
+def per_token(acc: dict[int, float], tokens: int) -> dict[int, float]:
+    """An accumulated floor per token (what FisherTensor.floor holds)."""
+    return {b: v / tokens for b, v in acc.items()}
 
 
 def floor_hook(acc: dict[int, float]):
@@ -51,9 +54,6 @@ def floor_hook(acc: dict[int, float]):
         x = args[0].view_as(args[0])
         seen = args[0].detach().reshape(-1, x.shape[-1])
 
-        def on_grad(gx):
-            for b, v in act_floor(seen, gx.reshape(-1, gx.shape[-1])).items():
-                acc[b] += v
-        x.register_hook(on_grad)
+        x.register_hook(lambda gx: add_act_floor(acc, seen, gx.reshape(-1, gx.shape[-1])))
         return (x, *args[1:])
     return pre

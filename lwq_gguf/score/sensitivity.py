@@ -83,7 +83,7 @@ def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types
 
 def runtime_floor(ft: FisherTensor, ty: str) -> float:
     """What llama.cpp's CPU matmul adds to a tensor stored in ``ty`` by rounding its activations
-    (score.fisher.act_floor), measured in the same pass as the Fisher; 0 where not measured."""
+    (score.floor), measured in the same pass as the Fisher; 0 where not measured."""
     block = QUANT_TYPES[ty].act_block
     return ft.floor.get(block, 0.0) if ft.floor and block else 0.0
 
