@@ -1,14 +1,26 @@
-"""What the fast sensitivity costs the plans: sampled rows and a shorter Fisher against the full.
+"""What the fast sensitivity costs the plans: bf16 matmuls, thinned sweeps, sampled rows and a
+shorter Fisher, against a fuller measurement.
 
-    .venv/bin/python bench/fidelity.py [--model models/smollm2-135m-k256]
+    .venv/bin/python bench/fidelity.py [--model models/smollm2-135m-k256] [--against fp32]
+                                       [--thin N]
 
-Measures the damage tables (imatrix auto, the default encoder) twice on the same calibration
-tokens: "full" - every row of every tensor, the Fisher over all 4,096 tokens - and the default
-(about 65,536 weights per tensor, the Fisher over 1,024 tokens). Plans at several sizes are made
-from each, and each plan is scored by the full tables: the relative excess of the default plan's
-full-table damage over the full plan's is what the shortcuts cost (0 = the same quality as
-predicted by the measurement itself). Writes bench/results/fidelity.json and .md and prints a
-table.
+Measures the damage tables (imatrix auto, the default encoder, the default ladder) twice on the
+same calibration tokens: the default (with ``--thin N``: its searched types' sweeps thinned N x,
+the experiment of score.sweeps), and a reference -
+
+* ``--against fp32`` (default): the same sampled rows and Fisher, the model pass's matmuls in
+  fp32 (the default takes bf16 where the CPU multiplies it natively:
+  score.layers.matmul_precision), every type swept on every sampled row;
+* ``--against sweeps``: the default's precision, every type on every sampled row (what the
+  thinning alone costs);
+* ``--against every-row``: every row of every tensor, the Fisher over all 4,096 tokens, fp32 -
+  what all of the shortcuts cost together.
+
+Plans at 2.5 ... 6 BPW are made from each, and each plan is scored by the reference tables: the
+relative excess of the default plan's reference damage over the reference plan's is what the
+shortcuts cost (0: the same quality as the reference measurement predicts; the bound for a
+shortcut is 1 %). Also per type: how far the default table sits from the reference, tensor by
+tensor. Writes bench/results/fidelity-AGAINST[-thinN]-MODEL.{json,md} and prints the tables.
 """
 
 from __future__ import annotations
@@ -17,8 +29,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from harness import RESULTS, ROOT, parser, write_results
+from harness import RESULTS, ROOT, commit, parser, write_results
 
+from lwq_gguf.errors import PlanError
 from lwq_gguf.model.inventory import model_tensors
 from lwq_gguf.model.load import open_model
 from lwq_gguf.plan.plan import PlanConfig, make_plan
@@ -28,54 +41,98 @@ from lwq_gguf.report import markdown_table, table
 from lwq_gguf.score import sensitivity
 from lwq_gguf.score.sample import EVERY_ROW, RowSample
 from lwq_gguf.score.scores import ScoreConfig
+from lwq_gguf.score.sweeps import NO_THINNING, Thinning
 
-BITS = (2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+BITS = (2.5, 2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
 
 
-def tables(model, tensors, rows: RowSample, cfg: ScoreConfig) -> tuple[dict, float]:
+def tables(model, tensors, rows: RowSample, thinning: Thinning, cfg: ScoreConfig
+           ) -> tuple[dict, float, float]:
+    """(the damage table, its seconds, the sweeps' CPU seconds)."""
     key = damage_key("auto", "lwq")
     t0 = time.time()
     m = sensitivity.measure_sensitivity(
-        model, tensors, sensitivity.SensitivityRequest(ladder=AUTO_LADDER, keys=(key,), rows=rows),
+        model, tensors, sensitivity.SensitivityRequest(ladder=AUTO_LADDER, keys=(key,), rows=rows,
+                                                       thinning=thinning),
         replace(cfg, device="cpu"), progress=False)
-    return m.sensitivity["damage"][key], round(time.time() - t0, 1)
+    return (m.sensitivity["damage"][key], round(time.time() - t0, 1),
+            round(m.sensitivity["phases"].get("sweeps", 0.0), 1))
 
 
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-k256")
+    ap.add_argument("--against", choices=("sweeps", "fp32", "every-row"), default="fp32")
+    ap.add_argument("--thin", type=int, default=1, help="the default's sweeps thinned N x (the "
+                    "score.sweeps experiment; 1: not thinned, as a default score)")
     a = ap.parse_args()
     model = open_model(a.model)
     tensors = model_tensors(model)
     cfg = ScoreConfig()
-    full, t_full = tables(model, tensors, EVERY_ROW, replace(cfg, fisher_tokens=cfg.calib_tokens))
-    fast, t_fast = tables(model, tensors, sensitivity.ROWS, cfg)
+    if a.against == "sweeps":
+        full, t_full, s_full = tables(model, tensors, sensitivity.ROWS, NO_THINNING, cfg)
+    elif a.against == "fp32":
+        full, t_full, s_full = tables(model, tensors, sensitivity.ROWS, NO_THINNING,
+                                      replace(cfg, precision="fp32"))
+    else:
+        full, t_full, s_full = tables(model, tensors, EVERY_ROW, NO_THINNING,
+                                      replace(cfg, fisher_tokens=cfg.calib_tokens,
+                                              precision="fp32"))
+    fast, t_fast, s_fast = tables(model, tensors, sensitivity.ROWS, Thinning(every=a.thin), cfg)
     rows = []
     for bits in BITS:
         pc = PlanConfig(avg_bits=bits)
         cost = {}
         for name, tab in (("full", full), ("default", fast)):
-            p = make_plan(tensors, model.n_layers, pc, (), (), tab)
+            try:
+                p = make_plan(tensors, model.n_layers, pc, (), (), tab)
+            except PlanError:  # (below the smallest file this model allows)
+                break
             cost[name] = sum(full[t.name][ty] for t, ty in zip(p.tensors, p.types) if t.name in full)
             if name == "full":
                 ref = p.types
             else:
                 same = sum(x == y for x, y in zip(p.types, ref))
+        if len(cost) < 2:
+            continue
         rows.append({"avg_bits": bits, "full_plan_damage": cost["full"],
                      "default_plan_damage": cost["default"],
                      "excess": round(cost["default"] / cost["full"] - 1, 4),
                      "same_types": same, "tensors": len(tensors)})
-    head = ("BPW", "full plan damage", "default plan damage (full tables)", "excess",
+    head = ("BPW", "reference plan damage", "default plan damage (reference tables)", "excess",
             "same types")
     cells = [(r["avg_bits"], f"{r['full_plan_damage']:.4g}", f"{r['default_plan_damage']:.4g}",
               f"{100 * r['excess']:+.2f} %", f"{r['same_types']}/{r['tensors']}") for r in rows]
     print(table(head, cells))
-    print(f"tables: full {t_full} s, default {t_fast} s")
-    write_results(RESULTS / "fidelity.json",
-                  {"model": str(a.model), "seconds_full": t_full, "seconds_default": t_fast,
-                   "rows": rows},
-                  "Fidelity: the default sensitivity tables against the full ones",
-                  f"Tables: full {t_full} s, default {t_fast} s.\n\n{markdown_table(head, cells)}")
+    import numpy as np
+
+    per_type = {}  # default / reference per (tensor, type): how far the tables themselves move
+    for ty in sorted({q for row in full.values() for q in row}):
+        r = np.array([fast[n][ty] / full[n][ty] for n in full
+                      if ty in full[n] and n in fast and full[n][ty] > 0])
+        if len(r):
+            per_type[ty] = {"median": round(float(np.median(r)), 4),
+                            "p90_dev": round(float(np.quantile(abs(r - 1), 0.9)), 4)}
+    thead = ("type", "median default / reference", "90th pct |deviation|")
+    tcells = [(ty, f"{v['median']:.3f}", f"{100 * v['p90_dev']:.1f} %")
+              for ty, v in per_type.items()]
+    print(table(thead, tcells))
+    worst = max((abs(r["excess"]) for r in rows), default=0.0)
+    timing = (f"tables: reference {t_full} s (sweeps {s_full} CPU-s), default {t_fast} s "
+              f"(sweeps {s_fast} CPU-s); worst excess {100 * worst:.2f} % (target <= 1 %: "
+              f"{'met' if worst <= 0.01 else 'MISSED'})")
+    print(table(head, cells))
+    print(timing)
+    thin = f"-thin{a.thin}" if a.thin > 1 else ""
+    write_results(RESULTS / f"fidelity-{a.against}{thin}-{a.model.name}.json",
+                  {"model": str(a.model), "against": a.against, "thin": a.thin, "commit": commit(),
+                   "seconds_full": t_full, "seconds_default": t_fast, "sweeps_cpu_full": s_full,
+                   "sweeps_cpu_default": s_fast, "worst_excess": worst, "rows": rows,
+                   "per_type": per_type},
+                  f"Fidelity: the default sensitivity tables against {a.against} ({a.model.name})",
+                  f"Command: `bench/fidelity.py --model {a.model} --against {a.against} --thin "
+                  f"{a.thin}`\n\n"
+                  f"{timing}.\n\n{markdown_table(head, cells)}\n\n{markdown_table(thead, tcells)}\n")
 
 if __name__ == "__main__":
     main()

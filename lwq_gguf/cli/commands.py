@@ -22,7 +22,8 @@ def _score_config(a):
         raise LwqError("--device-map auto places the model on the GPUs: drop --device cpu")
     return ScoreConfig(calib=a.calib, calib_tokens=a.calib_tokens,
                        fisher_tokens=a.fisher_tokens, device=a.device,
-                       device_map=a.device_map, rescore=a.rescore)
+                       device_map=a.device_map, precision=a.score_precision,
+                       rescore=a.rescore)
 
 
 def _targets(a):

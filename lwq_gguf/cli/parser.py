@@ -33,6 +33,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                    "Fisher (a backward pass) is taken over, in windows spread over the text (1024)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="PyTorch device for scoring (auto: cuda when available)")
+    g.add_argument("--score-precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="the scoring pass's matmuls (auto: bf16 where the device multiplies it "
+                   "natively - a CUDA GPU, a CPU with AVX512-BF16 or AMX - else fp32)")
     g.add_argument("--device-map", default="none", choices=["none", "auto"],
                    help="auto: keep as many layers as fit resident on all visible GPUs (placed "
                    "by accelerate), streaming the rest; none (default): stream every layer")

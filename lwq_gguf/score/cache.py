@@ -49,7 +49,7 @@ def scores_key(model_digest: str, cfg: ScoreConfig, code: str) -> str:
         raise LwqError(f"{cfg.calib_file}: cannot read the calibration text ({e.strerror}): pass "
                        "--calib FILE") from None
     parts = {"model": model_digest, "calib": calib, "tokens": cfg.calib_tokens,
-             "fisher_tokens": cfg.fisher_tokens,
+             "fisher_tokens": cfg.fisher_tokens, "precision": cfg.precision,
              "seq_len": cfg.seq_len, "format": SCORES_VERSION, "code": code}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

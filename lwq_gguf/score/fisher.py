@@ -35,7 +35,8 @@ from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.floor import ACT_BLOCKS, add_act_floor, floor_hook, per_token
-from lwq_gguf.score.layers import ZDInspector, calibration_ids, torch_device
+from lwq_gguf.score.layers import (ZDInspector, autocast, calibration_ids, matmul_precision,
+                                   torch_device)
 from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows, stratified_rows
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
@@ -58,6 +59,7 @@ class FisherRun:
     lim: tuple[float, ...]
     zd: tuple[float, ...]
     device: str
+    precision: str  # the matmuls' (bf16 | fp32: score.layers.matmul_precision)
     tensors: Iterator[FisherTensor]
 
 
@@ -75,6 +77,11 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
     phases = phases if phases is not None else Phases()
     tick = on_tokens or (lambda n: None)
     device = torch_device(cfg.device)
+    precision = matmul_precision(cfg.precision, device)
+
+    def amp():
+        return autocast(torch, device, precision)
+
     with phases("setup"):  # the tokenizer, the calibration tokens, the model's skeleton
         ids = calibration_ids(model, cfg)
         s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
@@ -136,7 +143,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                 with phases("read"):
                     s.load(layer, f"model.layers.{i}", half, inspect)
                 inputs.append([hs[j].cpu() for j in chosen])
-                with phases("forward"):
+                with phases("forward"), amp():
                     out = [s.run_layer(layer, h) for h in hs]
                     lim[i] = sum(float(torch.nn.functional.cosine_similarity(
                         h.to(o.device).float(), o.float(), dim=-1).double().sum())
@@ -147,7 +154,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
         head_name = names["lm_head.weight"][0] if not s.tied else "token_embd.weight"
         with phases("head"):
             head = _head_backward(s, hs, _HeadJob(windows, chosen, half, sample,
-                                                  lambda x: accumulate(head_name, None, x)))
+                                                  lambda x: accumulate(head_name, None, x), amp))
     finally:
         for h in handles:
             h.remove()
@@ -155,10 +162,9 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                  cfg.calib_file.name, cfg.seq_len, len(windows))
     fisher_tok = sum(len(windows[j]) for j in chosen)
     run = _Pass(s, [windows[j] for j in chosen], half, names, fisher_tok, sample, phases, tick,
-                frozenset(pinned))
+                frozenset(pinned), amp)
     return FisherRun(im, n_tok, fisher_tok, tuple(sig6(-(x / n_tok)) for x in lim), zd.scores(),
-                     device,
-                     _backward(run, inputs, head))
+                     device, precision, _backward(run, inputs, head))
 
 
 def fisher_windows(n: int, tokens: int, seq_len: int) -> list[int]:
@@ -181,6 +187,7 @@ class _Pass:
     phases: Phases
     tick: Callable[[int], None]
     pinned: frozenset  # layers kept loaded from the forward
+    amp: Callable[[], Any]  # the matmuls' precision context (score.layers.autocast)
 
 
 @dataclass
@@ -203,6 +210,7 @@ class _HeadJob:
     half: Any  # torch dtype
     sample: RowSample
     imatrix: Callable[[Any], None]  # x -> None: adds the output's inputs to the imatrix
+    amp: Callable[[], Any]  # the matmuls' precision context (score.layers.autocast)
 
 
 def _head_backward(s, hs, job: _HeadJob) -> _Head:
@@ -238,7 +246,7 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
             continue
         h = h.detach().to(dev).requires_grad_(True)
         hn = norm(h)[0]
-        with torch.no_grad():
+        with torch.no_grad(), job.amp():
             x = hn.detach()
             z = head(x).float()  # (through the module: its imatrix hook)
             cap = s.softcap  # the model's logits are cap * tanh(z / cap)
@@ -258,12 +266,12 @@ def _head_backward(s, hs, job: _HeadJob) -> _Head:
             energy += (d * d).sum(0)
             inputs_sq += (x * x).sum(0)
             for i in range(0, len(keep), block):
-                g = d[:, keep[i:i + block]].T @ x
+                g = (d[:, keep[i:i + block]].T @ x).float()
                 fisher[i:i + block].addcmul_(g, g)
             if s.tied:
                 tok = torch.tensor(sorted(set(win)), device=dev)
-                rows.append((tok.to(s.device), (d[:, tok].T @ x).to(s.device)))
-            dx = d @ w
+                rows.append((tok.to(s.device), (d[:, tok].T @ x).float().to(s.device)))
+            dx = (d @ w).float()
             del d
             add_act_floor(floor, x, dx)
         hn.backward(dx)
@@ -313,7 +321,7 @@ def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
 
             def on_grad(g):
                 g = g.reshape(-1, g.shape[-1])
-                gw = (g if every else g[:, r]).T @ x
+                gw = (g if every else g[:, r]).float().T @ x.float()
                 cur[n] = gw if n not in cur else cur[n] + gw
             out.register_hook(on_grad)
         return hook
@@ -324,7 +332,9 @@ def _layer_fisher(run: _Pass, layer, i: int, inputs: list, grads: list) -> dict:
     try:
         for j, g in enumerate(grads):
             x = inputs[j].to(dev).requires_grad_(True)
-            s.run_layer(layer, x).backward(g.to(dev))
+            with run.amp():
+                out = s.run_layer(layer, x)
+            out.backward(g.to(dev, out.dtype))
             for n, gw in cur.items():
                 fisher[n].addcmul_(gw, gw)
             cur.clear()

@@ -107,6 +107,28 @@ def torch_device(device: str) -> str:
     return device
 
 
+def matmul_precision(precision: str, device: str) -> str:
+    """"bf16" or "fp32" for the model pass on ``device`` (cpu | cuda): ``auto`` takes bf16 where
+    the device multiplies it natively - a CUDA GPU that supports it, a CPU with AVX512-BF16 or
+    AMX (Linux: /proc/cpuinfo; 2-3x fp32's speed there) - and fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def autocast(torch, device: str, precision: str):
+    """The context the model pass runs its matmuls in (``precision``: bf16 or fp32)."""
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def prefix_ids(tok, text: str, n: int, margin: int = 64) -> list[int]:
     """The first n tokens of ``text``, tokenizing only a prefix (a 1 MB text takes seconds whole).
 

@@ -13,6 +13,9 @@ from lwq_gguf.errors import LwqError
 
 SCORES_FORMAT, SCORES_VERSION = "lwq-gguf.scores", 2
 DEVICES = ("auto", "cpu", "cuda")
+# the model pass's matmuls: bf16 (fp32 accumulation; norms, softmax and the residual stream stay
+# fp32, as torch.autocast runs them) or fp32; auto: bf16 where the device multiplies it natively
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def default_calibration() -> Path:
@@ -30,6 +33,7 @@ class ScoreConfig:
     seq_len: int = 512
     device: str = "auto"  # auto | cpu | cuda
     device_map: str = "none"  # auto: pieces resident on all GPUs, as accelerate places them
+    precision: str = "auto"  # the model pass's matmuls (PRECISIONS)
     # --rescore: measure again instead of reusing the score cache (lwq_gguf.score.cache)
     rescore: bool = field(default=False, compare=False, repr=False)
 
@@ -42,6 +46,8 @@ class ScoreConfig:
         object.__setattr__(self, "fisher_tokens", min(self.fisher_tokens, self.calib_tokens))
         if self.device not in DEVICES:
             raise LwqError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.precision not in PRECISIONS:
+            raise LwqError(f"--precision {self.precision!r}: use auto, bf16 or fp32")
         if self.device_map not in ("none", "auto"):
             raise LwqError(f"--device-map {self.device_map!r}: use none or auto")
         if self.calib is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -44,48 +44,11 @@ from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher
 from lwq_gguf.score.layers import torch_device
 from lwq_gguf.score.sample import FisherTensor, RowSample
+from lwq_gguf.score.sweeps import (NO_THINNING, Thinning, controls_needed, finish, runtime_floor,
+                                   sweep)
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
-BLOCK = 1 << 20  # weights per quantize/compare step
 ROWS = RowSample()  # the rows measured per tensor (score.sample)
-
-
-def tensor_damage(quantizer: Quantizer, w: np.ndarray, fisher: np.ndarray, types: Sequence[str],
-                  imatrix: np.ndarray | None, experts: np.ndarray | None = None
-                  ) -> dict[str, float]:
-    """1/2 sum F (w - Q(w))^2 for each type (in row blocks: float64 sums, small temporaries).
-
-    ``experts``: the expert each row of a merged ``ffn_*_exps`` tensor belongs to, when
-    ``imatrix`` holds one row per expert (each expert is quantized with its own)."""
-    if imatrix is not None and imatrix.size != w.shape[1]:
-        assert experts is not None, "an imatrix per expert needs the rows' experts"
-        per_expert = imatrix.reshape(-1, w.shape[1])
-        totals = dict.fromkeys(types, 0.0)
-        for e in np.unique(experts):
-            sel = experts == e
-            for ty, d in tensor_damage(quantizer, w[sel], fisher[sel], types,
-                                       per_expert[e]).items():
-                totals[ty] += d
-        return totals
-    step = max(1, BLOCK // w.shape[1])
-    out = {}
-    for ty in types:
-        total = 0.0
-        for i in range(0, w.shape[0], step):
-            blk = w[i:i + step]
-            e = (blk - quantizer.roundtrip(blk, ty, imatrix)).reshape(-1).astype(np.float64)
-            f = fisher[i:i + step].reshape(-1).astype(np.float64)
-            # (einsum, not np.dot: the BLAS dot spins its own threads against the pool's)
-            total += float(np.einsum("i,i,i->", f, e, e))
-        out[ty] = 0.5 * total
-    return out
-
-
-def runtime_floor(ft: FisherTensor, ty: str) -> float:
-    """What llama.cpp's CPU matmul adds to a tensor stored in ``ty`` by rounding its activations
-    (score.floor), measured in the same pass as the Fisher; 0 where not measured."""
-    block = QUANT_TYPES[ty].act_block
-    return ft.floor.get(block, 0.0) if ft.floor and block else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +61,8 @@ class SensitivityRequest:
     keys: tuple[str, ...]
     given: Mapping[str, Imatrix] = field(default_factory=dict)
     rows: RowSample = ROWS  # the rows measured (score.sample)
+    thinning: Thinning = NO_THINNING  # the rows searched types are swept on (an experiment:
+    # score.sweeps)
 
 
 @dataclass(frozen=True)
@@ -135,10 +100,10 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
         todo = {t.name: t for t in (tensors() if callable(tensors) else tensors) if t.quantizable}
     layer_weights = sum(t.numel for t in todo.values() if t.layer is not None) / max(
         1, model.n_layers)
-    sweep = lambda n: n * SWEEP_COST / max(1.0, layer_weights)  # noqa: E731
+    sweep_cost = lambda n: n * SWEEP_COST / max(1.0, layer_weights)  # noqa: E731
     sampled = sum(rows.count(t.numel // t.shape[0], t.shape[0], t.layer is None) * t.shape[0]
                   for t in todo.values())
-    bar.grow(sweep(sampled * len(ladder) * len(req.keys)))
+    bar.grow(sweep_cost(sampled * len(ladder) * len(req.keys)))
     known = {"none": None, "auto": run.imatrix, **req.given}
     modes = {k: known[split_damage_key(k)[0]] for k in req.keys}
     lc = find_llama_cpp()
@@ -147,34 +112,39 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     def one(t: GGUFTensor, ft: FisherTensor, fisher: np.ndarray, ty: str):
         """One type on one tensor under every setting (a task: the pool balances them)."""
         with phases.thread_cpu("sweeps"):
-            experts = ft.expert_of_kept() if ft.experts > 1 else None
             out = {}
             for key, m in modes.items():
                 im = m.weights(t.name) if m is not None else None
                 if im is None and QUANT_TYPES[ty].needs_imatrix:
                     continue  # offered only with an importance matrix
-                out[key] = sig6(tensor_damage(quantizers[split_damage_key(key)[1]], ft.weight,
-                                              fisher, [ty], im, experts)[ty]
-                                + runtime_floor(ft, ty))
-        bar.update(sweep(ft.weight.size * len(modes)))
+                out[key] = sweep(quantizers[split_damage_key(key)[1]], ft, fisher, ty, im,
+                                 req.thinning)
+        bar.update(sweep_cost(ft.weight.size * len(modes)))
         return t.name, ty, out
 
+    types: dict[str, list[str]] = {}  # each tensor's candidate types
+    floors: dict[str, dict | None] = {}  # each tensor's runtime floor
+
     def tasks(ft: FisherTensor) -> list:
-        """The tensor's tasks, sharing its Fisher weighted by what each sampled row counts for."""
+        """The tensor's tasks (its types and their controls), sharing its Fisher weighted by what
+        each sampled row counts for."""
         t = todo[ft.name]
         fisher = ft.fisher * ft.row_weights.astype(np.float32)[:, None]
-        return [(t, ft, fisher, ty) for ty in legal_types(ladder, t.shape[0])]
+        types[t.name] = legal_types(ladder, t.shape[0])
+        floors[t.name] = ft.floor
+        extra = controls_needed(types[t.name], t.shape[0], req.thinning)
+        return [(t, ft, fisher, ty) for ty in types[t.name] + extra]
 
-    damage: dict[str, dict] = {key: {} for key in modes}  # (every tensor has its row, even
+    swept: dict[str, dict] = {key: {} for key in modes}  # (every tensor has its row, even
     # when all of its types need the imatrix a setting lacks)
     workers = os.cpu_count() or 1
 
     def collect(done):
         name, ty, per_mode = done.result()
         for key in modes:
-            damage[key].setdefault(name, {})
+            swept[key].setdefault(name, {})
         for key, d in per_mode.items():
-            damage[key][name][ty] = d
+            swept[key][name][ty] = d
 
     # on a GPU the sweeps run on the CPU while the backward pass goes on; on the CPU after it
     # (both at once would oversubscribe the cores: PyTorch's threads spin while they wait)
@@ -204,13 +174,18 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
             for d in pending:
                 collect(d)
     bar.close()
-    damage = {key: {name: dict(sorted(row.items())) for name, row in sorted(table.items())}
-              for key, table in damage.items()}
+    damage: dict[str, dict[str, dict[str, float]]] = {}
+    for key, table in swept.items():
+        damage[key] = {}
+        for name, row in sorted(table.items()):
+            got = finish(row, todo[name].shape[0])
+            damage[key][name] = {ty: sig6(got[ty] + runtime_floor(floors[name], ty))
+                                 for ty in sorted(types[name]) if ty in got}
     missing = sorted(set(todo) - set(damage[next(iter(modes))])) if modes else []
     if missing:
         raise UnsupportedModelError(f"{model.path}: GGUF tensor {missing[0]} has no PyTorch weight "
                                     "for the sensitivity analysis: use --strategy lim")
-    sens = {"tokens": run.tokens, "fisher_tokens": run.fisher_tokens,
+    sens = {"tokens": run.tokens, "fisher_tokens": run.fisher_tokens, "precision": run.precision,
             "seconds": round(time.time() - t0, 1), "ladder": list(ladder),
             "damage": damage, "phases": phases.report()}
     return Measured(run.lim, run.zd, run.tokens, run.device, sens, run.imatrix)

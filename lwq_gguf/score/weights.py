@@ -30,7 +30,8 @@ from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.tensors import as_16bit, as_f32, materialize
 from lwq_gguf.quant.types import legal_types, usable_ladder
 from lwq_gguf.score.scores import sig6
-from lwq_gguf.score.sensitivity import ROWS, tensor_damage
+from lwq_gguf.score.sensitivity import ROWS
+from lwq_gguf.score.sweeps import tensor_damage
 
 BASIS_FISHER = "expected KLD (Fisher)"
 BASIS_WEIGHTS = "weight error (no forward pass)"

@@ -39,7 +39,8 @@ def whole_model_lim(path, ids, seq_len):
 def test_streamed_lim_equals_whole_model(tiny, arch, tied):
     path = tiny(arch, 3, tied=tied)
     model = open_model(path)
-    cfg = ScoreConfig(calib_tokens=700, device="cpu")  # a full window and a short one
+    # a full window and a short one
+    cfg = ScoreConfig(calib_tokens=700, device="cpu", precision="fp32")
     ids = calibration_ids(model, cfg)
     streamed, device = lim_scores(model, cfg, ids, progress=False)
     assert device == "cpu" and len(streamed) == 3
@@ -93,7 +94,7 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
 
     path = tiny(arch, 2, tied=tied)
     model = open_model(path)
-    cfg = ScoreConfig(calib_tokens=700, device="cpu")
+    cfg = ScoreConfig(calib_tokens=700, device="cpu", precision="fp32")
     run = streamed_fisher(model, cfg, progress=False)
     kept = {t.name: t for t in run.tensors}
     ref = whole_model_fisher(path, model, cfg)
@@ -129,7 +130,7 @@ def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied):
     from lwq_gguf.score.sample import RowSample
 
     model = open_model(tiny(arch, 2, tied=tied))
-    cfg = ScoreConfig(calib_tokens=300, device="cpu")
+    cfg = ScoreConfig(calib_tokens=300, device="cpu", precision="fp32")
     whole = {t.name: t for t in streamed_fisher(model, cfg, progress=False).tensors}
     forty = RowSample(weights=None, vocab_rows=40, max_rows=40)
     part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, sample=forty).tensors}
@@ -214,7 +215,7 @@ def test_resident_pieces_give_the_same_scores(tiny, monkeypatch, tied):
     from lwq_gguf.score.fisher import streamed_fisher
 
     model = open_model(tiny("llama", 3, tied=tied))
-    cfg = ScoreConfig(calib_tokens=300, device="cpu")
+    cfg = ScoreConfig(calib_tokens=300, device="cpu", precision="fp32")
     ids = calibration_ids(model, cfg)
     base_lim = lim_scores(model, cfg, ids, progress=False)[0]
     base = {t.name: t.fisher for t in streamed_fisher(model, cfg, progress=False).tensors}
@@ -225,7 +226,7 @@ def test_resident_pieces_give_the_same_scores(tiny, monkeypatch, tied):
     real_to_empty = torch.nn.Module.to_empty
     monkeypatch.setattr(torch.nn.Module, "to_empty",
                         lambda self, **kw: loads.append(id(self)) or real_to_empty(self, **kw))
-    mapped = ScoreConfig(calib_tokens=300, device="cpu", device_map="auto")
+    mapped = ScoreConfig(calib_tokens=300, device="cpu", device_map="auto", precision="fp32")
     assert lim_scores(model, mapped, ids, progress=False)[0] == base_lim
     got = {t.name: t.fisher for t in streamed_fisher(model, mapped, progress=False).tensors}
     assert got.keys() == base.keys()
@@ -244,7 +245,8 @@ def test_one_pass_gives_the_layer_scores(tiny, arch):
     from lwq_gguf.score.layers import zd_scores
 
     model = open_model(tiny(arch, 3))
-    cfg = ScoreConfig(calib_tokens=1100, fisher_tokens=300, seq_len=256, device="cpu")
+    cfg = ScoreConfig(calib_tokens=1100, fisher_tokens=300, seq_len=256, device="cpu",
+                      precision="fp32")
     run = streamed_fisher(model, cfg, progress=False)
     lim = lim_scores(model, cfg, calibration_ids(model, cfg), progress=False)[0]
     assert max(abs(a - b) for a, b in zip(run.lim, lim)) < 1e-4, (run.lim, lim)
@@ -276,7 +278,7 @@ def test_runtime_floor_equals_whole_model(tiny, arch, tied):
 
     path = tiny(arch, 2, tied=tied)
     model = open_model(path)
-    cfg = ScoreConfig(calib_tokens=700, device="cpu")
+    cfg = ScoreConfig(calib_tokens=700, device="cpu", precision="fp32")
     got = {t.name: t.floor for t in streamed_fisher(model, cfg, progress=False).tensors}
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                               attn_implementation=model.arch.attention).eval()
@@ -318,3 +320,30 @@ def test_runtime_floor_equals_whole_model(tiny, arch, tied):
             assert want > 0 and abs(got[name][b] - want) <= 1e-3 * want, (name, b, got[name], want)
     if not tied:  # an embedding lookup rounds nothing
         assert got["token_embd.weight"] is None
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("gemma2", True)])
+def test_bf16_matmuls_track_fp32(tiny, arch, tied):
+    """The model pass in bf16 (as autocast runs it: fp32 norms, softmax and residual stream)
+    gives the Fisher, the imatrix and LIM of fp32 within a few percent, the runtime floor (a
+    square of the gradients) within 10 %."""
+    import numpy as np
+
+    from lwq_gguf.score.fisher import streamed_fisher
+
+    model = open_model(tiny(arch, 2, tied=tied))
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        run = streamed_fisher(model, ScoreConfig(calib_tokens=700, device="cpu",
+                                                 precision=precision), progress=False)
+        runs[precision] = (run, {t.name: t for t in run.tensors})
+    (lo, lo_t), (hi, hi_t) = runs["bf16"], runs["fp32"]
+    assert lo.precision == "bf16" and hi.precision == "fp32"
+    for name, t in hi_t.items():
+        f, g = t.fisher, lo_t[name].fisher
+        assert np.abs(g - f).sum() / np.abs(f).sum() < 0.05, name
+        for b, v in (t.floor or {}).items():
+            assert abs(lo_t[name].floor[b] / v - 1) < 0.1, (name, b)
+    for name, a in hi.imatrix.sums.items():
+        assert np.abs(lo.imatrix.sums[name] - a).sum() / np.abs(a).sum() < 0.02, name
+    assert np.allclose(lo.lim, hi.lim, atol=1e-2)

@@ -91,6 +91,7 @@ def test_key_covers_calibration_text_settings_and_code(model, tmp_path, monkeypa
     assert a != b
     assert ScoreCache(m, digest, ScoreConfig(calib=text, device="cpu")).path == b
     assert ScoreCache(m, digest, ScoreConfig(calib=text, calib_tokens=128)).path != b
+    assert ScoreCache(m, digest, ScoreConfig(calib=text, precision="fp32")).path != b
     # the code that measures is part of the key: a changed scoring module is a miss
     assert ScoreCache(m, digest, ScoreConfig(calib=text), code=code_digest(*CODE)).path == b
     assert ScoreCache(m, digest, ScoreConfig(calib=text), code="0" * 16).path != b
