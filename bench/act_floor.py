@@ -35,6 +35,7 @@ from truth import spearman
 
 from lwq_gguf.model.load import open_model
 from lwq_gguf.report import markdown_table
+from lwq_gguf.score.fisher import sample_labels
 from lwq_gguf.score.layers import calibration_ids
 from lwq_gguf.score.scores import ScoreConfig
 
@@ -96,7 +97,7 @@ def floors(model_dir: Path, tokens: int, seed: int) -> dict[str, dict[str, float
         for i in range(0, len(ids), cfg.seq_len):
             w = torch.tensor([ids[i:i + cfg.seq_len]])
             logits = lm(w).logits[0].float()
-            y = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+            y = sample_labels(torch.softmax(logits.detach(), -1), gen)
             torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
     finally:
         for h in handles:

@@ -130,9 +130,8 @@ def main() -> None:
                    "sweeps_cpu_default": s_fast, "worst_excess": worst, "rows": rows,
                    "per_type": per_type},
                   f"Fidelity: the default sensitivity tables against {a.against} ({a.model.name})",
-                  f"Command: `bench/fidelity.py --model {a.model} --against {a.against} --thin "
-                  f"{a.thin}`\n\n"
-                  f"{timing}.\n\n{markdown_table(head, cells)}\n\n{markdown_table(thead, tcells)}\n")
+                  f"Model {a.model.name}; reference: {a.against}; the default thinned "
+                  f"{a.thin}x.\n\n{timing}.\n\n{markdown_table(head, cells)}\n\n{markdown_table(thead, tcells)}\n")
 
 if __name__ == "__main__":
     main()

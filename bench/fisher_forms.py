@@ -32,6 +32,7 @@ from lwq_gguf.quant.encoder import Quantizer
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.types import QUANT_TYPES
 from lwq_gguf.report import markdown_table, table
+from lwq_gguf.score.fisher import sample_labels
 from lwq_gguf.score.scores import default_calibration
 
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -68,7 +69,7 @@ def capture(model_dir: Path, modules: list[str], tokens: int, window: int = 512,
         chunk = torch.tensor([ids[s:s + window]])
         logits = model(chunk).logits[0]
         with torch.no_grad():
-            labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+            labels = sample_labels(torch.softmax(logits, -1), gen)
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         model.zero_grad(set_to_none=True)
         loss.backward()
