@@ -326,8 +326,8 @@ def test_runtime_floor_equals_whole_model(tiny, arch, tied):
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("gemma2", True)])
 def test_bf16_matmuls_track_fp32(tiny, arch, tied):
     """The model pass in bf16 (as autocast runs it: fp32 norms, softmax and residual stream)
-    gives the imatrix and LIM of fp32 within a few percent, each tensor's Fisher and runtime
-    floor within 10 %."""
+    draws the same labels and gives the Fisher, the imatrix and LIM of fp32 within a few
+    percent, the runtime floor (a square of the gradients) within 10 %."""
     import numpy as np
 
     from lwq_gguf.score.fisher import streamed_fisher
@@ -342,9 +342,7 @@ def test_bf16_matmuls_track_fp32(tiny, arch, tied):
     assert lo.precision == "bf16" and hi.precision == "fp32"
     for name, t in hi_t.items():
         f, g = t.fisher, lo_t[name].fisher
-        # per tensor: a label drawn near a step of its row's CDF flips between the two (on a
-        # tiny random model's near-uniform outputs, often), which moves single entries
-        assert abs(g.sum() / f.sum() - 1) < 0.1, name
+        assert np.abs(g - f).sum() / np.abs(f).sum() < 0.05, name  # (the same labels)
         for b, v in (t.floor or {}).items():
             assert abs(lo_t[name].floor[b] / v - 1) < 0.1, (name, b)
     for name, a in hi.imatrix.sums.items():
@@ -353,8 +351,8 @@ def test_bf16_matmuls_track_fp32(tiny, arch, tied):
 
 
 def test_sample_labels_follow_the_distribution():
-    """Labels drawn by inverting the cumulative sum land on each token with its probability,
-    never on a token of probability zero, and repeat with the generator's seed."""
+    """Labels land on each token with its probability, never on a token of probability zero,
+    repeat with the generator's seed, and do not move when the probabilities move a little."""
     from lwq_gguf.score.fisher import sample_labels
 
     p = torch.zeros(20000, 8, dtype=torch.float32)
@@ -365,3 +363,7 @@ def test_sample_labels_follow_the_distribution():
     assert torch.allclose(counts[[1, 4, 7]], torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64),
                           atol=0.015)
     assert torch.equal(y, sample_labels(p, torch.Generator().manual_seed(0)))
+    q = torch.softmax(torch.randn(512, 1000, generator=torch.Generator().manual_seed(1)), -1)
+    nudged = q * (1 + 1e-3 * torch.randn(q.shape, generator=torch.Generator().manual_seed(2)))
+    a, b = (sample_labels(x, torch.Generator().manual_seed(3)) for x in (q, nudged))
+    assert (a != b).float().mean() < 0.01
