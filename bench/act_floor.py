@@ -35,7 +35,7 @@ from truth import spearman
 
 from lwq_gguf.model.load import open_model
 from lwq_gguf.report import markdown_table
-from lwq_gguf.score.fisher import sample_labels
+from lwq_gguf.score.sample import sample_labels
 from lwq_gguf.score.layers import calibration_ids
 from lwq_gguf.score.scores import ScoreConfig
 

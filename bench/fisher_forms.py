@@ -32,7 +32,7 @@ from lwq_gguf.quant.encoder import Quantizer
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.types import QUANT_TYPES
 from lwq_gguf.report import markdown_table, table
-from lwq_gguf.score.fisher import sample_labels
+from lwq_gguf.score.sample import sample_labels
 from lwq_gguf.score.scores import default_calibration
 
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -37,7 +37,8 @@ from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.floor import ACT_BLOCKS, add_act_floor, floor_hook, per_token
 from lwq_gguf.score.layers import (ZDInspector, autocast, calibration_ids, matmul_precision,
                                    torch_device)
-from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, kept_rows, stratified_rows
+from lwq_gguf.score.sample import (EVERY_ROW, FisherTensor, RowSample, fisher_windows, kept_rows,
+                                   sample_labels, stratified_rows)
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
 if TYPE_CHECKING:
@@ -165,28 +166,6 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                 frozenset(pinned), amp)
     return FisherRun(im, n_tok, fisher_tok, tuple(sig6(-(x / n_tok)) for x in lim), zd.scores(),
                      device, precision, _backward(run, inputs, head))
-
-
-def sample_labels(p, gen, rows: int = 64):
-    """One label per row of the probabilities ``p`` (tokens x vocabulary), drawn with ``gen``:
-    the row's argmax of p / E, E exponential - the race torch.multinomial runs, so a label
-    changes only where two tokens nearly tie (bf16 and fp32 draw the same labels), but with
-    E = -log U from uniforms, ``rows`` rows at a time: torch's exponential_ took 6 of the head's
-    12 s at Gemma's 262k vocabulary."""
-    import torch
-
-    out = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
-    for i in range(0, p.shape[0], rows):
-        blk = p[i:i + rows]
-        e = torch.rand(blk.shape, generator=gen, device=p.device, dtype=blk.dtype)
-        out[i:i + rows] = torch.div(blk, e.log_().neg_(), out=e).argmax(-1)
-    return out
-
-
-def fisher_windows(n: int, tokens: int, seq_len: int) -> list[int]:
-    """The windows the Fisher is taken over: enough for ``tokens``, spread evenly over all n."""
-    k = min(n, -(-tokens // seq_len))
-    return sorted({j * n // k for j in range(k)})
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lwq_gguf.model.load import open_model
-from lwq_gguf.score.fisher import sample_labels
+from lwq_gguf.score.sample import sample_labels
 from lwq_gguf.score.layers import calibration_ids, lim_scores
 from lwq_gguf.score.scores import ScoreConfig, default_calibration
 
@@ -242,7 +242,8 @@ def test_resident_pieces_give_the_same_scores(tiny, monkeypatch, tied):
 def test_one_pass_gives_the_layer_scores(tiny, arch):
     """The scoring pass's LIM (on the 16-bit weights) and ZD (on the weights as read) equal the
     stand-alone measurements; the Fisher over fewer tokens is taken on windows spread evenly."""
-    from lwq_gguf.score.fisher import fisher_windows, streamed_fisher
+    from lwq_gguf.score.fisher import streamed_fisher
+    from lwq_gguf.score.sample import fisher_windows
     from lwq_gguf.score.layers import zd_scores
 
     model = open_model(tiny(arch, 3))
@@ -353,7 +354,6 @@ def test_bf16_matmuls_track_fp32(tiny, arch, tied):
 def test_sample_labels_follow_the_distribution():
     """Labels land on each token with its probability, never on a token of probability zero,
     repeat with the generator's seed, and do not move when the probabilities move a little."""
-    from lwq_gguf.score.fisher import sample_labels
 
     p = torch.zeros(20000, 8, dtype=torch.float32)
     p[:, [1, 4, 7]] = torch.tensor([0.2, 0.5, 0.3])
