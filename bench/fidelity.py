@@ -1,18 +1,14 @@
-"""What the fast sensitivity costs the plans: bf16 matmuls, thinned sweeps, sampled rows and a
-shorter Fisher, against a fuller measurement.
+"""What the fast sensitivity costs the plans: bf16 matmuls, sampled rows and a shorter Fisher,
+against a fuller measurement.
 
     .venv/bin/python bench/fidelity.py [--model models/smollm2-135m-k256] [--against fp32]
-                                       [--thin N]
 
 Measures the damage tables (imatrix auto, the default encoder, the default ladder) twice on the
-same calibration tokens: the default (with ``--thin N``: its searched types' sweeps thinned N x,
-the experiment of score.sweeps), and a reference -
+same calibration tokens: the default, and a reference -
 
 * ``--against fp32`` (default): the same sampled rows and Fisher, the model pass's matmuls in
   fp32 (the default takes bf16 where the CPU multiplies it natively:
-  score.layers.matmul_precision), every type swept on every sampled row;
-* ``--against sweeps``: the default's precision, every type on every sampled row (what the
-  thinning alone costs);
+  score.layers.matmul_precision);
 * ``--against every-row``: every row of every tensor, the Fisher over all 4,096 tokens, fp32 -
   what all of the shortcuts cost together.
 
@@ -20,7 +16,7 @@ Plans at 2.5 ... 6 BPW are made from each, and each plan is scored by the refere
 relative excess of the default plan's reference damage over the reference plan's is what the
 shortcuts cost (0: the same quality as the reference measurement predicts; the bound for a
 shortcut is 1 %). Also per type: how far the default table sits from the reference, tensor by
-tensor. Writes bench/results/fidelity-AGAINST[-thinN]-MODEL.{json,md} and prints the tables.
+tensor. Writes bench/results/fidelity-AGAINST-MODEL.{json,md} and prints the tables.
 """
 
 from __future__ import annotations
@@ -41,19 +37,16 @@ from lwq_gguf.report import markdown_table, table
 from lwq_gguf.score import sensitivity
 from lwq_gguf.score.sample import EVERY_ROW, RowSample
 from lwq_gguf.score.scores import ScoreConfig
-from lwq_gguf.score.sweeps import NO_THINNING, Thinning
 
 BITS = (2.5, 2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
 
 
-def tables(model, tensors, rows: RowSample, thinning: Thinning, cfg: ScoreConfig
-           ) -> tuple[dict, float, float]:
+def tables(model, tensors, rows: RowSample, cfg: ScoreConfig) -> tuple[dict, float, float]:
     """(the damage table, its seconds, the sweeps' CPU seconds)."""
     key = damage_key("auto", "lwq")
     t0 = time.time()
     m = sensitivity.measure_sensitivity(
-        model, tensors, sensitivity.SensitivityRequest(ladder=AUTO_LADDER, keys=(key,), rows=rows,
-                                                       thinning=thinning),
+        model, tensors, sensitivity.SensitivityRequest(ladder=AUTO_LADDER, keys=(key,), rows=rows),
         replace(cfg, device="cpu"), progress=False)
     return (m.sensitivity["damage"][key], round(time.time() - t0, 1),
             round(m.sensitivity["phases"].get("sweeps", 0.0), 1))
@@ -62,23 +55,19 @@ def tables(model, tensors, rows: RowSample, thinning: Thinning, cfg: ScoreConfig
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-k256")
-    ap.add_argument("--against", choices=("sweeps", "fp32", "every-row"), default="fp32")
-    ap.add_argument("--thin", type=int, default=1, help="the default's sweeps thinned N x (the "
-                    "score.sweeps experiment; 1: not thinned, as a default score)")
+    ap.add_argument("--against", choices=("fp32", "every-row"), default="fp32")
     a = ap.parse_args()
     model = open_model(a.model)
     tensors = model_tensors(model)
     cfg = ScoreConfig()
-    if a.against == "sweeps":
-        full, t_full, s_full = tables(model, tensors, sensitivity.ROWS, NO_THINNING, cfg)
-    elif a.against == "fp32":
-        full, t_full, s_full = tables(model, tensors, sensitivity.ROWS, NO_THINNING,
+    if a.against == "fp32":
+        full, t_full, s_full = tables(model, tensors, sensitivity.ROWS,
                                       replace(cfg, precision="fp32"))
     else:
-        full, t_full, s_full = tables(model, tensors, EVERY_ROW, NO_THINNING,
+        full, t_full, s_full = tables(model, tensors, EVERY_ROW,
                                       replace(cfg, fisher_tokens=cfg.calib_tokens,
                                               precision="fp32"))
-    fast, t_fast, s_fast = tables(model, tensors, sensitivity.ROWS, Thinning(every=a.thin), cfg)
+    fast, t_fast, s_fast = tables(model, tensors, sensitivity.ROWS, cfg)
     rows = []
     for bits in BITS:
         pc = PlanConfig(avg_bits=bits)
@@ -123,15 +112,13 @@ def main() -> None:
               f"{'met' if worst <= 0.01 else 'MISSED'})")
     print(table(head, cells))
     print(timing)
-    thin = f"-thin{a.thin}" if a.thin > 1 else ""
-    write_results(RESULTS / f"fidelity-{a.against}{thin}-{a.model.name}.json",
-                  {"model": str(a.model), "against": a.against, "thin": a.thin, "commit": commit(),
+    write_results(RESULTS / f"fidelity-{a.against}-{a.model.name}.json",
+                  {"model": str(a.model), "against": a.against, "commit": commit(),
                    "seconds_full": t_full, "seconds_default": t_fast, "sweeps_cpu_full": s_full,
                    "sweeps_cpu_default": s_fast, "worst_excess": worst, "rows": rows,
                    "per_type": per_type},
                   f"Fidelity: the default sensitivity tables against {a.against} ({a.model.name})",
-                  f"Model {a.model.name}; reference: {a.against}; the default thinned "
-                  f"{a.thin}x.\n\n{timing}.\n\n{markdown_table(head, cells)}\n\n{markdown_table(thead, tcells)}\n")
+                  f"Model {a.model.name}; reference: {a.against}.\n\n{timing}.\n\n{markdown_table(head, cells)}\n\n{markdown_table(thead, tcells)}\n")
 
 if __name__ == "__main__":
     main()

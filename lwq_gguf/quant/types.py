@@ -28,10 +28,6 @@ class QuantType:
     # the int8 blocks llama.cpp's CPU backend rounds a matmul's activations to for this type
     # (its vec_dot_type: Q8_0/Q8_1 32 weights, Q8_K 256); 0: not rounded (a float type)
     act_block: int = 0
-    # whether the quantizer searches each block (scales, mins or grid points, with the imatrix):
-    # 150-1500 ns a weight to sweep against 5-65 for the plain-rounding types
-    # (bench/sweep_cost.py), so the sensitivity sweeps thin it (score.sweeps)
-    searched: bool = False
 
     @property
     def bpw(self) -> float:
@@ -74,11 +70,6 @@ _VEC_DOT = {"q4_1": "q8_1", "q5_1": "q8_1",
                             "q8_0")}
 
 
-# whose quantizers search (the slow ones to sweep): measured at the pin by bench/sweep_cost.py
-_SEARCHED = ("q5_1", "q5_k", "q4_1", "q4_k", "iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs", "q2_k",
-             "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
-
-
 def _act_block(name: str) -> int:
     if name in ("f32", "f16", "bf16"):
         return 0
@@ -92,7 +83,7 @@ def _build() -> dict[str, QuantType]:
         block, size = GGML_QUANT_SIZES[g]
         table[name] = QuantType(name, g, block, size, imatrix,
                                 name if fallback == "" else fallback, LlamaFileType[file_type],
-                                _act_block(name), name in _SEARCHED)
+                                _act_block(name))
     return table
 
 

@@ -44,8 +44,7 @@ from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher
 from lwq_gguf.score.layers import torch_device
 from lwq_gguf.score.sample import FisherTensor, RowSample
-from lwq_gguf.score.sweeps import (NO_THINNING, Thinning, controls_needed, finish, runtime_floor,
-                                   sweep)
+from lwq_gguf.score.sweeps import runtime_floor, tensor_damage
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
 ROWS = RowSample()  # the rows measured per tensor (score.sample)
@@ -61,8 +60,6 @@ class SensitivityRequest:
     keys: tuple[str, ...]
     given: Mapping[str, Imatrix] = field(default_factory=dict)
     rows: RowSample = ROWS  # the rows measured (score.sample)
-    thinning: Thinning = NO_THINNING  # the rows searched types are swept on (an experiment:
-    # score.sweeps)
 
 
 @dataclass(frozen=True)
@@ -111,29 +108,25 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
 
     def one(t: GGUFTensor, ft: FisherTensor, fisher: np.ndarray, ty: str):
         """One type on one tensor under every setting (a task: the pool balances them)."""
+        experts = ft.expert_of_kept() if ft.experts > 1 else None
         with phases.thread_cpu("sweeps"):
             out = {}
             for key, m in modes.items():
                 im = m.weights(t.name) if m is not None else None
                 if im is None and QUANT_TYPES[ty].needs_imatrix:
                     continue  # offered only with an importance matrix
-                out[key] = sweep(quantizers[split_damage_key(key)[1]], ft, fisher, ty, im,
-                                 req.thinning)
+                d = tensor_damage(quantizers[split_damage_key(key)[1]], ft.weight, fisher, [ty],
+                                  im, experts)[ty]
+                out[key] = sig6(d + runtime_floor(ft.floor, ty))
         bar.update(sweep_cost(ft.weight.size * len(modes)))
         return t.name, ty, out
 
-    types: dict[str, list[str]] = {}  # each tensor's candidate types
-    floors: dict[str, dict | None] = {}  # each tensor's runtime floor
-
     def tasks(ft: FisherTensor) -> list:
-        """The tensor's tasks (its types and their controls), sharing its Fisher weighted by what
-        each sampled row counts for."""
+        """The tensor's tasks (one per candidate type), sharing its Fisher weighted by what each
+        sampled row counts for."""
         t = todo[ft.name]
         fisher = ft.fisher * ft.row_weights.astype(np.float32)[:, None]
-        types[t.name] = legal_types(ladder, t.shape[0])
-        floors[t.name] = ft.floor
-        extra = controls_needed(types[t.name], t.shape[0], req.thinning)
-        return [(t, ft, fisher, ty) for ty in types[t.name] + extra]
+        return [(t, ft, fisher, ty) for ty in legal_types(ladder, t.shape[0])]
 
     swept: dict[str, dict] = {key: {} for key in modes}  # (every tensor has its row, even
     # when all of its types need the imatrix a setting lacks)
@@ -174,13 +167,8 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
             for d in pending:
                 collect(d)
     bar.close()
-    damage: dict[str, dict[str, dict[str, float]]] = {}
-    for key, table in swept.items():
-        damage[key] = {}
-        for name, row in sorted(table.items()):
-            got = finish(row, todo[name].shape[0])
-            damage[key][name] = {ty: sig6(got[ty] + runtime_floor(floors[name], ty))
-                                 for ty in sorted(types[name]) if ty in got}
+    damage = {key: {name: dict(sorted(row.items())) for name, row in sorted(table.items())}
+              for key, table in swept.items()}
     missing = sorted(set(todo) - set(damage[next(iter(modes))])) if modes else []
     if missing:
         raise UnsupportedModelError(f"{model.path}: GGUF tensor {missing[0]} has no PyTorch weight "

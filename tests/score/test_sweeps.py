@@ -1,15 +1,15 @@
-"""The quantizer sweeps (score.sweeps), and the thinning experiment: searched types measured on
-a quarter of the rows, scaled by a control."""
+"""The quantizer sweeps (score.sweeps): the damage of each type on a tensor's sampled rows, with
+the pinned ggml's own quantizers, and the runtime floor added per type."""
 
 import numpy as np
 import pytest
 
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.quant.encoder import Quantizer
-from lwq_gguf.quant.types import ALL_LADDER, QUANT_TYPES
-from lwq_gguf.score.sample import FisherTensor
-from lwq_gguf.score.sweeps import (CONTROLS, NO_THINNING, Thinning, control_for,
-                                   controls_needed, finish, sweep, tensor_damage)
+from lwq_gguf.score import sweeps
+from lwq_gguf.score.sweeps import runtime_floor, tensor_damage
+
+TYPES = ["iq4_xs", "q4_k", "iq2_xs", "q8_0"]
 
 
 @pytest.fixture(scope="module")
@@ -17,52 +17,45 @@ def quantizer():
     return Quantizer(find_llama_cpp(), "ggml")
 
 
-def test_thinning_rows():
-    t = Thinning(every=4, min_rows=16)
-    assert t.rows(16) is None and t.rows(10) is None  # nothing to thin
-    rows = t.rows(200)
-    assert len(rows) == 50 and rows[0] == 0 and rows[-1] == 199 and np.all(np.diff(rows) > 0)
-    assert len(t.rows(40)) == 16
-    assert NO_THINNING.rows(1000) is None
+def rows(seed: int, n: int = 128, k: int = 512):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.005, 0.05, (n, 1))).astype(np.float32)
+    f = (rng.random((n, k)) * 10 ** rng.uniform(-3, 1, (n, 1))).astype(np.float32)
+    return w, f
 
 
-def test_controls_are_plain_rounding_and_fit_the_row():
-    for ty in ALL_LADDER:
-        c = control_for(ty, 4096)
-        assert (c is None) == (not QUANT_TYPES[ty].searched)
-        if c is not None:
-            assert c in CONTROLS and not QUANT_TYPES[c].searched
-            assert abs(QUANT_TYPES[c].bpw - QUANT_TYPES[ty].bpw) <= 0.75
-    assert control_for("iq3_xxs", 4096) == "q3_k"
-    assert control_for("iq4_xs", 4096) == "q4_0"
-    # 576-wide rows take no 256-block control: Q3_K's place goes to a 32-block one
-    assert QUANT_TYPES[control_for("iq4_nl", 576)].block == 32
-    assert controls_needed(["iq2_xs", "q4_k", "q8_0"], 4096, Thinning()) == ["q2_0", "q4_0"]
-    assert controls_needed(["iq2_xs"], 4096, NO_THINNING) == []
+def test_damage_is_half_the_fisher_weighted_squared_error(quantizer, monkeypatch):
+    """1/2 sum F (w - Q(w))^2 with ggml's round trip, the same when split into row blocks."""
+    w, f = rows(1)
+    im = (np.random.default_rng(2).random(512) + 0.1).astype(np.float32)
+    got = tensor_damage(quantizer, w, f, TYPES, im)
+    for ty in TYPES:
+        e = (w - quantizer.roundtrip(w, ty, im)).astype(np.float64)
+        assert got[ty] == pytest.approx(0.5 * float(np.sum(f * e * e)), rel=1e-9)
+    assert got["iq2_xs"] > got["q4_k"] > got["q8_0"] > 0
+    monkeypatch.setattr(sweeps, "BLOCK", 16 * 512)  # 16 rows a step: rows quantize alone
+    split = tensor_damage(quantizer, w, f, TYPES, im)
+    assert split == pytest.approx(got, rel=1e-12)
 
 
-def test_sweeps_unthinned_by_default_and_thinned_by_their_control(quantizer):
-    """Unthinned (the default), a sweep is tensor_damage itself; thinned, a searched type is
-    its damage on the thinned rows times its control's whole-sample / thinned-rows damage, and
-    a control is its whole-sample damage."""
-    from lwq_gguf.score.sensitivity import SensitivityRequest
+def test_merged_experts_each_quantized_with_their_own_imatrix(quantizer):
+    w, f = rows(3)
+    experts = np.repeat(np.arange(4), 32)
+    per_expert = (np.random.default_rng(4).random((4, 512)) ** 4 + 1e-3).astype(np.float32)
+    got = tensor_damage(quantizer, w, f, ["iq4_xs"], per_expert.reshape(-1), experts)["iq4_xs"]
+    want = 0.0
+    for x in range(4):
+        sel = experts == x
+        e = (w[sel] - quantizer.roundtrip(w[sel], "iq4_xs", per_expert[x])).astype(np.float64)
+        want += 0.5 * float(np.sum(f[sel] * e * e))
+    assert got == pytest.approx(want, rel=1e-9)
+    shared = tensor_damage(quantizer, w, f, ["iq4_xs"], per_expert[0])["iq4_xs"]
+    assert shared != pytest.approx(got, rel=1e-6)  # the experts' own imatrices were used
 
-    assert SensitivityRequest(ladder=("q4_k",), keys=("auto",)).thinning == NO_THINNING
-    rng = np.random.default_rng(1)
-    w = (rng.standard_normal((128, 512)) * rng.uniform(0.005, 0.05, (128, 1))).astype(np.float32)
-    f = (rng.random((128, 512)) * 10 ** rng.uniform(-3, 1, (128, 1))).astype(np.float32)
-    im = (rng.random(512) + 0.1).astype(np.float32)
-    ft = FisherTensor("blk.0.ffn_up.weight", w, f, 1024, np.arange(128))
-    types = ["iq4_xs", "q4_k", "q8_0"]
-    whole = tensor_damage(quantizer, w, f, types + ["q4_0"], im)
-    for ty in types:
-        assert sweep(quantizer, ft, f, ty, im, NO_THINNING).damage == whole[ty]
-    thin = Thinning(every=4)
-    swept = {ty: sweep(quantizer, ft, f, ty, im, thin)
-             for ty in types + controls_needed(types, 512, thin)}
-    keep = thin.rows(128)
-    part = tensor_damage(quantizer, w[keep], f[keep], ["iq4_xs", "q4_0"], im)
-    got = finish(swept, 512)
-    assert swept["q8_0"].control is None and got["q8_0"] == whole["q8_0"]
-    assert got["q4_0"] == whole["q4_0"]
-    assert got["iq4_xs"] == pytest.approx(part["iq4_xs"] * whole["q4_0"] / part["q4_0"], rel=1e-12)
+
+def test_runtime_floor_by_activation_block():
+    floor = {32: 0.5, 256: 2.0}
+    assert runtime_floor(floor, "q4_0") == 0.5 and runtime_floor(floor, "iq4_nl") == 0.5
+    assert runtime_floor(floor, "q4_k") == 2.0 and runtime_floor(floor, "iq2_xs") == 2.0
+    assert runtime_floor(floor, "f16") == 0.0 and runtime_floor(floor, "bf16") == 0.0
+    assert runtime_floor(None, "q4_k") == 0.0 and runtime_floor({32: 1.0}, "q4_k") == 0.0
