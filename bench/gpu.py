@@ -147,9 +147,96 @@ def stage_eval(a, work: Path) -> dict:
                               "cpu_seconds": rows[-1]["cpu_eval_seconds"]}}
 
 
+def stage_check(a, work: Path, doc: dict, save) -> None:
+    """The GPU check in one device call (bench/gpu_check.sh builds llama.cpp first): CUDA
+    `score` of the 1B shape, a mixed file converted from those scores, its perplexity on CUDA
+    against llama.cpp's CPU backend (CUDA_VISIBLE_DEVICES empty: no GPU at all), and the file in
+    `llama-completion` with every layer offloaded. Each step is saved as it ends; a step that
+    would start after ``--deadline`` (epoch seconds) is skipped and says so."""
+    import os
+
+    import torch
+
+    from scale import generate
+
+    from lwq_gguf.llamacpp import find_llama_cpp
+
+    doc.update({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "setup_seconds": float(os.environ.get("LWQ_GPU_SETUP_S", "nan")),
+                "cuda_build_seconds": float(os.environ.get("LWQ_GPU_BUILD_S", "nan")),
+                "steps": {}})
+    steps = doc["steps"]
+    cache = {"LWQ_SCORES_CACHE": str(work / "cache")}
+    mixed = work / f"{a.shape}-mixed.gguf"
+
+    def step(name: str, fn) -> bool:
+        if a.deadline and time.time() > a.deadline:
+            steps[name] = {"skipped": "past the deadline (--deadline)"}
+        else:
+            try:
+                steps[name] = fn()
+            except (SystemExit, Exception) as e:  # (a child failed: run_child's message)
+                steps[name] = {"failed": f"{type(e).__name__}: {str(e)[-3000:]}"}
+        print(f"gpu: check {name}: {json.dumps(steps[name])[:400]}", flush=True)
+        save()
+        return "seconds" in steps[name]
+
+    def score():
+        t0 = time.time()
+        model = a.model or generate(a.shape)
+        gen = round(time.time() - t0, 1)
+        out = work / "scores.json"
+        r = timed([*CLI, "score", str(model), "-o", str(out), "--rescore", "--force",
+                   "--calib-tokens", str(a.calib_tokens), "--device", a.devices[0]], cache)
+        r.pop("output")
+        sens = json.loads(out.read_text())["sensitivity"]
+        return {**r, "generate_seconds": gen, "calib_tokens": a.calib_tokens,
+                "matmuls": sens.get("precision"), "phases": sens.get("phases")}
+
+    def convert():
+        r = timed([*CLI, "convert", str(a.model or generate(a.shape)), "--avg-bits", a.avg_bits[0], "-o",
+                   str(mixed), "--force", "--device", a.devices[0]], cache)
+        r.pop("output")
+        return {**r, "avg_bits": float(a.avg_bits[0]), "bytes": mixed.stat().st_size}
+
+    def evaluate():
+        got = {}
+        for dev, env in ((a.devices[0], {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""})):
+            r = timed([*CLI, "eval", str(mixed), "--text", str(a.text), "--chunks",
+                       str(a.chunks), "--device", dev, "--json"], env)
+            got["cpu" if env else "gpu"] = {
+                "ppl": json.loads(r.pop("output").strip().splitlines()[-1])["ppl"], **r}
+        x, y = (v["ppl"] for v in got.values())
+        diff = abs(x / y - 1)
+        return {**got, "seconds": sum(v["seconds"] for v in got.values()), "chunks": a.chunks,
+                "ppl_rel_diff": round(diff, 6), "within_0.5pct": diff <= 0.005}
+
+    def cli():
+        tool = find_llama_cpp().tool("llama-completion")
+        r = timed([tool, "-m", mixed, "-ngl", "99", "-no-cnv", "-n", "32", "--seed", "1",
+                   "-p", "The capital of France is"])
+        log = r.pop("output")
+        off = [ln.strip() for ln in log.splitlines() if "offloaded" in ln]
+        speed = [ln.strip() for ln in log.splitlines() if "eval time" in ln]
+        return {**r, "offloaded": off[-1] if off else None, "timings": speed[-2:],
+                "all_layers_offloaded": bool(off) and _all_offloaded(off[-1])}
+
+    if step("score", score) and step("convert", convert):
+        step("eval", evaluate)
+        step("cli", cli)
+
+
+def _all_offloaded(line: str) -> bool:
+    """'offloaded 17/17 layers to GPU' -> True."""
+    import re
+
+    m = re.search(r"offloaded (\d+)/(\d+) layers", line)
+    return bool(m) and m.group(1) == m.group(2)
+
+
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("stage", choices=["score", "eval"])
+    ap.add_argument("stage", choices=["score", "eval", "check"])
     ap.add_argument("--shape", default="1b", choices=["1b", "8b"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--text", type=Path, default=WIKI)
@@ -157,9 +244,12 @@ def main() -> None:
     ap.add_argument("--avg-bits", nargs="+", default=["3.5", "4.0"])
     ap.add_argument("--baselines", default="Q3_K_M,Q4_K_M")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "gpu")
-    ap.add_argument("--model", type=Path, help="score: this HF folder instead of a generated one")
+    ap.add_argument("--model", type=Path, help="score, check: this HF folder instead of a "
+                    "generated one")
     ap.add_argument("--devices", default="cuda,cpu", help="the GPU and the reference device "
                     "(cpu,cpu: a smoke test of this script on a machine without a GPU)")
+    ap.add_argument("--deadline", type=float, help="check: skip the steps that would start "
+                    "after this time (epoch seconds)")
     ap.add_argument("--results", type=Path, help="results file (default "
                     "bench/results/gpu-STAGE.json)")
     a = ap.parse_args()
@@ -169,7 +259,24 @@ def main() -> None:
     res = a.results or RESULTS / f"gpu-{a.stage}.json"
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     title = f"GPU: {a.stage}"
-    if a.stage == "score":
+    if a.stage == "check":
+        d = doc["check"] = {}
+        stage_check(a, work, d, lambda: write_results(res, doc, title, "(the check had not ended)"))
+        st = d["steps"]
+        head = ("step", "seconds", "result")
+        cells = [("setup (wheels)", d["setup_seconds"], ""),
+                 ("CUDA build of the pin", d["cuda_build_seconds"], "")]
+        for name, r in st.items():
+            what = ("skipped" if "skipped" in r else "FAILED" if "failed" in r else
+                    {"score": f"peak GPU {r.get('gpu_gib')} GiB, RSS {r.get('peak_rss_gib')} GiB",
+                     "convert": f"{r.get('bytes', 0) / 2**30:.2f} GiB file",
+                     "eval": f"PPL {a.devices[0]} {r.get('gpu', {}).get('ppl')} vs cpu "
+                             f"{r.get('cpu', {}).get('ppl')}: {r.get('ppl_rel_diff')}",
+                     "cli": f"{r.get('offloaded')}"}.get(name, ""))
+            cells.append((name, r.get("seconds", "-"), what))
+        ok = (st.get("eval", {}).get("within_0.5pct") and st.get("cli", {}).get("all_layers_offloaded"))
+        summary = f"GPU {d['gpu']}; CUDA PPL within 0.5 % of CPU and all layers offloaded: {bool(ok)}"
+    elif a.stage == "score":
         d = doc["score"] = {}
         stage_score(a, work, d, lambda: write_results(res, doc, title, "(the stage had not ended)"))
         head = ("device", "seconds", "tokens/s", "w/o sensitivity tok/s", "plain fwd tok/s",

@@ -7,7 +7,8 @@
 # uses -march=native, without AMX: see below),
 # so a fresh clone or a CI run on the same machine reuses it. It holds:
 #   src/        the llama.cpp source vendored in the llama-cpp-python sdist (convert_hf_to_gguf.py, gguf-py)
-#   bin/        llama-quantize, llama-perplexity, llama-imatrix and the shared libraries
+#   bin/        llama-quantize, llama-perplexity, llama-imatrix (CUDA: llama-completion too) and
+#               the shared libraries
 #   sdist.tar.gz  the sdist itself (the Python bindings are installed from it)
 #   .done       stamp written last
 # Environment: LWQ_CACHE (default $XDG_CACHE_HOME/lwq-gguf, else ~/.cache/lwq-gguf), LWQ_CUDA=auto|0|1 (auto: on when nvcc is found
@@ -67,8 +68,13 @@ fi
 echo "lwq-gguf: building llama.cpp ($kind) in $work/build, about 5 min on 2 cores" >&2
 cmake -S "$work/src" -B "$work/build" $flags -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" >"$work/cmake.log" 2>&1 \
   || { tail -20 "$work/cmake.log" >&2; exit 1; }
+targets="llama-quantize llama-perplexity llama-imatrix"
+# a CUDA build also makes llama-completion (the pin's non-interactive llama-cli: its llama-cli
+# needs the server build), which bench/gpu.py check runs with every layer offloaded
+[ "$cuda" = 1 ] && targets="$targets llama-completion"
+# shellcheck disable=SC2086
 cmake --build "$work/build" -j "${LWQ_JOBS:-$(nproc)}" \
-    --target llama-quantize llama-perplexity llama-imatrix >"$work/build.log" 2>&1 \
+    --target $targets >"$work/build.log" 2>&1 \
   || { tail -30 "$work/build.log" >&2; exit 1; }
 mkdir -p "$work/bin"
 cp -a "$work/build/bin/." "$work/bin/"

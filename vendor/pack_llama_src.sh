@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pack a trimmed copy of the pinned llama.cpp source for machines without a package registry
 # (a GPU box, an air-gapped server): ggml with the CPU and CUDA backends only, src, include,
-# common, vendor, cmake, the three tools lwq-gguf uses (quantize, perplexity, imatrix),
+# common, vendor, cmake, the tools lwq-gguf uses (quantize, perplexity, imatrix, and completion
+# for bench/gpu.py check),
 # convert_hf_to_gguf.py with its conversion/ package, and gguf-py. About 4 MB instead of 76.
 #
 #   vendor/pack_llama_src.sh OUT.tar.gz
@@ -16,7 +17,7 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/llama.cpp"
 cd "$src"
 keep=(CMakeLists.txt LICENSE licenses cmake common include src ggml vendor tools/quantize
-      tools/perplexity tools/imatrix convert_hf_to_gguf.py conversion gguf-py)
+      tools/perplexity tools/imatrix tools/completion convert_hf_to_gguf.py conversion gguf-py)
 tar -cf - --exclude=vendor/llama.cpp --exclude='*/__pycache__' \
     $(for b in ggml/src/ggml-*/; do case $b in */ggml-cpu/|*/ggml-cuda/) ;; *) echo "--exclude=${b%/}";; esac; done) \
     "${keep[@]}" | tar -xf - -C "$tmp/llama.cpp"
@@ -24,6 +25,7 @@ cat >"$tmp/llama.cpp/tools/CMakeLists.txt" <<'CM'
 # trimmed by lwq-gguf vendor/pack_llama_src.sh: only the tools lwq-gguf runs
 find_package(Threads REQUIRED)
 llama_add_compile_flags()
+add_subdirectory(completion)
 add_subdirectory(imatrix)
 add_subdirectory(perplexity)
 add_subdirectory(quantize)
