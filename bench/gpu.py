@@ -194,8 +194,9 @@ def stage_check(a, work: Path, doc: dict, save) -> None:
                 "matmuls": sens.get("precision"), "phases": sens.get("phases")}
 
     def convert():
-        r = timed([*CLI, "convert", str(a.model or generate(a.shape)), "--avg-bits", a.avg_bits[0], "-o",
-                   str(mixed), "--force", "--device", a.devices[0]], cache)
+        r = timed([*CLI, "convert", str(a.model or generate(a.shape)), "--avg-bits",
+                   a.avg_bits[0], "--scores", str(work / "scores.json"), "--device",
+                   a.devices[0], "-o", str(mixed), "--force"], cache)
         r.pop("output")
         return {**r, "avg_bits": float(a.avg_bits[0]), "bytes": mixed.stat().st_size}
 
