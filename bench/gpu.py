@@ -214,7 +214,7 @@ def stage_check(a, work: Path, doc: dict, save) -> None:
 
     def cli():
         tool = find_llama_cpp().tool("llama-completion")
-        r = timed([tool, "-m", mixed, "-ngl", "99", "-no-cnv", "-n", "32", "--seed", "1",
+        r = timed([tool, "-m", mixed, "-ngl", "99", "-no-cnv", "-n", "32", "--seed", "1", "--perf", "-v",
                    "-p", "The capital of France is"])
         log = r.pop("output")
         off = [ln.strip() for ln in log.splitlines() if "offloaded" in ln]
