@@ -42,7 +42,7 @@ from lwq_gguf.model.inventory import GGUFTensor
 from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher
-from lwq_gguf.score.layers import torch_device
+from lwq_gguf.score.layers import keep_heap, torch_device
 from lwq_gguf.score.sample import FisherTensor, RowSample
 from lwq_gguf.score.sweeps import runtime_floor, tensor_damage
 from lwq_gguf.score.scores import ScoreConfig, sig6
@@ -86,6 +86,7 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     ``tensors``: the GGUF tensor list, or a function that returns it (called after the forward
     pass, so that a slow listing runs meanwhile)."""
     t0 = time.time()
+    keep_heap()  # (the pass and the sweeps reuse their temporaries' memory)
     phases = phases if phases is not None else Phases()
     ladder, rows = req.ladder, req.rows
     fisher = cfg.fisher_tokens
