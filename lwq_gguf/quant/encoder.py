@@ -10,7 +10,7 @@ Every type is written in ggml's own block layout, so any llama.cpp reads the fil
   against the largest. Same format and size; lower (importance-weighted) error.
 
 The C source is compiled once with the system's C compiler into the lwq-gguf cache folder
-(:func:`lwq_gguf.files.cache_root`), keyed by its hash, without ``-march`` or FMA
+(:mod:`lwq_gguf.quant.cbuild`), keyed by its hash, without ``-march`` or FMA
 contraction so that every x86_64 machine writes the same bytes (vectorized across candidates,
 never across a sum: ``-fno-trapping-math`` only lets the compiler if-convert).
 """
@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from lwq_gguf.errors import ToolError
-from lwq_gguf.files import atomic_output, cache_root
 from lwq_gguf.llamacpp import LlamaCpp
+from lwq_gguf.quant.cbuild import CompileError, compile_once
 from lwq_gguf.quant.ggml import Ggml
 from lwq_gguf.quant.types import ENCODERS
 
@@ -60,28 +57,10 @@ def split_damage_key(key: str) -> tuple[str, str]:
 
 def library() -> Path:
     """The compiled encoder (built on first use)."""
-    root = cache_root()
-    key = hashlib.sha256((_source_digest() + " ".join(CFLAGS)).encode()).hexdigest()[:16]
-    lib = root / f"q4k-encoder-{key}.so"
-    if lib.is_file():
-        return lib
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise ToolError(f"{SOURCE}: no C compiler to build lwq-gguf's Q4_K encoder: install gcc, "
-                        "or use --encoder ggml")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_output(lib, unique=True) as tmp:
-            r = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["?"])[-1]
-                raise ToolError(f"{SOURCE}: {cc} failed ({last}): fix the compiler or use "
-                                "--encoder ggml")
-    except OSError as e:
-        raise ToolError(f"{root}: cannot build the Q4_K encoder there ({e.strerror}): set "
-                        "LWQ_CACHE to a writable folder, or use --encoder ggml") from None
-    return lib
+        return compile_once("q4k-encoder", SOURCE.read_text(), (*CFLAGS, "-lm"), origin=str(SOURCE))
+    except CompileError as e:
+        raise ToolError(f"{e}, or use --encoder ggml") from None
 
 
 class Quantizer(Ggml):

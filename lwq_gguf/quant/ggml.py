@@ -2,7 +2,9 @@
 
 ``quantize(rows, type, imatrix)`` calls ``ggml_quantize_chunk`` (the function llama-quantize
 calls, with the same per-column importance weights) and ``dequantize`` the type's ``to_float``, so
-the quantization error of a tensor for any type is measured, not modelled.
+the quantization error of a tensor for any type is measured, not modelled. The quantizers are
+those of the pinned source rebuilt with exact speed-ups (:mod:`lwq_gguf.quant.rebuilt`: the same
+bytes) where that library can be built, else the pinned library's own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 
 from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
+from lwq_gguf.quant.rebuilt import Rebuilt
 from lwq_gguf.quant.types import QUANT_TYPES
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
@@ -27,7 +30,7 @@ class _Traits(ctypes.Structure):
 class Ggml:
     """ggml's quantize/dequantize from the pinned build's libggml-base."""
 
-    def __init__(self, lc: LlamaCpp) -> None:
+    def __init__(self, lc: LlamaCpp, rebuilt: bool = True) -> None:
         path = lc.bin / "libggml-base.so"
         try:
             self.lib = ctypes.CDLL(str(path))
@@ -41,6 +44,8 @@ class Ggml:
         self.lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        # why_not_rebuilt: "" where the rebuilt quantizers are in use
+        self.rebuilt, self.why_not_rebuilt = Rebuilt.load(lc) if rebuilt else (None, "not asked")
 
     def row_size(self, type_name: str, n: int) -> int:
         """Bytes of one row of ``n`` weights in the type."""
@@ -59,6 +64,8 @@ class Ggml:
         """Quantize a 2-D float32 array (rows of ggml ne0 weights) to ``type_name``'s blocks."""
         q = QUANT_TYPES[type_name]
         src = self.rows_f32(rows, type_name)
+        if imatrix is None and type_name in ("iq2_xxs", "iq2_xs", "iq1_s"):
+            raise ValueError(f"{type_name}: ggml quantizes it only with an importance matrix")
         nrows, n = src.shape
         size = self.row_size(type_name, n) * nrows
         dst = ctypes.create_string_buffer(size)
@@ -66,8 +73,11 @@ class Ggml:
         if imatrix is not None:
             imat_arr = np.ascontiguousarray(imatrix, dtype=np.float32)
             imat = imat_arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        done = self.lib.ggml_quantize_chunk(int(q.ggml), src.ctypes.data_as(
-            ctypes.POINTER(ctypes.c_float)), dst, 0, nrows, n, imat)
+        fsrc = src.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if self.rebuilt is not None and type_name in self.rebuilt.fns:
+            done = self.rebuilt.quantize(type_name, fsrc, dst, nrows, n, imat)
+        else:
+            done = self.lib.ggml_quantize_chunk(int(q.ggml), fsrc, dst, 0, nrows, n, imat)
         assert done == size, (done, size)
         return dst.raw
 

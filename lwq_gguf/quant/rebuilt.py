@@ -1,0 +1,215 @@
+"""ggml's quantizers rebuilt from the pinned source, with exact speed-ups of the i-quants.
+
+The sensitivity sweeps quantize each tensor's sampled rows to every candidate type, and most of
+that time goes to the i-quants' grid searches. This module compiles the pinned llama.cpp's own
+``ggml/src/ggml-quants.c`` once more, with two of its routines rewritten so that they give the
+same bits faster:
+
+* **The neighbour search** (``iq2_find_best_neighbour``, ``iq3_find_best_neighbour``): for an
+  8-weight (4-weight) group off the grid, ggml computes ``w_i * (s*q_i - x_i)^2`` for every
+  coordinate of every neighbouring grid point. A coordinate takes only 4 (8) values, so the
+  rewrite computes each term once per call, in the same operations, into a small table, and
+  sums each neighbour's entries in the same order: the same floats added in the same order.
+* **The grid set-up** (``iq2xs_init_impl``, ``iq3xs_init_impl``; about 8 s on 2 cores at every
+  start, half of it for IQ1_S): each off-grid point's (distance, index) pairs are sorted with
+  ``qsort``; they are already in index order, so a counting sort by distance gives the same
+  order.
+
+The file is compiled with ``-O3 -march=native -ffp-contract=off -fno-fast-math`` (no fused
+multiply-add and no reassociation, so vectorized code computes the same floats) and linked
+against the pinned ``libggml-base``. ``tests/quant/test_rebuilt.py`` checks every type's bytes
+against ``ggml_quantize_chunk``. Where it cannot be built (a llama.cpp folder without its source,
+no C compiler, a source the patch no longer matches) :class:`lwq_gguf.quant.ggml.Ggml` uses the
+pinned library's own quantizers: the same bytes, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from string import Template
+from typing import Any
+
+from lwq_gguf.llamacpp import LlamaCpp
+from lwq_gguf.quant.cbuild import CompileError, compile_once
+from lwq_gguf.quant.types import QUANT_TYPES
+
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
+         "-Wl,-Bsymbolic")
+
+_SEARCH = Template('''    for (int j = 1; j <= num_neighbors; ++j) {
+        const int8_t * pg = (const int8_t *)(grid + neighbours[j]);
+        float d2 = 0;
+        for (int i = 0; i < $n; ++i) {
+            float q = pg[i];
+            float diff = scale*q - xval[i];
+            d2 += weight[i]*diff*diff;
+        }
+        if (d2 < best_d2) {
+            best_d2 = d2; grid_index = neighbours[j];
+        }
+    }''')
+# A grid coordinate is 2*l + 1 (l < 4 on the IQ2 grids, 8 coordinates to a point; l < 8 on
+# IQ3's, 4 coordinates): each coordinate's term for every value it can take, then per neighbour
+# the same sum from that table - with AVX-512, 16 neighbours at a time (a gather of their grid
+# points, a permute per coordinate, the lanes' sums in the same order, the first lane at the
+# minimum: the element the scalar scan keeps; the last few one at a time).
+_TABLED = Template("""    float term[$n][8];  /* [i][l]: the term of q = 2*l + 1 (rows of 8: one 256-bit load each) */
+    for (int i = 0; i < $n; ++i) {
+        for (int l = 0; l < $levels; ++l) {
+            float q = 2*l + 1;
+            float diff = scale*q - xval[i];
+            term[i][l] = weight[i]*diff*diff;
+        }
+    }
+    int j = 1;
+#if LWQ_AVX512
+    for (; j + 15 <= num_neighbors; j += 16) {
+        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(neighbours + j)));
+$gather
+        __m512 d2 = _mm512_setzero_ps();
+        for (int i = 0; i < $n; ++i) {
+            __m512i l = _mm512_srl_epi32(i < 4 ? lo : hi, _mm_cvtsi32_si128(8*(i & 3) + 1));
+            l = _mm512_and_si512(l, _mm512_set1_epi32(7));
+            const __m512 t = _mm512_castps256_ps512(_mm256_loadu_ps(term[i]));
+            d2 = _mm512_add_ps(d2, _mm512_permutexvar_ps(l, t));
+        }
+        const float m = _mm512_reduce_min_ps(d2);
+        if (m < best_d2) {
+            const unsigned at = _mm512_cmp_ps_mask(d2, _mm512_set1_ps(m), _CMP_EQ_OQ);
+            best_d2 = m; grid_index = neighbours[j + __builtin_ctz(at)];
+        }
+    }
+#endif
+    for (; j <= num_neighbors; ++j) {
+        const int8_t * pg = (const int8_t *)(grid + neighbours[j]);
+        float d2 = 0;
+        for (int i = 0; i < $n; ++i) d2 += term[i][pg[i] >> 1];
+        if (d2 < best_d2) {
+            best_d2 = d2; grid_index = neighbours[j];
+        }
+    }""")
+_GATHER = {  # the 16 neighbours' grid points as two vectors of their bytes 0-3 and 4-7
+    8: """        const __m512i g0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(idx), (const void *)grid, 8);
+        const __m512i g1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), (const void *)grid, 8);
+        const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(g0)),
+                                              _mm512_cvtepi64_epi32(g1), 1);
+        const __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(
+                                                  _mm512_cvtepi64_epi32(_mm512_srli_epi64(g0, 32))),
+                                              _mm512_cvtepi64_epi32(_mm512_srli_epi64(g1, 32)), 1);""",
+    4: """        const __m512i lo = _mm512_i32gather_epi32(idx, (const void *)grid, 4), hi = lo;""",
+}
+_HEADER = """#if defined(__AVX512F__)
+#define LWQ_AVX512 1
+#include <immintrin.h>
+#else
+#define LWQ_AVX512 0
+#endif
+"""
+_COUNTING_SORT = '''
+/* lwq-gguf: the (d2, j) pairs arrive in j order, so a stable counting sort by d2 gives
+   qsort's (d2, j) order */
+static void lwq_sort_dist2(int * dist2, int n) {
+    int maxd = 0;
+    for (int j = 0; j < n; ++j) if (dist2[2*j] > maxd) maxd = dist2[2*j];
+    int * count = (int *)calloc(maxd + 2, sizeof(int));
+    int * tmp = (int *)malloc(2*n*sizeof(int));
+    GGML_ASSERT(count && tmp);
+    for (int j = 0; j < n; ++j) count[dist2[2*j] + 1]++;
+    for (int d = 1; d <= maxd + 1; ++d) count[d] += count[d-1];
+    for (int j = 0; j < n; ++j) {
+        int p = count[dist2[2*j]]++;
+        tmp[2*p] = dist2[2*j]; tmp[2*p+1] = dist2[2*j+1];
+    }
+    memcpy(dist2, tmp, 2*n*sizeof(int));
+    free(tmp); free(count);
+}
+
+'''
+_INIT = '''
+/* lwq-gguf: ggml_quantize_init for this copy's grids, under its own lock */
+#include <pthread.h>
+static pthread_mutex_t lwq_init_lock = PTHREAD_MUTEX_INITIALIZER;
+void lwq_quantize_init(enum ggml_type type) {
+    pthread_mutex_lock(&lwq_init_lock);
+    switch (type) {
+        case GGML_TYPE_IQ2_XXS:
+        case GGML_TYPE_IQ2_XS:
+        case GGML_TYPE_IQ2_S:
+        case GGML_TYPE_IQ1_S:
+        case GGML_TYPE_IQ1_M:   iq2xs_init_impl(type); break;
+        case GGML_TYPE_IQ3_XXS: iq3xs_init_impl(256); break;
+        case GGML_TYPE_IQ3_S:   iq3xs_init_impl(512); break;
+        default: break;
+    }
+    pthread_mutex_unlock(&lwq_init_lock);
+}
+'''
+
+
+class PatchError(Exception):
+    """The pinned source no longer has the text a rewrite replaces."""
+
+
+def _replace(src: str, old: str, new: str, count: int) -> str:
+    if src.count(old) != count:
+        raise PatchError(f"expected {count} of: {old.strip().splitlines()[0]}")
+    return src.replace(old, new)
+
+
+def patched_source(src: str) -> str:
+    """``ggml-quants.c`` with the rewrites above (:class:`PatchError` where it does not match)."""
+    for n, levels in ((8, 4), (4, 8)):  # (coordinates, values of l) of the IQ2 and IQ3 grids
+        src = _replace(src, _SEARCH.substitute(n=n),
+                       _TABLED.substitute(n=n, levels=levels, gather=_GATHER[n]), 1)
+    for name in ("iq2_compare_func", "iq3_compare_func"):
+        src = _replace(src, f"qsort(dist2, grid_size, 2*sizeof(int), {name});",
+                       "lwq_sort_dist2(dist2, grid_size);", 2)
+    anchor = "typedef struct {\n    uint64_t * grid;"
+    src = _replace(src, anchor, _COUNTING_SORT + anchor, 1)
+    return _HEADER + src + _INIT
+
+
+class Rebuilt:
+    """The rebuilt quantizers: ``quantize_<type>`` and ``lwq_quantize_init`` of the patched copy."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        self.lib.lwq_quantize_init.argtypes = [ctypes.c_int]
+        self.lib.lwq_quantize_init.restype = None
+        self.fns: dict[str, Callable[..., int]] = {}
+        fp = ctypes.POINTER(ctypes.c_float)
+        for name in QUANT_TYPES:
+            if name in ("f32", "f16", "bf16"):
+                continue
+            fn = getattr(lib, "quantize_" + name.replace("_k", "_K"), None)
+            if fn is not None:
+                fn.restype = ctypes.c_size_t
+                fn.argtypes = [fp, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, fp]
+                self.fns[name] = fn
+
+    @classmethod
+    def load(cls, lc: LlamaCpp) -> tuple[Rebuilt | None, str]:
+        """The rebuilt library, or None and why not."""
+        ggml = lc.src / "ggml"
+        path = ggml / "src" / "ggml-quants.c"
+        try:
+            src = patched_source(path.read_text())
+        except OSError as e:
+            return None, f"{path}: {e.strerror}"
+        except PatchError as e:
+            return None, f"{path}: {e}"
+        flags = (*FLAGS, f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-L{lc.bin}",
+                 "-lggml-base", f"-Wl,-rpath,{lc.bin}", "-lm", "-lpthread")
+        try:
+            lib = compile_once("ggml-quants", src, flags, origin=str(path), native=True)
+            return cls(ctypes.CDLL(str(lib))), ""
+        except (CompileError, OSError) as e:
+            return None, str(e)
+
+    def quantize(self, type_name: str, src: Any, dst: ctypes.Array, nrows: int, n: int,
+                 imatrix: Any) -> int:
+        """``ggml_quantize_chunk`` from row 0, in the rebuilt copy (``src``, ``imatrix``: float
+        pointers, the latter None for none)."""
+        self.lib.lwq_quantize_init(int(QUANT_TYPES[type_name].ggml))
+        return int(self.fns[type_name](src, dst, nrows, n, imatrix))
