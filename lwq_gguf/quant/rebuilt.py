@@ -34,7 +34,7 @@ from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant.cbuild import CompileError, compile_once
 from lwq_gguf.quant.types import QUANT_TYPES
 
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
+FLAGS = ("-O3", "-DNDEBUG", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
          "-Wl,-Bsymbolic")
 
 _SEARCH = Template('''    for (int j = 1; j <= num_neighbors; ++j) {
@@ -106,6 +106,131 @@ _HEADER = """#if defined(__AVX512F__)
 #define LWQ_AVX512 0
 #endif
 """
+# IQ4_NL / IQ4_XS: a 32-weight block's 2*ntry + 1 trial scales are independent until the choice,
+# so with AVX-512 they run in 16 lanes (ggml's bisection of the 16 sorted values as a count of
+# the values below, NaN included; each lane's sums in the loop's order), then the loop's choice
+# is made from the lanes' sums in the loop's order.
+_IQ4_TRIALS = """        for (int itry = -ntry; itry <= ntry; ++itry) {
+            id = (itry + values[0])/max;
+            sumqx = sumq2 = 0;
+            for (int j = 0; j < block_size; ++j) {
+                float al = id*xb[j];
+                int l = best_index_int8(16, values, al);
+                float q = values[l];
+                float w = weight[j];
+                sumqx += w*q*xb[j];
+                sumq2 += w*q*q;
+            }
+            if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {
+                d = sumqx/sumq2; best = d * sumqx;
+            }
+        }"""
+_IQ4_LANES = """#if LWQ_AVX512
+        if (2*ntry + 1 <= 16) {
+            float ida[16], vf[16], sx[16], s2[16];
+            for (int k = 0; k < 16; ++k) ida[k] = (MIN(k, 2*ntry) - ntry + values[0])/max;
+            for (int v = 0; v < 16; ++v) vf[v] = values[v];
+            const __m512 idv = _mm512_loadu_ps(ida), vals = _mm512_loadu_ps(vf);
+            const __m512i one = _mm512_set1_epi32(1);
+            __m512 sqx = _mm512_setzero_ps(), sq2 = _mm512_setzero_ps();
+            for (int j = 0; j < block_size; ++j) {
+                const __m512 x = _mm512_set1_ps(xb[j]);
+                const __m512 al = _mm512_mul_ps(idv, x);
+                __m512i ml = _mm512_setzero_si512();
+                for (int v = 1; v < 15; ++v) {
+                    const __mmask16 up = _mm512_cmp_ps_mask(al, _mm512_set1_ps(vf[v]), _CMP_NLT_UQ);
+                    ml = _mm512_mask_add_epi32(ml, up, ml, one);
+                }
+                const __m512i mu = _mm512_add_epi32(ml, one);
+                const __m512 below = _mm512_sub_ps(al, _mm512_permutexvar_ps(ml, vals));
+                const __m512 above = _mm512_sub_ps(_mm512_permutexvar_ps(mu, vals), al);
+                __m512i l = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(below, above, _CMP_LT_OQ), mu, ml);
+                l = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(al, _mm512_set1_ps(vf[15]), _CMP_GE_OQ),
+                                            l, _mm512_set1_epi32(15));
+                l = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(al, _mm512_set1_ps(vf[0]), _CMP_LE_OQ),
+                                            l, _mm512_setzero_si512());
+                const __m512 q = _mm512_permutexvar_ps(l, vals);
+                const __m512 wq = _mm512_mul_ps(_mm512_set1_ps(weight[j]), q);
+                sqx = _mm512_add_ps(sqx, _mm512_mul_ps(wq, x));
+                sq2 = _mm512_add_ps(sq2, _mm512_mul_ps(wq, q));
+            }
+            _mm512_storeu_ps(sx, sqx); _mm512_storeu_ps(s2, sq2);
+            for (int k = 0; k <= 2*ntry; ++k) {
+                sumqx = sx[k]; sumq2 = s2[k];
+                if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {
+                    d = sumqx/sumq2; best = d * sumqx;
+                }
+            }
+            id = ida[2*ntry];
+        } else
+#endif
+"""
+# make_qkx3_quants (Q2_K, Q4_1, Q5_1, Q5_K; Q4_K with --encoder ggml): its nstep + 1 trial
+# scales depend on each other only through the min, which changes where a trial is taken. With
+# AVX-512, 16 trials run in lanes from the current min (each lane's sums in the loop's order),
+# the loop's test is made in its order, and after a taken trial the next 16 start from it.
+_QKX3_START = """        iscale = (rmin + rdelta*is + nmax)/(max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale*(x[i] - min));
+            l = MAX(0, MIN(nmax, l));
+            Laux[i] = l;
+            float w = weights ? weights[i] : x[i]*x[i];"""
+_QKX3_LANES = """#if LWQ_AVX512
+    if (n <= 32 && !use_mad) {
+        int la[32][16];
+        float wv[32], isc[16], dv[16], tsv[16], tmv[16], madv[16];
+        for (int i = 0; i < n; ++i) wv[i] = weights ? weights[i] : x[i]*x[i];
+        const __m512 sumw = _mm512_set1_ps(sum_w), sumx = _mm512_set1_ps(sum_x);
+        int is = 0;
+        while (is <= nstep) {
+            for (int k = 0; k < 16; ++k) isc[k] = (rmin + rdelta*(is + k) + nmax)/(max - min);
+            const __m512 iscv = _mm512_loadu_ps(isc);
+            __m512 sl = _mm512_setzero_ps(), sl2 = _mm512_setzero_ps(), sxl = _mm512_setzero_ps();
+            for (int i = 0; i < n; ++i) {
+                const __m512 f = _mm512_mul_ps(iscv, _mm512_set1_ps(x[i] - min));
+                __m512i l = _mm512_castps_si512(_mm512_add_ps(f, _mm512_set1_ps(12582912.f)));
+                l = _mm512_sub_epi32(_mm512_and_si512(l, _mm512_set1_epi32(0x007fffff)),
+                                     _mm512_set1_epi32(0x00400000));
+                l = _mm512_max_epi32(_mm512_setzero_si512(), _mm512_min_epi32(_mm512_set1_epi32(nmax), l));
+                _mm512_storeu_si512(la[i], l);
+                const __m512 lf = _mm512_cvtepi32_ps(l);
+                const __m512 wl = _mm512_mul_ps(_mm512_set1_ps(wv[i]), lf);
+                sl = _mm512_add_ps(sl, wl);
+                sl2 = _mm512_add_ps(sl2, _mm512_mul_ps(wl, lf));
+                sxl = _mm512_add_ps(sxl, _mm512_mul_ps(wl, _mm512_set1_ps(x[i])));
+            }
+            const __m512 D = _mm512_sub_ps(_mm512_mul_ps(sumw, sl2), _mm512_mul_ps(sl, sl));
+            __m512 ts = _mm512_div_ps(_mm512_sub_ps(_mm512_mul_ps(sumw, sxl), _mm512_mul_ps(sumx, sl)), D);
+            __m512 tm = _mm512_div_ps(_mm512_sub_ps(_mm512_mul_ps(sl2, sumx), _mm512_mul_ps(sl, sxl)), D);
+            const __mmask16 above = _mm512_cmp_ps_mask(tm, _mm512_setzero_ps(), _CMP_GT_OQ);
+            tm = _mm512_mask_blend_ps(above, tm, _mm512_setzero_ps());
+            ts = _mm512_mask_blend_ps(above, ts, _mm512_div_ps(sxl, sl2));
+            __m512 mad = _mm512_setzero_ps();
+            for (int i = 0; i < n; ++i) {
+                const __m512 lf = _mm512_cvtepi32_ps(_mm512_loadu_si512(la[i]));
+                __m512 diff = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(ts, lf), tm), _mm512_set1_ps(x[i]));
+                diff = _mm512_mul_ps(diff, diff);
+                mad = _mm512_add_ps(mad, _mm512_mul_ps(_mm512_set1_ps(wv[i]), diff));
+            }
+            _mm512_storeu_ps(dv, D); _mm512_storeu_ps(tsv, ts); _mm512_storeu_ps(tmv, tm);
+            _mm512_storeu_ps(madv, mad);
+            int next = is + 16;
+            for (int k = 0; k < 16 && is + k <= nstep; ++k) {
+                if (dv[k] > 0 && madv[k] < best_mad) {
+                    for (int i = 0; i < n; ++i) L[i] = la[i][k];
+                    best_mad = madv[k]; scale = tsv[k]; min = tmv[k];
+                    next = is + k + 1;
+                    break;
+                }
+            }
+            is = next;
+        }
+        *the_min = -min;
+        return scale;
+    }
+#endif
+"""
 _COUNTING_SORT = '''
 /* lwq-gguf: the (d2, j) pairs arrive in j order, so a stable counting sort by d2 gives
    qsort's (d2, j) order */
@@ -162,6 +287,9 @@ def patched_source(src: str) -> str:
     for n, levels in ((8, 4), (4, 8)):  # (coordinates, values of l) of the IQ2 and IQ3 grids
         src = _replace(src, _SEARCH.substitute(n=n),
                        _TABLED.substitute(n=n, levels=levels, gather=_GATHER[n]), 1)
+    src = _replace(src, _IQ4_TRIALS, _IQ4_LANES + _IQ4_TRIALS, 1)
+    loop = "    for (int is = 0; is <= nstep; ++is) {\n"
+    src = _replace(src, loop + _QKX3_START, _QKX3_LANES + loop + _QKX3_START, 1)
     for name in ("iq2_compare_func", "iq3_compare_func"):
         src = _replace(src, f"qsort(dist2, grid_size, 2*sizeof(int), {name});",
                        "lwq_sort_dist2(dist2, grid_size);", 2)
