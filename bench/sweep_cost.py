@@ -3,8 +3,9 @@
     .venv/bin/python bench/sweep_cost.py --scores OUT/scores.json [--cols 1024] [--seconds 0.5]
 
 The sweeps quantize each tensor's sampled rows (~64k weights) to every ladder type and back.
-This measures, for every type of the scores file's ladder, the pinned ggml's quantize + dequantize
-time per weight (a 64 x COLS float32 block of random weights with a random imatrix, one thread),
+This measures, for every type of the scores file's ladder, the quantize + dequantize time per
+weight (a 64 x COLS float32 block of random weights with a random imatrix, one thread) of the
+rebuilt quantizers the sweeps run (lwq_gguf.quant.rebuilt) and of the pinned library's own,
 and from the scores file's damage table (the full sweeps' result) how much of the sweep time goes
 to types that are *dominated* on a tensor - some type of no more BPW has at most 1/M of its
 damage, so the planner would never pick it. That share, at margins M, is the most that measuring
@@ -26,16 +27,19 @@ import numpy as np
 from harness import RESULTS, parser, write_results
 
 from lwq_gguf.llamacpp import find_llama_cpp
-from lwq_gguf.quant.encoder import Quantizer
+from lwq_gguf.quant.ggml import Ggml
 from lwq_gguf.quant.types import QUANT_TYPES
 from lwq_gguf.report import markdown_table, table
 
 MARGINS = (1.0, 1.25, 1.5, 2.0)
 
 
-def type_costs(ladder: list[str], cols: int, seconds: float) -> dict[str, float]:
-    """ns per weight of one quantize + dequantize, per type."""
-    q = Quantizer(find_llama_cpp(), "ggml")
+def type_costs(ladder: list[str], cols: int, seconds: float, rebuilt: bool) -> dict[str, float]:
+    """ns per weight of one quantize + dequantize, per type: with the rebuilt quantizers (what
+    the sweeps run, lwq_gguf.quant.rebuilt) or the pinned library's own."""
+    q = Ggml(find_llama_cpp(), rebuilt=rebuilt)
+    if rebuilt and q.rebuilt is None:
+        raise SystemExit(f"sweep_cost: the rebuilt quantizers are not available: {q.why_not_rebuilt}")
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((64, cols)) * 0.02).astype(np.float32)
     im = (rng.random(cols) + 0.1).astype(np.float32)
@@ -67,7 +71,9 @@ def main() -> None:
     doc = json.loads(a.scores.read_text())
     damage = doc["sensitivity"]["damage"][a.key]
     ladder = sorted({q for row in damage.values() for q in row}, key=lambda q: QUANT_TYPES[q].bpw)
-    cost = type_costs(ladder, a.cols, a.seconds)
+    cost = type_costs(ladder, a.cols, a.seconds, rebuilt=True)
+    pinned = type_costs(ladder, a.cols, a.seconds, rebuilt=False)
+    total_pinned = sum(pinned[q] for row in damage.values() for q in row)
     total = sum(cost[q] for row in damage.values() for q in row)
     share = {q: sum(cost[q] for row in damage.values() if q in row) / total for q in ladder}
     prune = []
@@ -76,9 +82,13 @@ def main() -> None:
         c = sum(cost[q] for row in damage.values() for q in row if dominated(row, q, m))
         prune.append({"margin": m, "types_dominated": n / sum(map(len, damage.values())),
                       "cost_dominated": c / total})
-    head = ("type", "BPW", "ns / weight", "share of the sweeps")
-    cells = [(q, f"{QUANT_TYPES[q].bpw:.3f}", f"{cost[q]:.1f}", f"{share[q]:.1%}")
+    head = ("type", "BPW", "ns / weight", "pinned library ns / weight", "speed-up",
+            "share of the sweeps")
+    cells = [(q, f"{QUANT_TYPES[q].bpw:.3f}", f"{cost[q]:.1f}", f"{pinned[q]:.1f}",
+              f"{pinned[q] / cost[q]:.2f}x", f"{share[q]:.1%}")
              for q in sorted(ladder, key=lambda q: -share[q])]
+    cells.append(("all (this table's pairs)", "", f"{total / len(damage):.0f}",
+                  f"{total_pinned / len(damage):.0f}", f"{total_pinned / total:.2f}x", ""))
     phead = ("margin M", "(tensor, type) pairs dominated", "sweep time in them")
     pcells = [(f"{p['margin']:g}", f"{p['types_dominated']:.0%}", f"{p['cost_dominated']:.0%}")
               for p in prune]
@@ -87,11 +97,14 @@ def main() -> None:
     name = a.scores.resolve().parent.name
     results = a.results or RESULTS / f"sweep-cost-{name}.json"
     write_results(results, {"scores": str(a.scores), "key": a.key, "cols": a.cols,
-                            "tensors": len(damage), "ns_per_weight": cost, "share": share,
+                            "tensors": len(damage), "ns_per_weight": cost,
+                            "ns_per_weight_pinned": pinned, "speedup": total_pinned / total,
+                            "share": share,
                             "pruning": prune},
                   f"Sweep cost per type and the dominated share: {name}",
                   f"Scores {a.scores} ({len(damage)} tensors, table {a.key}); timing on a 64 x "
-                  f"{a.cols} block, one thread\n\n{markdown_table(head, cells)}\n\n"
+                  f"{a.cols} block, one thread, the rebuilt quantizers (the sweeps') and the "
+                  f"pinned library's own; the all row: ns per weight summed over a tensor's types\n\n{markdown_table(head, cells)}\n\n"
                   f"{markdown_table(phead, pcells)}\n")
 
 

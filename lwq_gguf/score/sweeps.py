@@ -6,10 +6,11 @@
 
 Every type is measured on every sampled row. Nearly all of the sweeps' time goes to the types
 whose quantizer searches each block for its scales or grid points (the i-quants, Q2_K, Q4_K,
-Q5_K, Q4_1, Q5_1: 150 to 1,500 ns a weight at the pin against 5 to 65 for plain rounding,
-``bench/sweep_cost.py``). Sweeping those on fewer rows, scaled by a plain-rounding control type,
-was measured and rejected: a tensor's damage sits in a few rows and blocks, differently for each
-type, and the plans lost up to 41 % (docs/results.md, *Fidelity*).
+Q5_K, Q4_1, Q5_1), so those quantizers run rebuilt with exact speed-ups
+(:mod:`lwq_gguf.quant.rebuilt`, the same bytes; ``bench/sweep_cost.py`` times both). Sweeping
+them on fewer rows, scaled by a plain-rounding control type, was measured and rejected: a
+tensor's damage sits in a few rows and blocks, differently for each type, and the plans lost up
+to 41 % (docs/results.md, *Fidelity*).
 """
 
 from __future__ import annotations
