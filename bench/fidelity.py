@@ -10,7 +10,9 @@ same calibration tokens: the default, and a reference -
   fp32 (the default takes bf16 where the CPU multiplies it natively:
   score.layers.matmul_precision);
 * ``--against every-row``: every row of every tensor, the Fisher over all 4,096 tokens, fp32 -
-  what all of the shortcuts cost together.
+  what all of the shortcuts cost together;
+* ``--against pinned``: the same, with the pinned library's own quantizers
+  (``LWQ_QUANTIZERS=pinned``) instead of the rebuilt ones - which must give every entry exactly.
 
 Plans at 2.5 ... 6 BPW are made from each, and each plan is scored by the reference tables: the
 relative excess of the default plan's reference damage over the reference plan's is what the
@@ -21,6 +23,7 @@ tensor. Writes bench/results/fidelity-AGAINST-MODEL.{json,md} and prints the tab
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +58,7 @@ def tables(model, tensors, rows: RowSample, cfg: ScoreConfig) -> tuple[dict, flo
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m-k256")
-    ap.add_argument("--against", choices=("fp32", "every-row"), default="fp32")
+    ap.add_argument("--against", choices=("fp32", "every-row", "pinned"), default="fp32")
     a = ap.parse_args()
     model = open_model(a.model)
     tensors = model_tensors(model)
@@ -63,6 +66,10 @@ def main() -> None:
     if a.against == "fp32":
         full, t_full, s_full = tables(model, tensors, sensitivity.ROWS,
                                       replace(cfg, precision="fp32"))
+    elif a.against == "pinned":
+        os.environ["LWQ_QUANTIZERS"] = "pinned"
+        full, t_full, s_full = tables(model, tensors, sensitivity.ROWS, cfg)
+        del os.environ["LWQ_QUANTIZERS"]
     else:
         full, t_full, s_full = tables(model, tensors, EVERY_ROW,
                                       replace(cfg, fisher_tokens=cfg.calib_tokens,
@@ -107,15 +114,19 @@ def main() -> None:
               for ty, v in per_type.items()]
     print(table(thead, tcells))
     worst = max((abs(r["excess"]) for r in rows), default=0.0)
+    pairs = [(n, ty) for n in full for ty in full[n]]
+    identical = sum(fast.get(n, {}).get(ty) == full[n][ty] for n, ty in pairs)
     timing = (f"tables: reference {t_full} s (sweeps {s_full} CPU-s), default {t_fast} s "
               f"(sweeps {s_fast} CPU-s); worst excess {100 * worst:.2f} % (target <= 1 %: "
-              f"{'met' if worst <= 0.01 else 'MISSED'})")
+              f"{'met' if worst <= 0.01 else 'MISSED'}); entries identical to the reference's: "
+              f"{identical} of {len(pairs)}")
     print(table(head, cells))
     print(timing)
     write_results(RESULTS / f"fidelity-{a.against}-{a.model.name}.json",
                   {"model": str(a.model), "against": a.against, "commit": commit(),
                    "seconds_full": t_full, "seconds_default": t_fast, "sweeps_cpu_full": s_full,
                    "sweeps_cpu_default": s_fast, "worst_excess": worst, "rows": rows,
+                   "entries": len(pairs), "entries_identical": identical,
                    "per_type": per_type},
                   f"Fidelity: the default sensitivity tables against {a.against} ({a.model.name})",
                   f"Model {a.model.name}; reference: {a.against}.\n\n{timing}.\n\n{markdown_table(head, cells)}\n\n{markdown_table(thead, tcells)}\n")

@@ -14,7 +14,7 @@ import numpy as np
 
 from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
-from lwq_gguf.quant.rebuilt import Rebuilt
+from lwq_gguf.quant.rebuilt import Rebuilt, wanted
 from lwq_gguf.quant.types import QUANT_TYPES
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
@@ -30,7 +30,9 @@ class _Traits(ctypes.Structure):
 class Ggml:
     """ggml's quantize/dequantize from the pinned build's libggml-base."""
 
-    def __init__(self, lc: LlamaCpp, rebuilt: bool = True) -> None:
+    def __init__(self, lc: LlamaCpp, rebuilt: bool | None = None) -> None:
+        """``rebuilt``: use the rebuilt quantizers where they can be built (None: unless
+        ``LWQ_QUANTIZERS=pinned``)."""
         path = lc.bin / "libggml-base.so"
         try:
             self.lib = ctypes.CDLL(str(path))
@@ -45,6 +47,8 @@ class Ggml:
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         # why_not_rebuilt: "" where the rebuilt quantizers are in use
+        if rebuilt is None:
+            rebuilt = wanted()
         self.rebuilt, self.why_not_rebuilt = Rebuilt.load(lc) if rebuilt else (None, "not asked")
 
     def row_size(self, type_name: str, n: int) -> int:

@@ -19,17 +19,20 @@ The file is compiled with ``-O3 -march=native -ffp-contract=off -fno-fast-math``
 multiply-add and no reassociation, so vectorized code computes the same floats) and linked
 against the pinned ``libggml-base``. ``tests/quant/test_rebuilt.py`` checks every type's bytes
 against ``ggml_quantize_chunk``. Where it cannot be built (a llama.cpp folder without its source,
-no C compiler, a source the patch no longer matches) :class:`lwq_gguf.quant.ggml.Ggml` uses the
-pinned library's own quantizers: the same bytes, slower.
+no C compiler, a source the patch no longer matches), or with ``LWQ_QUANTIZERS=pinned``,
+:class:`lwq_gguf.quant.ggml.Ggml` uses the pinned library's own quantizers: the same bytes,
+slower.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from string import Template
 from typing import Any
 
+from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant.cbuild import CompileError, compile_once
 from lwq_gguf.quant.types import QUANT_TYPES
@@ -270,6 +273,16 @@ void lwq_quantize_init(enum ggml_type type) {
     pthread_mutex_unlock(&lwq_init_lock);
 }
 '''
+
+
+def wanted() -> bool:
+    """Whether to use the rebuilt quantizers: ``LWQ_QUANTIZERS`` = ``rebuilt`` (default) or
+    ``pinned`` (the pinned library's own: the same bytes, slower; a check, or a way round a
+    machine where the rebuilt library misbehaves)."""
+    v = os.environ.get("LWQ_QUANTIZERS", "rebuilt")
+    if v not in ("rebuilt", "pinned"):
+        raise ToolError(f"LWQ_QUANTIZERS={v!r}: use rebuilt or pinned")
+    return v == "rebuilt"
 
 
 class PatchError(Exception):

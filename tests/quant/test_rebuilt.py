@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp
 from lwq_gguf.quant.ggml import Ggml
 from lwq_gguf.quant.rebuilt import PatchError, Rebuilt, patched_source
@@ -77,3 +78,12 @@ def test_without_the_source_the_pinned_library_quantizes(tmp_path: Path):
     assert g.rebuilt is None and g.why_not_rebuilt == why
     w = weights("gauss", np.random.default_rng(1), 4, 256)
     assert g.quantize(w, "iq4_xs", None) == Ggml(lc).quantize(w, "iq4_xs", None)
+
+
+def test_lwq_quantizers_chooses_the_pinned_library(monkeypatch):
+    lc = find_llama_cpp()
+    monkeypatch.setenv("LWQ_QUANTIZERS", "pinned")
+    assert Ggml(lc).rebuilt is None
+    monkeypatch.setenv("LWQ_QUANTIZERS", "fast")
+    with pytest.raises(ToolError, match="LWQ_QUANTIZERS='fast': use rebuilt or pinned"):
+        Ggml(lc)
