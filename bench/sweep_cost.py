@@ -5,7 +5,8 @@
 The sweeps quantize each tensor's sampled rows (~64k weights) to every ladder type and back.
 This measures, for every type of the scores file's ladder, the quantize + dequantize time per
 weight (a 64 x COLS float32 block of random weights with a random imatrix, one thread) of the
-rebuilt quantizers the sweeps run (lwq_gguf.quant.rebuilt) and of the pinned library's own,
+rebuilt quantizers the sweeps run (lwq_gguf.quant.rebuilt), of the same built without AVX-512
+(the paths a CPU without it runs) and of the pinned library's own,
 and from the scores file's damage table (the full sweeps' result) how much of the sweep time goes
 to types that are *dominated* on a tensor - some type of no more BPW has at most 1/M of its
 damage, so the planner would never pick it. That share, at margins M, is the most that measuring
@@ -28,30 +29,38 @@ from harness import RESULTS, parser, write_results
 
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.quant.ggml import Ggml
+from lwq_gguf.quant.rebuilt import Rebuilt
 from lwq_gguf.quant.types import QUANT_TYPES
 from lwq_gguf.report import markdown_table, table
 
 MARGINS = (1.0, 1.25, 1.5, 2.0)
 
 
-def type_costs(ladder: list[str], cols: int, seconds: float, rebuilt: bool) -> dict[str, float]:
+def type_costs(ladder: list[str], cols: int, seconds: float, rebuilt: bool,
+               extra: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, float]]:
     """ns per weight of one quantize + dequantize, per type: with the rebuilt quantizers (what
-    the sweeps run, lwq_gguf.quant.rebuilt) or the pinned library's own."""
-    q = Ggml(find_llama_cpp(), rebuilt=rebuilt)
-    if rebuilt and q.rebuilt is None:
-        raise SystemExit(f"sweep_cost: the rebuilt quantizers are not available: {q.why_not_rebuilt}")
+    the sweeps run, lwq_gguf.quant.rebuilt; ``extra``: more compiler flags) or the pinned
+    library's own; and the seconds of each type's first call, its grid set-up)."""
+    lc = find_llama_cpp()
+    q = Ggml(lc, rebuilt=False)
+    if rebuilt:
+        q.rebuilt, why = Rebuilt.load(lc, extra)
+        if q.rebuilt is None:
+            raise SystemExit(f"sweep_cost: the rebuilt quantizers are not available: {why}")
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((64, cols)) * 0.02).astype(np.float32)
     im = (rng.random(cols) + 0.1).astype(np.float32)
-    out = {}
+    out, setup = {}, {}
     for ty in ladder:
-        q.roundtrip(w[:8], ty, im)  # (first call: the type's tables)
+        t0 = time.perf_counter()
+        q.roundtrip(w[:8], ty, im)  # (the first call in this process: the type's grid set-up)
+        setup[ty] = time.perf_counter() - t0
         t0, n = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
             q.roundtrip(w, ty, im)
             n += 1
         out[ty] = (time.perf_counter() - t0) / n / w.size * 1e9
-    return out
+    return out, setup
 
 
 def dominated(row: dict[str, float], q: str, margin: float) -> bool:
@@ -71,8 +80,10 @@ def main() -> None:
     doc = json.loads(a.scores.read_text())
     damage = doc["sensitivity"]["damage"][a.key]
     ladder = sorted({q for row in damage.values() for q in row}, key=lambda q: QUANT_TYPES[q].bpw)
-    cost = type_costs(ladder, a.cols, a.seconds, rebuilt=True)
-    pinned = type_costs(ladder, a.cols, a.seconds, rebuilt=False)
+    cost, setup = type_costs(ladder, a.cols, a.seconds, rebuilt=True)
+    pinned, setup_pinned = type_costs(ladder, a.cols, a.seconds, rebuilt=False)
+    portable, _ = type_costs(ladder, a.cols, a.seconds, rebuilt=True, extra=("-mno-avx512f",))
+    total_portable = sum(portable[q] for row in damage.values() for q in row)
     total_pinned = sum(pinned[q] for row in damage.values() for q in row)
     total = sum(cost[q] for row in damage.values() for q in row)
     share = {q: sum(cost[q] for row in damage.values() if q in row) / total for q in ladder}
@@ -83,29 +94,43 @@ def main() -> None:
         prune.append({"margin": m, "types_dominated": n / sum(map(len, damage.values())),
                       "cost_dominated": c / total})
     head = ("type", "BPW", "ns / weight", "pinned library ns / weight", "speed-up",
-            "share of the sweeps")
+            "without AVX-512 ns / weight", "speed-up without AVX-512", "share of the sweeps")
     cells = [(q, f"{QUANT_TYPES[q].bpw:.3f}", f"{cost[q]:.1f}", f"{pinned[q]:.1f}",
-              f"{pinned[q] / cost[q]:.2f}x", f"{share[q]:.1%}")
+              f"{pinned[q] / cost[q]:.2f}x", f"{portable[q]:.1f}",
+              f"{pinned[q] / portable[q]:.2f}x", f"{share[q]:.1%}")
              for q in sorted(ladder, key=lambda q: -share[q])]
     cells.append(("all (this table's pairs)", "", f"{total / len(damage):.0f}",
-                  f"{total_pinned / len(damage):.0f}", f"{total_pinned / total:.2f}x", ""))
+                  f"{total_pinned / len(damage):.0f}", f"{total_pinned / total:.2f}x",
+                  f"{total_portable / len(damage):.0f}", f"{total_pinned / total_portable:.2f}x",
+                  ""))
     phead = ("margin M", "(tensor, type) pairs dominated", "sweep time in them")
     pcells = [(f"{p['margin']:g}", f"{p['types_dominated']:.0%}", f"{p['cost_dominated']:.0%}")
               for p in prune]
+    grids = [q for q in ladder if setup_pinned[q] > 0.01]
+    shead = ("type", "grid set-up s, pinned", "rebuilt")
+    scells = [(q, f"{setup_pinned[q]:.2f}", f"{setup[q]:.2f}") for q in grids]
+    scells.append(("all", f"{sum(setup_pinned.values()):.2f}", f"{sum(setup.values()):.2f}"))
     print(table(head, cells))
+    print(table(shead, scells))
     print(table(phead, pcells))
     name = a.scores.resolve().parent.name
     results = a.results or RESULTS / f"sweep-cost-{name}.json"
     write_results(results, {"scores": str(a.scores), "key": a.key, "cols": a.cols,
                             "tensors": len(damage), "ns_per_weight": cost,
                             "ns_per_weight_pinned": pinned, "speedup": total_pinned / total,
+                            "ns_per_weight_without_avx512": portable,
+                            "setup_s": setup, "setup_s_pinned": setup_pinned,
+                            "speedup_without_avx512": total_pinned / total_portable,
                             "share": share,
                             "pruning": prune},
                   f"Sweep cost per type and the dominated share: {name}",
                   f"Scores {a.scores} ({len(damage)} tensors, table {a.key}); timing on a 64 x "
-                  f"{a.cols} block, one thread, the rebuilt quantizers (the sweeps') and the "
-                  f"pinned library's own; the all row: ns per weight summed over a tensor's types\n\n{markdown_table(head, cells)}\n\n"
-                  f"{markdown_table(phead, pcells)}\n")
+                  f"{a.cols} block, one thread, the rebuilt quantizers (the sweeps'), the "
+                  f"pinned library's own and the rebuilt ones built with -mno-avx512f (a CPU "
+                  f"without AVX-512); the all row: ns per weight summed over a tensor's types\n\n"
+                  f"{markdown_table(head, cells)}\n\nThe first call of each type in the process "
+                  f"(ggml's grid set-up, on its own threads), seconds:\n\n"
+                  f"{markdown_table(shead, scells)}\n\n{markdown_table(phead, pcells)}\n")
 
 
 if __name__ == "__main__":

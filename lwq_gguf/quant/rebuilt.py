@@ -330,8 +330,9 @@ class Rebuilt:
                 self.fns[name] = fn
 
     @classmethod
-    def load(cls, lc: LlamaCpp) -> tuple[Rebuilt | None, str]:
-        """The rebuilt library, or None and why not."""
+    def load(cls, lc: LlamaCpp, extra: tuple[str, ...] = ()) -> tuple[Rebuilt | None, str]:
+        """The rebuilt library, or None and why not (``extra``: more compiler flags, e.g.
+        ``-mno-avx512f`` for the portable paths)."""
         ggml = lc.src / "ggml"
         path = ggml / "src" / "ggml-quants.c"
         try:
@@ -340,7 +341,7 @@ class Rebuilt:
             return None, f"{path}: {e.strerror}"
         except PatchError as e:
             return None, f"{path}: {e}"
-        flags = (*FLAGS, f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-L{lc.bin}",
+        flags = (*FLAGS, *extra, f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", f"-L{lc.bin}",
                  "-lggml-base", f"-Wl,-rpath,{lc.bin}", "-lm", "-lpthread")
         try:
             lib = compile_once("ggml-quants", src, flags, origin=str(path), native=True)

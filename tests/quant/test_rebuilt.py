@@ -87,3 +87,19 @@ def test_lwq_quantizers_chooses_the_pinned_library(monkeypatch):
     monkeypatch.setenv("LWQ_QUANTIZERS", "fast")
     with pytest.raises(ToolError, match="LWQ_QUANTIZERS='fast': use rebuilt or pinned"):
         Ggml(lc)
+
+
+def test_the_paths_without_avx512_give_the_same_bytes(both):
+    """A CPU without AVX-512 runs the rewrites' scalar paths (the tabled neighbour search, ggml's
+    own trial loops): built here with AVX-512 off, they must give the same bytes too."""
+    _, pinned = both
+    portable, why = Rebuilt.load(find_llama_cpp(), ("-mno-avx512f",))
+    assert portable is not None, why
+    g = Ggml(find_llama_cpp(), rebuilt=False)
+    g.rebuilt = portable
+    rng = np.random.default_rng(3)
+    for kind in ("t3", "q4_1-grid"):
+        w = weights(kind, rng, 16, 1024)
+        im = rng.uniform(0.01, 20, 1024).astype(np.float32)
+        for ty in sorted(portable.fns):
+            assert g.quantize(w, ty, im) == pinned.quantize(w, ty, im), (kind, ty)
