@@ -1,6 +1,6 @@
 """Where the sensitivity sweeps' time goes, and what pruning dominated types could save.
 
-    .venv/bin/python bench/sweep_cost.py --scores OUT/scores.json [--cols 1024] [--seconds 0.5]
+    .venv/bin/python bench/sweep_cost.py --scores OUT/scores.json [--cols 1024] [--seconds 1.5]
 
 The sweeps quantize each tensor's sampled rows (~64k weights) to every ladder type and back.
 This measures, for every type of the scores file's ladder, the quantize + dequantize time per
@@ -36,31 +36,46 @@ from lwq_gguf.report import markdown_table, table
 MARGINS = (1.0, 1.25, 1.5, 2.0)
 
 
-def type_costs(ladder: list[str], cols: int, seconds: float, rebuilt: bool,
-               extra: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, float]]:
-    """ns per weight of one quantize + dequantize, per type: with the rebuilt quantizers (what
-    the sweeps run, lwq_gguf.quant.rebuilt; ``extra``: more compiler flags) or the pinned
-    library's own; and the seconds of each type's first call, its grid set-up)."""
+ROUNDS = 3  # each type is timed ROUNDS times per build, the builds interleaved; the fastest kept
+
+
+def type_costs(ladder: list[str], cols: int, seconds: float
+               ) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """Per build - ``rebuilt`` (what the sweeps run, lwq_gguf.quant.rebuilt), ``pinned`` (the
+    pinned library's own), ``portable`` (the rebuilt ones compiled with -mno-avx512f, what a CPU
+    without AVX-512 runs) - the ns per weight of one quantize + dequantize of each type (the
+    fastest of ROUNDS rounds of ``seconds / ROUNDS``, the builds taking turns, so that a slow
+    spell of a shared machine does not fall on one build) and the seconds of each type's first
+    call in the process (its grid set-up)."""
     lc = find_llama_cpp()
-    q = Ggml(lc, rebuilt=False)
-    if rebuilt:
-        q.rebuilt, why = Rebuilt.load(lc, extra)
-        if q.rebuilt is None:
-            raise SystemExit(f"sweep_cost: the rebuilt quantizers are not available: {why}")
+    builds = {}
+    for name, extra in (("rebuilt", ()), ("pinned", None), ("portable", ("-mno-avx512f",))):
+        q = Ggml(lc, rebuilt=False)
+        if extra is not None:
+            q.rebuilt, why = Rebuilt.load(lc, extra)
+            if q.rebuilt is None:
+                raise SystemExit(f"sweep_cost: the rebuilt quantizers are not available: {why}")
+        builds[name] = q
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((64, cols)) * 0.02).astype(np.float32)
     im = (rng.random(cols) + 0.1).astype(np.float32)
-    out, setup = {}, {}
+    out = {name: ({}, {}) for name in builds}
     for ty in ladder:
-        t0 = time.perf_counter()
-        q.roundtrip(w[:8], ty, im)  # (the first call in this process: the type's grid set-up)
-        setup[ty] = time.perf_counter() - t0
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            q.roundtrip(w, ty, im)
-            n += 1
-        out[ty] = (time.perf_counter() - t0) / n / w.size * 1e9
-    return out, setup
+        for name, q in builds.items():
+            t0 = time.perf_counter()
+            q.roundtrip(w[:8], ty, im)  # (the first call in this process: the grid set-up)
+            out[name][1][ty] = time.perf_counter() - t0
+        best = dict.fromkeys(builds, float("inf"))
+        for _ in range(ROUNDS):
+            for name, q in builds.items():
+                t0, n = time.perf_counter(), 0
+                while time.perf_counter() - t0 < seconds / ROUNDS:
+                    q.roundtrip(w, ty, im)
+                    n += 1
+                best[name] = min(best[name], (time.perf_counter() - t0) / n / w.size * 1e9)
+        for name in builds:
+            out[name][0][ty] = best[name]
+    return out
 
 
 def dominated(row: dict[str, float], q: str, margin: float) -> bool:
@@ -74,15 +89,15 @@ def main() -> None:
     ap.add_argument("--scores", type=Path, required=True, help="a scores JSON with damage tables")
     ap.add_argument("--key", default="auto@ggml", help="the damage table (imatrix@encoder)")
     ap.add_argument("--cols", type=int, default=1024, help="row width of the timed block")
-    ap.add_argument("--seconds", type=float, default=0.5, help="timing per type")
+    ap.add_argument("--seconds", type=float, default=1.5, help="timing per type and build")
     ap.add_argument("--results", type=Path, default=None)
     a = ap.parse_args()
     doc = json.loads(a.scores.read_text())
     damage = doc["sensitivity"]["damage"][a.key]
     ladder = sorted({q for row in damage.values() for q in row}, key=lambda q: QUANT_TYPES[q].bpw)
-    cost, setup = type_costs(ladder, a.cols, a.seconds, rebuilt=True)
-    pinned, setup_pinned = type_costs(ladder, a.cols, a.seconds, rebuilt=False)
-    portable, _ = type_costs(ladder, a.cols, a.seconds, rebuilt=True, extra=("-mno-avx512f",))
+    costs = type_costs(ladder, a.cols, a.seconds)
+    (cost, setup), (pinned, setup_pinned) = costs["rebuilt"], costs["pinned"]
+    portable = costs["portable"][0]
     total_portable = sum(portable[q] for row in damage.values() for q in row)
     total_pinned = sum(pinned[q] for row in damage.values() for q in row)
     total = sum(cost[q] for row in damage.values() for q in row)

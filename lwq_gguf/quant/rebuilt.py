@@ -1,19 +1,18 @@
-"""ggml's quantizers rebuilt from the pinned source, with exact speed-ups of the i-quants.
+"""ggml's quantizers rebuilt from the pinned source, with exact speed-ups.
 
 The sensitivity sweeps quantize each tensor's sampled rows to every candidate type, and most of
-that time goes to the i-quants' grid searches. This module compiles the pinned llama.cpp's own
-``ggml/src/ggml-quants.c`` once more, with two of its routines rewritten so that they give the
-same bits faster:
+that time goes to the quantizers' searches. This module compiles the pinned llama.cpp's own
+``ggml/src/ggml-quants.c`` once more, with some of its routines rewritten so that they give the
+same bits faster (the C text, and why each is exact: :mod:`lwq_gguf.quant.rebuilt_c`):
 
-* **The neighbour search** (``iq2_find_best_neighbour``, ``iq3_find_best_neighbour``): for an
-  8-weight (4-weight) group off the grid, ggml computes ``w_i * (s*q_i - x_i)^2`` for every
-  coordinate of every neighbouring grid point. A coordinate takes only 4 (8) values, so the
-  rewrite computes each term once per call, in the same operations, into a small table, and
-  sums each neighbour's entries in the same order: the same floats added in the same order.
-* **The grid set-up** (``iq2xs_init_impl``, ``iq3xs_init_impl``; about 8 s on 2 cores at every
-  start, half of it for IQ1_S): each off-grid point's (distance, index) pairs are sorted with
-  ``qsort``; they are already in index order, so a counting sort by distance gives the same
-  order.
+* **the i-quant neighbour search** (IQ2, IQ3): each coordinate's term ``w_i * (s*q_i - x_i)^2``
+  computed once per call for the few values a grid coordinate takes, then summed per neighbour
+  in the same order (AVX-512: 16 neighbours at a time);
+* **the grids' set-up** (about 8 s on 2 cores at every start, half of it for IQ1_S): a counting
+  sort where ggml sorts (distance, index) pairs already in index order with ``qsort``;
+* **independent trial scales in AVX-512 lanes** (IQ4's 15, IQ3's 19-31, ``make_qkx3_quants``'s
+  37 for Q2_K, Q4_1, Q5_1, Q5_K): each lane adds the same floats in the same order, and the
+  choice between them is made in the loop's order.
 
 The file is compiled with ``-O3 -march=native -ffp-contract=off -fno-fast-math`` (no fused
 multiply-add and no reassociation, so vectorized code computes the same floats) and linked
