@@ -104,7 +104,8 @@ def cmd_score(a) -> None:
                  if files.imatrix and scores.imatrix else ""))
         if sens.get("phases"):
             print("time (s): " + ", ".join(f"{k} {v:g}" for k, v in sens["phases"].items())
-                  + " (sweeps: CPU seconds over the worker threads)")
+                  + " (sweeps: CPU seconds over the worker threads)"
+                  + (f"; quantizers {sens['quantizers']}" if sens.get("quantizers") else ""))
     print(f"{scores.calib_tokens} calibration tokens on {scores.device}; wrote {files.scores} "
           f"and {files.png}")
 

@@ -11,6 +11,7 @@ from lwq_gguf.cli.commands import (cmd_compare, cmd_convert, cmd_eval, cmd_inspe
                                    cmd_score)
 from lwq_gguf.cli.parser import EX_BUG, build_parser
 from lwq_gguf.errors import LwqError
+from lwq_gguf.quant.rebuilt import wanted
 
 # ---- the error contract ------------------------------------------------------------------------
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     a.argv = [str(x) for x in argv]
     debug = a.debug or os.environ.get("LWQ_DEBUG") == "1"
     try:
+        wanted()  # (a bad LWQ_QUANTIZERS is refused before any work)
         {"score": cmd_score, "plan": cmd_plan, "convert": cmd_convert,
          "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect}[a.command](a)
     except LwqError as e:

@@ -47,9 +47,10 @@ class Ggml:
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         # why_not_rebuilt: "" where the rebuilt quantizers are in use
+        why = "not asked"
         if rebuilt is None:
-            rebuilt = wanted()
-        self.rebuilt, self.why_not_rebuilt = Rebuilt.load(lc) if rebuilt else (None, "not asked")
+            rebuilt, why = wanted(), "LWQ_QUANTIZERS=pinned"
+        self.rebuilt, self.why_not_rebuilt = Rebuilt.load(lc) if rebuilt else (None, why)
 
     def row_size(self, type_name: str, n: int) -> int:
         """Bytes of one row of ``n`` weights in the type."""

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import error_line, run_cli
+
 from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp
 from lwq_gguf.quant.ggml import Ggml
@@ -83,10 +85,14 @@ def test_without_the_source_the_pinned_library_quantizes(tmp_path: Path):
 def test_lwq_quantizers_chooses_the_pinned_library(monkeypatch):
     lc = find_llama_cpp()
     monkeypatch.setenv("LWQ_QUANTIZERS", "pinned")
-    assert Ggml(lc).rebuilt is None
+    g = Ggml(lc)
+    assert g.rebuilt is None and g.why_not_rebuilt == "LWQ_QUANTIZERS=pinned"
     monkeypatch.setenv("LWQ_QUANTIZERS", "fast")
     with pytest.raises(ToolError, match="LWQ_QUANTIZERS='fast': use rebuilt or pinned"):
         Ggml(lc)
+    p = run_cli("score", "models/nowhere", "-o", "s.json")  # refused before anything is read
+    assert p.returncode != 0 and error_line(p) == (
+        "lwq-gguf: error: LWQ_QUANTIZERS='fast': use rebuilt or pinned")
 
 
 def test_the_paths_without_avx512_give_the_same_bytes(both):
