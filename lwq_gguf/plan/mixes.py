@@ -30,7 +30,7 @@ from lwq_gguf.model import inventory as inventory_stage
 from lwq_gguf.model.inventory import ConverterJob, GGUFTensor, run_job
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.plan.config import Plan
-from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.quant.types import FLOAT_TYPES, QUANT_TYPES
 
 # llama-quantize --dry-run, one line per tensor (src/llama-quant.cpp at the pin):
 # "[  12/ 183]  blk.0.attn_q.weight  - [  640,  1024,  1,  1], type =    f16, size =  1.250 MiB ->
@@ -109,7 +109,7 @@ def estimated_damage(plan: Plan, damage: Mapping[str, Mapping[str, float]]) -> f
     when a type it uses was not measured for that tensor."""
     total = 0.0
     for t, ty in zip(plan.tensors, plan.types):
-        if not t.quantizable or ty in ("f32", "f16", "bf16"):
+        if not t.quantizable or ty in FLOAT_TYPES:
             continue
         d = damage.get(t.name, {}).get(ty)
         if d is None:

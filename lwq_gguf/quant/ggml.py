@@ -15,7 +15,7 @@ import numpy as np
 from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant.rebuilt import Rebuilt, wanted
-from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.quant.types import GGML_NEEDS_IMATRIX, QUANT_TYPES
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
 
@@ -69,7 +69,7 @@ class Ggml:
         """Quantize a 2-D float32 array (rows of ggml ne0 weights) to ``type_name``'s blocks."""
         q = QUANT_TYPES[type_name]
         src = self.rows_f32(rows, type_name)
-        if imatrix is None and type_name in ("iq2_xxs", "iq2_xs", "iq1_s"):
+        if imatrix is None and type_name in GGML_NEEDS_IMATRIX:
             raise ValueError(f"{type_name}: ggml quantizes it only with an importance matrix")
         nrows, n = src.shape
         size = self.row_size(type_name, n) * nrows

@@ -34,7 +34,7 @@ from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant import rebuilt_c as C
 from lwq_gguf.quant.cbuild import CompileError, compile_once
-from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.quant.types import FLOAT_TYPES, QUANT_TYPES
 
 FLAGS = ("-O3", "-DNDEBUG", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
          "-Wl,-Bsymbolic")
@@ -91,7 +91,7 @@ class Rebuilt:
         self.fns: dict[str, Callable[..., int]] = {}
         fp = ctypes.POINTER(ctypes.c_float)
         for name in QUANT_TYPES:
-            if name in ("f32", "f16", "bf16"):
+            if name in FLOAT_TYPES:
                 continue
             fn = getattr(lib, "quantize_" + name.replace("_k", "_K"), None)
             if fn is not None:

@@ -70,8 +70,14 @@ _VEC_DOT = {"q4_1": "q8_1", "q5_1": "q8_1",
                             "q8_0")}
 
 
+# the float types (kept unquantized), and the types ggml itself refuses to quantize without an
+# importance matrix (ggml_quantize_requires_imatrix at the pin: it aborts)
+FLOAT_TYPES = ("f32", "f16", "bf16")
+GGML_NEEDS_IMATRIX = ("iq2_xxs", "iq2_xs", "iq1_s")
+
+
 def _act_block(name: str) -> int:
-    if name in ("f32", "f16", "bf16"):
+    if name in FLOAT_TYPES:
         return 0
     return GGML_QUANT_SIZES[GGMLQuantizationType[_VEC_DOT.get(name, "q8_k").upper()]][0]
 
@@ -97,7 +103,7 @@ DEFAULT_LADDER = K_LADDER
 # pin, and meant for ternary-trained models): the round-to-nearest types are exact on weights
 # that already sit on their grid (QAT or re-exported models), the i-quants and FP4 types cost
 # fewer bytes for the same error on most others; each is kept only where it wins
-ALL_LADDER = tuple(sorted((n for n in QUANT_TYPES if n not in ("f32", "f16", "bf16", "tq1_0", "tq2_0")),
+ALL_LADDER = tuple(sorted((n for n in QUANT_TYPES if n not in (*FLOAT_TYPES, "tq1_0", "tq2_0")),
                           key=lambda n: (QUANT_TYPES[n].bpw, n)))
 # Types whose estimated damage is not to be trusted on trained weights: measured one tensor at a
 # time in llama.cpp (bench/truth.py, Gemma 3 270M), against the same tensor's other types the

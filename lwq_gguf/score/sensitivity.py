@@ -174,8 +174,9 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     if missing:
         raise UnsupportedModelError(f"{model.path}: GGUF tensor {missing[0]} has no PyTorch weight "
                                     "for the sensitivity analysis: use --strategy lim")
-    q = next(iter(quantizers.values()), None)  # (which quantizers the sweeps ran)
-    used = "rebuilt" if q is None or q.rebuilt is not None else f"pinned ({q.why_not_rebuilt})"
+    q = next(iter(quantizers.values()), None)  # (which quantizers the sweeps ran; none: no sweep)
+    used = ("" if q is None else "rebuilt" if q.rebuilt is not None
+            else f"pinned ({q.why_not_rebuilt})")
     sens = {"tokens": run.tokens, "fisher_tokens": run.fisher_tokens, "precision": run.precision,
             "quantizers": used,
             "seconds": round(time.time() - t0, 1), "ladder": list(ladder),

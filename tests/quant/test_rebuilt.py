@@ -11,9 +11,8 @@ from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp
 from lwq_gguf.quant.ggml import Ggml
 from lwq_gguf.quant.rebuilt import PatchError, Rebuilt, patched_source
-from lwq_gguf.quant.types import QUANT_TYPES
+from lwq_gguf.quant.types import FLOAT_TYPES, GGML_NEEDS_IMATRIX, QUANT_TYPES
 
-NEEDS_IMATRIX = ("iq2_xxs", "iq2_xs", "iq1_s")  # ggml aborts on these without one
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def weights(kind: str, rng: np.random.Generator, rows: int, cols: int) -> np.nda
 def test_the_rebuilt_library_is_in_use_here(both):
     fast, _ = both
     assert fast.why_not_rebuilt == "" and fast.rebuilt is not None
-    quantized = {t for t in QUANT_TYPES if t not in ("f32", "f16", "bf16")}
+    quantized = set(QUANT_TYPES) - set(FLOAT_TYPES)
     assert set(fast.rebuilt.fns) == quantized
 
 
@@ -51,7 +50,7 @@ def test_every_type_gives_the_pinned_librarys_bytes(both, kind):
     imatrices = [rng.uniform(0.01, 20, 1024).astype(np.float32), None]
     for ty in sorted(fast.rebuilt.fns):
         for im in imatrices:
-            if im is None and ty in NEEDS_IMATRIX:
+            if im is None and ty in GGML_NEEDS_IMATRIX:
                 continue
             assert fast.quantize(w, ty, im) == pinned.quantize(w, ty, im), (ty, im is None)
 
