@@ -1,0 +1,161 @@
+"""The ends of the streamed pass (:mod:`lwq_gguf.score.fisher`): the head (final norm and
+output layer) that samples the labels and starts the backward, with the output weight's Fisher,
+and the token embedding's Fisher at the end of the backward.
+
+The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) on the kept
+rows only, in blocks of rows; a tied embedding's rows get both gradients per window (as output
+projection and as input lookup) before squaring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lwq_gguf.score.floor import ACT_BLOCKS, add_act_floor, per_token
+from lwq_gguf.score.sample import FisherTensor, RowSample, sample_labels, stratified_rows
+
+if TYPE_CHECKING:
+    from lwq_gguf.score.fisher import Pass
+
+HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
+
+
+@dataclass
+class Head:
+    grads: list  # d loss / d h (last layer's output), per window, on the host
+    fisher: Any  # output weight's sum of g^2 on the kept rows (tied: kept for the embedding)
+    weight: Any  # the output weight's kept rows
+    keep: Any  # the kept rows (a sorted index tensor)
+    n_rows: int  # the output's row count
+    rows: list  # tied: per window (token rows, the output gradient on those rows)
+    proxy: np.ndarray  # every output row's damage proxy, a_i sum_j b_j w_ij^2
+    present: np.ndarray  # the tokens of the Fisher windows (sorted)
+    floor: dict[int, float]  # the output matmul's runtime floor, summed over the Fisher tokens
+
+
+@dataclass(frozen=True)
+class HeadJob:
+    windows: list
+    chosen: list  # the Fisher windows
+    half: Any  # torch dtype
+    sample: RowSample
+    imatrix: Callable[[Any], None]  # x -> None: adds the output's inputs to the imatrix
+    amp: Callable[[], Any]  # the matmuls' precision context (score.layers.autocast)
+
+
+def head_backward(s, hs, job: HeadJob) -> Head:
+    """Final norm + output: sample labels, start the backward; the output weight's Fisher.
+
+    Over the Fisher windows (``chosen``); the others only add the output's inputs to the
+    imatrix (``imatrix(x)``). The output's gradient is formed by hand (d loss / d logits =
+    softmax - onehot(y)) on the kept rows only, in blocks of rows, so no vocabulary x hidden
+    gradient is ever whole in memory (an 8B model's output is 2 GB in float32)."""
+    torch = s.torch
+    windows, chosen, sample, imatrix = job.windows, job.chosen, job.sample, job.imatrix
+    norm = s.load(s.lm.model.norm, "model.norm")
+    head = s.load(s.lm.lm_head, "lm_head", job.half)
+    w = head.weight
+    dev = w.device
+    present = np.array(sorted({t for j in chosen for t in windows[j]}), dtype=np.int64)
+    count = sample.count(w.shape[0], w.shape[1], vocab=True)
+    keep = torch.from_numpy(stratified_rows(w.shape[0], present, count) if s.tied
+                            else sample.rows(w.shape[0], w.shape[1], vocab=True)).to(dev)
+    fisher = torch.zeros(len(keep), w.shape[1], device=dev)
+    # each output row's gradient energy and the inputs': a_i sum_j b_j w_ij^2 follows a row's
+    # damage; a tied embedding's sample of the rows no Fisher window holds counts by it
+    energy = torch.zeros(w.shape[0], device=dev)
+    inputs_sq = torch.zeros(w.shape[1], device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    grads, rows = [], []
+    floor = dict.fromkeys(ACT_BLOCKS, 0.0)
+    block = max(1, HEAD_BLOCK // w.shape[1])
+    for j, (h, win) in enumerate(zip(hs, windows)):
+        if j not in chosen:
+            with torch.no_grad():
+                imatrix(norm(h.to(dev))[0])
+            continue
+        h = h.detach().to(dev).requires_grad_(True)
+        hn = norm(h)[0]
+        with torch.no_grad(), job.amp():
+            x = hn.detach()
+            z = head(x).float()  # (through the module: its imatrix hook)
+            cap = s.softcap  # the model's logits are cap * tanh(z / cap)
+            if cap:
+                t = torch.tanh(z / cap)
+                d = torch.softmax(t * cap, -1)
+                slope = t.mul_(t).neg_().add_(1)  # d logits / d z = 1 - tanh^2 (t's memory)
+                del t
+            else:
+                d, slope = torch.softmax(z, -1), None
+            del z
+            y = sample_labels(d, gen)
+            d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
+            if slope is not None:
+                d.mul_(slope)  # ... / d z
+                del slope
+            energy += (d * d).sum(0)
+            inputs_sq += (x * x).sum(0)
+            for i in range(0, len(keep), block):
+                g = (d[:, keep[i:i + block]].T @ x).float()
+                fisher[i:i + block].addcmul_(g, g)
+            if s.tied:
+                tok = torch.tensor(sorted(set(win)), device=dev)
+                rows.append((tok.to(s.device), (d[:, tok].T @ x).float().to(s.device)))
+            dx = (d @ w).float()
+            del d
+            add_act_floor(floor, x, dx)
+        hn.backward(dx)
+        norm.weight.grad = None
+        grads.append(h.grad.cpu())
+    weight = w.detach()[keep]
+    proxy = (energy * torch.mv(w.detach() * w.detach(), inputs_sq)).cpu().double().numpy()
+    s.unload(norm)
+    s.unload(head)
+    return Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows,
+                 proxy, present, floor)
+
+
+def embedding_fisher(run: Pass, head: Head, grads) -> FisherTensor:
+    """Fisher of the token embedding's kept rows: sum over windows of its gradient squared
+    (+ the output's, when tied); its weight rows are read, not the whole embedding loaded."""
+    s, windows, half, names, n_tok = run.s, run.windows, run.half, run.names, run.n_tok
+    torch = s.torch
+    hf = "model.embed_tokens.weight"
+    n_rows, n_cols = s.ref(hf).shape[:2]
+    # untied: the Fisher windows' tokens, exactly (every other row's Fisher is zero); tied:
+    # those and a sample of the rest, which counts for the rest by the output's proxy
+    keep = head.keep if s.tied else torch.from_numpy(head.present).to(s.device)
+    k = keep.cpu().numpy()
+    weights = np.ones(len(k))
+    if s.tied and len(k) < n_rows:
+        rest = ~np.isin(k, head.present)
+        others = np.ones(n_rows, dtype=bool)
+        others[head.present] = False
+        part = float(head.proxy[k[rest]].sum())
+        weights[rest] = (float(head.proxy[others].sum()) / part if part > 0
+                         else others.sum() / max(1, rest.sum()))
+    with run.phases("read"):
+        w = s.read_rows(hf, keep.cpu().numpy(), half)
+    fisher = head.fisher if s.tied else torch.zeros_like(w)
+    for j, (g, win) in enumerate(zip(grads, windows)):
+        tok = torch.tensor(win, device=s.device)
+        rows = torch.unique(tok)  # sorted, as the tied output rows were kept
+        ge = torch.zeros(len(rows), w.shape[1], device=s.device)
+        ge.index_add_(0, torch.searchsorted(rows, tok), g[0].to(s.device))
+        if s.embed_scale != 1.0:  # the rows were scaled on the way in
+            ge.mul_(s.embed_scale)
+        if s.tied:  # (g_out + g_in)^2 = g_out^2 (already in) + 2 g_out g_in + g_in^2
+            add = 2 * head.rows[j][1] * ge + ge * ge
+        else:
+            add = ge * ge
+        at = torch.searchsorted(keep, rows).clamp(max=len(keep) - 1)
+        hit = keep[at] == rows  # the window's tokens among the kept rows
+        fisher[at[hit]] += add[hit]
+    # a lookup rounds nothing: only a tied output's matmul has a floor
+    floor = per_token(head.floor, n_tok) if s.tied else None
+    return FisherTensor(names[hf][0], w.cpu().numpy(), fisher.div_(n_tok).cpu().numpy(), n_rows,
+                        k, weights=weights, floor=floor)
