@@ -235,26 +235,35 @@ def _check_experts(model: HFModel, arch: Arch, config: dict, cfg_file: Path) -> 
                     "experts do): a shard is incomplete; re-download the model's shards")
 
 
-def read_tensor(ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """Read one tensor (or its rows ``[start, stop)``) as float32 (HF shape), straight from its
-    byte range."""
+def read_raw(ref: TensorRef, rows: tuple[int, int] | None = None
+             ) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One tensor's (or its rows ``[start, stop)``) bytes as stored, straight from its byte range
+    into a writeable buffer, and their shape (HF)."""
     begin, end, shape = ref.begin, ref.end, tuple(ref.shape)
     if rows is not None:
         row_bytes = (end - begin) // shape[0]
         begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
         shape = (rows[1] - rows[0], *shape[1:])
+    buf = np.empty(end - begin, dtype=np.uint8)
     with open(ref.file, "rb") as f:
         f.seek(begin)
-        raw = f.read(end - begin)
-    if len(raw) != end - begin:
+        got = f.readinto(buf.data)
+    if got != end - begin:
         raise ModelInputError(f"{ref.file}: truncated while reading {ref.name!r}: re-download it")
+    return buf, shape
+
+
+def read_tensor(ref: TensorRef, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one tensor (or its rows ``[start, stop)``) as float32 (HF shape), straight from its
+    byte range."""
+    buf, shape = read_raw(ref, rows)
     if ref.dtype == "BF16":
-        arr = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32)
-        del raw
+        arr = buf.view(np.uint16).astype(np.uint32)
+        del buf
         arr <<= 16  # in place: one float32-sized array, not two
         arr = arr.view(np.float32)
     else:
-        arr = np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16}[ref.dtype])
+        arr = buf.view({"F32": np.float32, "F16": np.float16}[ref.dtype])
     return arr.astype(np.float32, copy=False).reshape(shape)
 
 

@@ -2,7 +2,7 @@
 
 The model's skeleton is built on PyTorch's ``meta`` device (no memory); a piece (the embedding,
 one decoder layer, the final norm + head) gets real weights read from the byte ranges of the
-shards (``load.read_tensor``) only while it runs, then goes back to ``meta``. Host and device
+shards (``load.read_raw``) only while it runs, then goes back to ``meta``. Host and device
 memory stay at one layer plus the calibration activations, whatever the model's size, and the
 arithmetic is the model's own modules', so the results equal a whole-model forward.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from lwq_gguf.errors import ModelInputError, UnsupportedModelError
 from lwq_gguf.model.arch import SCORED, arch_of, layer_mask_kind
-from lwq_gguf.model.load import HFModel, read_tensor
+from lwq_gguf.model.load import HFModel, read_raw
 
 ROW_BLOCK = 1 << 24  # weights read and converted at a time while loading (64 MiB as float32)
 MMAP_THRESHOLD = 1 << 20  # glibc: allocations from this size on are mapped, and unmapped on free
@@ -39,10 +39,14 @@ def _fixed_mmap_threshold() -> None:
         libc.mallopt(-3, MMAP_THRESHOLD)
 
 
-def _row_blocks(ref, step: int):
+def _row_blocks(torch, ref, step: int):
+    """A tensor's rows ``step`` at a time: (first row, a CPU tensor of the file's own dtype,
+    straight from its bytes; widened to float32 where it is copied, in one multithreaded pass)."""
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[ref.dtype]
     n = ref.shape[0]
     for i in range(0, n, step):
-        yield i, read_tensor(ref, (i, min(n, i + step)))
+        buf, shape = read_raw(ref, (i, min(n, i + step)))
+        yield i, torch.from_numpy(buf).view(dtype).reshape(shape)
 
 
 def gpu_placement(lm, max_memory: dict) -> dict[str, str]:
@@ -177,8 +181,8 @@ class LayerStream:
             for name, p in module.named_parameters():
                 ref = self.ref(f"{prefix}.{name}")
                 step = max(1, ROW_BLOCK // max(1, p.numel() // ref.shape[0]))
-                for i, a in _row_blocks(ref, step):  # in row blocks: no whole float32 copies
-                    p[i:i + step].copy_(torch.from_numpy(a if a.flags.writeable else a.copy()))
+                for i, a in _row_blocks(torch, ref, step):  # in row blocks: no whole copies
+                    p[i:i + step].copy_(a)
                 if inspect is not None:
                     inspect(ref, p)
                 if half is not None and p.dim() == 2 and ref.dtype != _dtype_names().get(half):
@@ -204,10 +208,10 @@ class LayerStream:
         ref = self.ref(name)
         step = max(1, ROW_BLOCK // max(1, int(np.prod(ref.shape[1:]))))
         parts = []
-        for i, a in _row_blocks(ref, step):
+        for i, a in _row_blocks(torch, ref, step):
             sel = keep[(keep >= i) & (keep < i + len(a))]
             if len(sel):
-                parts.append(torch.from_numpy(a[sel - i]))  # fancy indexing: a copy
+                parts.append(a[torch.from_numpy(sel - i)].float())  # (indexing: a copy)
         w = torch.cat(parts)
         return (w.to(half).float() if half is not None else w).to(self.device)
 

@@ -84,7 +84,7 @@ class ZDInspector:
             return
         mean = total / n
         step = 1 << 22  # blocks: no weight-sized temporary
-        std = (sum(_sum64(torch.square(flat[i:i + step] - mean)) for i in range(0, n, step))
+        std = (sum(_sum64((flat[i:i + step] - mean).square_()) for i in range(0, n, step))
                / n) ** 0.5
         if std > 0:
             self.hits[ref.layer] += int(torch.count_nonzero(flat > mean + std))
