@@ -226,13 +226,15 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
 
     floor = {n: dict.fromkeys(ACT_BLOCKS, 0.0) for n in lin}
     handles = [m.register_forward_hook(hook_for(n)) for n, m in lin.items()]
-    handles += [m.register_forward_pre_hook(floor_hook(floor[n])) for n, m in lin.items()]
+    shared: dict = {}  # the inputs' rounding errors in this window (floor_hook)
+    handles += [m.register_forward_pre_hook(floor_hook(floor[n], shared)) for n, m in lin.items()]
     try:
         for j, g in enumerate(grads):
             x = inputs[j].to(dev).requires_grad_(True)
             with run.amp():
                 out = s.run_layer(layer, x)
             out.backward(g.to(dev, out.dtype))
+            shared.clear()
             for n, gw in cur.items():
                 fisher[n].addcmul_(gw, gw)
             cur.clear()

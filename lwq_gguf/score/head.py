@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from lwq_gguf.score.floor import ACT_BLOCKS, add_act_floor, per_token
 from lwq_gguf.score.sample import FisherTensor, RowSample, sample_labels, stratified_rows
-
-if TYPE_CHECKING:
-    from lwq_gguf.score.fisher import Pass
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 
@@ -119,9 +116,10 @@ def head_backward(s, hs, job: HeadJob) -> Head:
                  proxy, present, floor)
 
 
-def embedding_fisher(run: Pass, head: Head, grads) -> FisherTensor:
+def embedding_fisher(run, head: Head, grads) -> FisherTensor:
     """Fisher of the token embedding's kept rows: sum over windows of its gradient squared
-    (+ the output's, when tied); its weight rows are read, not the whole embedding loaded."""
+    (+ the output's, when tied); its weight rows are read, not the whole embedding loaded.
+    ``run``: the pass's shared state (:class:`lwq_gguf.score.fisher.Pass`)."""
     s, windows, half, names, n_tok = run.s, run.windows, run.half, run.names, run.n_tok
     torch = s.torch
     hf = "model.embed_tokens.weight"
