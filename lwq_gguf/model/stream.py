@@ -42,7 +42,7 @@ def _fixed_mmap_threshold() -> None:
 def _row_blocks(torch, ref, step: int):
     """A tensor's rows ``step`` at a time: (first row, a CPU tensor of the file's own dtype,
     straight from its bytes; widened to float32 where it is copied, in one multithreaded pass)."""
-    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[ref.dtype]
+    dtype = _torch_dtypes()[ref.dtype]
     n = ref.shape[0]
     for i in range(0, n, step):
         buf, shape = read_raw(ref, (i, min(n, i + step)))
@@ -92,10 +92,11 @@ def auto_gpu_placement(lm, seq_len: int, device: str) -> dict[str, str]:
     return gpu_placement(lm, room)
 
 
-def _dtype_names() -> dict:
+def _torch_dtypes() -> dict:
+    """{safetensors dtype: torch dtype} of the float types a checkpoint's weights come in."""
     import torch
 
-    return {torch.bfloat16: "BF16", torch.float16: "F16"}
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 class LayerStream:
@@ -185,7 +186,7 @@ class LayerStream:
                     p[i:i + step].copy_(a)
                 if inspect is not None:
                     inspect(ref, p)
-                if half is not None and p.dim() == 2 and ref.dtype != _dtype_names().get(half):
+                if half is not None and p.dim() == 2 and _torch_dtypes().get(ref.dtype) != half:
                     for i in range(0, p.shape[0], step):  # (a 16-bit source of that type: as is)
                         p[i:i + step].copy_(p[i:i + step].to(half))
         if prefix in self.placement:

@@ -81,6 +81,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
 
     def amp():
         return autocast(torch, device, precision)
+
     with phases("setup"):  # the tokenizer, the calibration tokens, the model's skeleton
         ids = calibration_ids(model, cfg)
         s = LayerStream(model, device, cfg.seq_len, cfg.device_map)
@@ -153,7 +154,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
         head_name = names["lm_head.weight"][0] if not s.tied else "token_embd.weight"
         with phases("head"):
             head = head_backward(s, hs, HeadJob(windows, chosen, half, sample,
-                                                  lambda x: accumulate(head_name, None, x), amp))
+                                                lambda x: accumulate(head_name, None, x), amp))
     finally:
         for h in handles:
             h.remove()
@@ -161,7 +162,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                  cfg.calib_file.name, cfg.seq_len, len(windows))
     fisher_tok = sum(len(windows[j]) for j in chosen)
     run = Pass(s, [windows[j] for j in chosen], half, names, fisher_tok, sample, phases, tick,
-                frozenset(pinned), amp)
+               frozenset(pinned), amp)
     return FisherRun(im, n_tok, fisher_tok, tuple(sig6(-(x / n_tok)) for x in lim), zd.scores(),
                      device, precision, _backward(run, inputs, head))
 
