@@ -1,3 +1,3 @@
-from lwq_gguf.cli.main import main
+from lwq_gguf.cli.main import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -9,7 +9,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "lwq_gguf"
 # lowest first: a module may import from its own layer or a lower one
 # (the floors of docs/design.md's table)
-LAYERS = (("__init__", "errors", "files", "llamacpp"), ("evaluate", "model", "quant"),
+LAYERS = (("__init__", "errors", "files", "llamacpp", "process"), ("evaluate", "model", "quant"),
           ("score", "plan"), ("write", "report"), ("pipeline",), ("publish",),
           ("cli", "__main__"))
 

@@ -11,6 +11,7 @@ from lwq_gguf.cli.commands import (cmd_compare, cmd_convert, cmd_eval, cmd_inspe
                                    cmd_score)
 from lwq_gguf.cli.parser import EX_BUG, build_parser
 from lwq_gguf.errors import LwqError
+from lwq_gguf.process import run_process
 from lwq_gguf.quant.rebuilt import wanted
 
 # ---- the error contract ------------------------------------------------------------------------
@@ -54,3 +55,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{type(e).__name__}: {str(e)[:200]}{hint}; please report it", file=sys.stderr)
         return EX_BUG
     return 0
+
+
+def run() -> int:
+    """The ``lwq-gguf`` command: :func:`main` as a whole process (lwq_gguf.process)."""
+    return run_process(main)

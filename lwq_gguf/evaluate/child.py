@@ -49,8 +49,9 @@ def run_child(lc: LlamaCpp, module: str, call: str, args: dict):
                    "check the GPU driver and the build, or use --device cpu")
 
 
-def serve(handlers: dict[str, Callable[[LlamaCpp, dict], object]]) -> None:
-    """The child's side: read the spec from stdin, run the handler, write the result."""
+def serve(handlers: dict[str, Callable[[LlamaCpp, dict], object]]) -> int:
+    """The child's side: read the spec from stdin, run the handler, write the result (exit
+    code 0: the parent reads the outcome from the result)."""
     spec = json.loads(sys.stdin.read())
     try:
         res = {"ok": handlers[spec["call"]](LlamaCpp(Path(spec["lc"])), spec["args"])}
@@ -60,3 +61,4 @@ def serve(handlers: dict[str, Callable[[LlamaCpp, dict], object]]) -> None:
         sys.exit(130)
     with atomic_output(Path(spec["out"])) as tmp:  # whole or absent
         tmp.write_text(json.dumps(res))
+    return 0

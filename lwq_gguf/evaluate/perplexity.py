@@ -43,6 +43,7 @@ from lwq_gguf.errors import LwqError
 from lwq_gguf.evaluate.child import in_child, isolated, run_child, serve
 from lwq_gguf.evaluate.runner import ChunkLogits, adds_bos, load_gguf, vocab_tokens
 from lwq_gguf.llamacpp import LlamaCpp
+from lwq_gguf.process import run_process
 
 MODULE = "lwq_gguf.evaluate.perplexity"  # run as the torch-free child (lwq_gguf.evaluate.child)
 
@@ -340,4 +341,5 @@ def _child_evaluate_many(lc: LlamaCpp, a: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    serve({"check_text": _child_check_text, "evaluate_many": _child_evaluate_many})
+    raise SystemExit(run_process(lambda: serve({"check_text": _child_check_text,
+                                                "evaluate_many": _child_evaluate_many})))

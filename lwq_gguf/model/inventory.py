@@ -36,6 +36,7 @@ from lwq_gguf.files import (code_digest, scores_cache_dir, sha256_file, sha256_m
                             write_cache_text)
 from lwq_gguf.llamacpp import LlamaCpp, find_llama_cpp, run_tool
 from lwq_gguf.model.load import HFModel
+from lwq_gguf.process import run_process
 
 ERROR_MARK = "lwq-error: "  # a user error found in the child, passed on as one line
 WRITTEN_MARK = "lwq-written "  # printed by the child as each tensor is written (progress)
@@ -156,6 +157,10 @@ def child_main(handlers: dict[str, Handler]) -> int:
     """The child's entry (``python -m MODULE JOB.json``): the converter's model instance made
     under torch's inference mode, handed to the job mode's handler. A user error is printed as one
     marked line (:func:`run_job` raises it in the parent)."""
+    return run_process(lambda: _child(handlers))
+
+
+def _child(handlers: dict[str, Handler]) -> int:
     import torch
 
     job = ConverterJob.from_json(Path(sys.argv[1]).read_text())

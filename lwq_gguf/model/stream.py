@@ -9,34 +9,14 @@ arithmetic is the model's own modules', so the results equal a whole-model forwa
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
 from lwq_gguf.errors import ModelInputError, UnsupportedModelError
 from lwq_gguf.model.arch import SCORED, arch_of, layer_mask_kind
+from lwq_gguf.model.heap import keep_heap, weights_mapped
 from lwq_gguf.model.load import HFModel, read_raw
 
 ROW_BLOCK = 1 << 24  # weights read and converted at a time while loading (64 MiB as float32)
-MMAP_THRESHOLD = 1 << 20  # glibc: allocations from this size on are mapped, and unmapped on free
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the allocator's own policy stands
-        return None
-
-
-def _fixed_mmap_threshold() -> None:
-    """Make glibc map every allocation of 1 MiB or more (M_MMAP_THRESHOLD = -3).
-
-    By default glibc raises this threshold to the size of each mapped block freed (up to 32 MiB),
-    so after the first layer is unloaded, the next layer's weights land in the heap between the
-    saved activations and are never given back: an 8B model's heap grew by gigabytes that way."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, MMAP_THRESHOLD)
 
 
 def _row_blocks(torch, ref, step: int):
@@ -111,7 +91,7 @@ class LayerStream:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.torch, self.model, self.device = torch, model, device
-        _fixed_mmap_threshold()
+        keep_heap()  # (model.heap: temporaries reused, a piece's weights mapped)
         conf = AutoConfig.from_pretrained(str(model.path))
         arch = arch_of(model.architecture)
         if arch is None:
@@ -175,7 +155,8 @@ class LayerStream:
         torch = self.torch
         if prefix in self._resident:
             return module
-        module.to_empty(device=self.placement.get(prefix, self.device))
+        with weights_mapped():
+            module.to_empty(device=self.placement.get(prefix, self.device))
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(self._buffers[f"{prefix}.{name}"])

@@ -107,27 +107,6 @@ def torch_device(device: str) -> str:
     return device
 
 
-def keep_heap() -> bool:
-    """Keep freed memory of up to 32 MiB in the C heap (glibc's ``mallopt``: the mmap threshold
-    fixed at 32 MiB, the heap's top never trimmed below 1 GiB) instead of returning it to the
-    system, so that the scoring pass's many same-sized temporaries (activations, logits blocks,
-    quantizer round trips) are reused rather than faulted in afresh. On the demo model it cut
-    5.3 M page faults to 3.2 M, system time 12.7 s to 7.1 s and the wall time 57 s to 53 s, with
-    peak RSS +1 % (docs/results.md). A no-op (False) where the C library is not glibc."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
-        return all(libc.mallopt(opt, val) == 1 for opt, val in (
-            (m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)))
-    except (OSError, AttributeError):
-        return False
-
-
 def matmul_precision(precision: str, device: str) -> str:
     """"bf16" or "fp32" for the model pass on ``device`` (cpu | cuda): ``auto`` takes bf16 where
     the device multiplies it natively - a CUDA GPU that supports it, a CPU with AVX512-BF16 or

@@ -38,11 +38,12 @@ from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel
+from lwq_gguf.model.heap import keep_heap
 from lwq_gguf.model.inventory import GGUFTensor
 from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.clock import Phases, Progress
 from lwq_gguf.score.fisher import streamed_fisher
-from lwq_gguf.score.layers import keep_heap, torch_device
+from lwq_gguf.score.layers import torch_device
 from lwq_gguf.score.sample import FisherTensor, RowSample
 from lwq_gguf.score.sweeps import runtime_floor, tensor_damage
 from lwq_gguf.score.scores import ScoreConfig, sig6

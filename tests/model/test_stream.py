@@ -367,14 +367,3 @@ def test_sample_labels_follow_the_distribution():
     nudged = q * (1 + 1e-3 * torch.randn(q.shape, generator=torch.Generator().manual_seed(2)))
     a, b = (sample_labels(x, torch.Generator().manual_seed(3)) for x in (q, nudged))
     assert (a != b).float().mean() < 0.01
-
-
-def test_keep_heap_takes_effect_under_glibc():
-    """The scoring process keeps freed temporaries in the C heap (score.layers.keep_heap): every
-    mallopt call succeeds under glibc, and it is a no-op elsewhere."""
-    import platform
-
-    from lwq_gguf.score.layers import keep_heap
-
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert keep_heap() is glibc
