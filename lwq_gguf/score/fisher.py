@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lwq_gguf.model.arch import gguf_names, merge_experts, n_experts
+from lwq_gguf.model.heap import give_back
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.score.clock import Phases
@@ -152,6 +153,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                 tick(n_tok)
                 s.pin(layer) if i in pinned else s.unload(layer)
         head_name = names["lm_head.weight"][0] if not s.tied else "token_embd.weight"
+        give_back()  # (model.heap: the forward's temporaries, before the head's logits)
         with phases("head"):
             head = head_backward(s, hs, HeadJob(windows, chosen, half, sample,
                                                 lambda x: accumulate(head_name, None, x), amp))
