@@ -4,9 +4,9 @@ stands, and every function here is a no-op).
 Two kinds of allocation, two policies:
 
 * **temporaries** (activations, logits blocks, gradients, quantizer round trips; the same sizes
-  over and over): blocks of up to 32 MiB are taken from and given back to the heap, which is
-  never trimmed below 1 GiB, so that each is reused instead of mapped and page-faulted in afresh
-  (:func:`keep_heap`);
+  over and over): blocks of up to 32 MiB are taken from and given back to the heap, whose top
+  keeps up to 256 MiB of free memory, so that each is reused instead of mapped and page-faulted
+  in afresh (:func:`keep_heap`);
 * **a piece's weights** (one decoder layer at a time, freed when the next one loads): a block
   of 1 MiB or more that the heap's free memory cannot hold is mapped, and unmapped on free
   (:func:`weights_mapped`), rather than growing the heap: the heap never grows to hold a
@@ -50,7 +50,8 @@ def _libc():
 
 def keep_heap() -> bool:
     """Keep freed temporaries of up to 32 MiB in the heap (the threshold fixed at 32 MiB, the
-    heap's top never trimmed below 1 GiB, grown 64 MiB at a time); False where not glibc."""
+    heap's top trimmed only beyond 256 MiB, grown 64 MiB at a time); False where not glibc.
+    Set by every :class:`lwq_gguf.model.stream.LayerStream`, for its pass and what follows."""
     libc = _libc()
     return libc is not None and all(libc.mallopt(opt, val) == 1 for opt, val in (
         (M_MMAP_THRESHOLD, KEEP), (M_TRIM_THRESHOLD, TRIM), (M_TOP_PAD, 64 << 20)))

@@ -38,7 +38,6 @@ from lwq_gguf.quant.imatrix import Imatrix
 from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.llamacpp import find_llama_cpp
 from lwq_gguf.model.load import HFModel
-from lwq_gguf.model.heap import keep_heap
 from lwq_gguf.model.inventory import GGUFTensor
 from lwq_gguf.quant.types import QUANT_TYPES, legal_types
 from lwq_gguf.score.clock import Phases, Progress
@@ -87,7 +86,6 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     ``tensors``: the GGUF tensor list, or a function that returns it (called after the forward
     pass, so that a slow listing runs meanwhile)."""
     t0 = time.time()
-    keep_heap()  # (the pass and the sweeps reuse their temporaries' memory)
     phases = phases if phases is not None else Phases()
     ladder, rows = req.ladder, req.rows
     fisher = cfg.fisher_tokens
