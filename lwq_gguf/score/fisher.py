@@ -17,6 +17,10 @@ they fit in ``KEEP_BYTES``; the others are read again. The weights are rounded t
 Only the sampled rows' Fisher is formed (:mod:`lwq_gguf.score.sample`): the weights themselves
 need no gradient, so autograd computes the activations' gradients alone, and a hook on each
 matmul forms ``g[:, rows]^T x`` for its sampled rows - a fraction of a full weight gradient.
+Where the rows are drawn by their damage, each matmul's inputs and output gradients are held
+until the layer's last window, every row's Fisher mass is sketched from them (``|x^T g_i|^2``
+through ``SKETCH`` random projections of the inputs, a few % of a weight gradient's work), the
+rows are drawn, and their gradients formed.
 A tied embedding gets both gradients per window (as input lookup and as output projection)
 before squaring: the output part is kept for the window's own token rows only.
 """
@@ -39,13 +43,15 @@ from lwq_gguf.score.floor import ACT_BLOCKS, floor_hook, per_token
 from lwq_gguf.score.head import Head, HeadJob, embedding_fisher, head_backward
 from lwq_gguf.score.layers import (ZDInspector, autocast, calibration_ids, matmul_precision,
                                    torch_device)
-from lwq_gguf.score.sample import EVERY_ROW, FisherTensor, RowSample, fisher_windows, kept_rows
+from lwq_gguf.score.sample import (EVERY_ROW, FisherTensor, RowSample, drawn_rows, fisher_windows,
+                                   kept_rows)
 from lwq_gguf.score.scores import ScoreConfig, sig6
 
 if TYPE_CHECKING:
     from lwq_gguf.model.stream import LayerStream
 
 KEEP_BYTES = 2 << 30  # float32 layer weights kept loaded from the forward for the backward
+SKETCH = 64  # random projections a row's Fisher mass is estimated through (rows drawn by damage)
 __all__ = ["FisherRun", "FisherTensor", "kept_rows", "streamed_fisher"]
 
 
@@ -164,7 +170,7 @@ def streamed_fisher(model: HFModel, cfg: ScoreConfig, progress: bool = True,
                  cfg.calib_file.name, cfg.seq_len, len(windows))
     fisher_tok = sum(len(windows[j]) for j in chosen)
     run = Pass(s, [windows[j] for j in chosen], half, names, fisher_tok, sample, phases, tick,
-               frozenset(pinned), amp)
+               frozenset(pinned), amp, im)
     return FisherRun(im, n_tok, fisher_tok, tuple(sig6(-(x / n_tok)) for x in lim), zd.scores(),
                      device, precision, _backward(run, inputs, head))
 
@@ -184,6 +190,7 @@ class Pass:
     tick: Callable[[int], None]
     pinned: frozenset  # layers kept loaded from the forward
     amp: Callable[[], Any]  # the matmuls' precision context (score.layers.autocast)
+    imatrix: Imatrix  # (complete: the forward pass is over)
 
 
 def _rows_kept(n: int, cols: int, expert: int | None, n_exp: int, sample: RowSample):
@@ -197,7 +204,8 @@ def _rows_kept(n: int, cols: int, expert: int | None, n_exp: int, sample: RowSam
 
 def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
     """Back-propagate every window through decoder layer ``i`` (its input gradients replace
-    ``grads``); {HF weight name: (sampled rows, their sum of per-window g^2)}."""
+    ``grads``); {HF weight name: (sampled rows, what each counts for (None: rows / sampled),
+    their sum of per-window g^2, the weight, its row count, its runtime floor)}."""
     s, names, sample = run.s, run.names, run.sample
     torch = s.torch
     experts = n_experts(names)
@@ -206,22 +214,29 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
         p.requires_grad_(False)  # the weights' gradients: by hand, sampled rows only
     lin = {f"model.layers.{i}.{n}.weight": m for n, m in layer.named_modules()
            if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{n}.weight" in names}
+    total = {n: m.out_features * experts[names[n][0]] for n, m in lin.items()}  # (merged)
+    drawn = {n for n, m in lin.items()
+             if sample.by_damage and sample.count(total[n], m.in_features) < total[n]}
     rows = {n: _rows_kept(m.out_features, m.in_features, names[n][1], experts[names[n][0]], sample)
-            for n, m in lin.items()}
+            for n, m in lin.items() if n not in drawn}
     fisher = {n: torch.zeros(len(r), lin[n].in_features, device=dev) for n, r in rows.items()}
+    held: dict[str, list] = {n: [] for n in drawn}  # per window: (input, output gradient)
     cur: dict[str, Any] = {}  # this window's gradient of each weight's sampled rows
 
     def hook_for(n):
-        r = torch.from_numpy(rows[n]).to(dev)
-        every = len(r) == lin[n].out_features
+        r = torch.from_numpy(rows[n]).to(dev) if n in rows else None
+        every = r is not None and len(r) == lin[n].out_features
 
         def hook(_mod, args, out):
-            if not out.requires_grad or not len(r):
+            if not out.requires_grad or (r is not None and not len(r)):
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1])
 
             def on_grad(g):
                 g = g.reshape(-1, g.shape[-1])
+                if r is None:
+                    held[n].append((x, g.detach()))
+                    return
                 gw = (g if every else g[:, r]).float().T @ x.float()
                 cur[n] = gw if n not in cur else cur[n] + gw
             out.register_hook(on_grad)
@@ -246,8 +261,46 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {n: (rows[n], fisher[n], m.weight.detach(), m.out_features, floor[n])
+    counts: dict[str, Any] = dict.fromkeys(lin)
+    for gname in sorted({names[n][0] for n in drawn}):  # (a merged tensor's experts together)
+        parts = sorted((names[n][1] or 0, n) for n in drawn if names[n][0] == gname)
+        proxy = np.concatenate([_row_proxy(run, lin[n], held[n], gname, e) for e, n in parts])
+        m = lin[parts[0][1]]
+        keep, weight = drawn_rows(proxy, sample.count(total[parts[0][1]], m.in_features), gname)
+        for e, n in parts:
+            mine = (keep >= e * m.out_features) & (keep < (e + 1) * m.out_features)
+            rows[n], counts[n] = keep[mine] - e * m.out_features, weight[mine]
+            r = torch.from_numpy(rows[n]).to(dev)
+            fisher[n] = torch.zeros(len(r), m.in_features, device=dev)
+            for x, g in held[n]:
+                gw = g[:, r].float().T @ x.float()
+                fisher[n].addcmul_(gw, gw)
+            held[n] = []
+    return {n: (rows[n], counts[n], fisher[n], m.weight.detach(), m.out_features, floor[n])
             for n, m in lin.items()}
+
+
+def _row_proxy(run: Pass, m, held: list, gname: str, expert: int) -> np.ndarray:
+    """Every row's damage estimate (score.sample): its Fisher mass sum_j F_ij, sketched as
+    sum over windows of |S x^T g_i|^2 (S: SKETCH x cols, N(0, 1/SKETCH), fixed), times
+    sum_b max_{j in b} w_ij^2 sum_{j in b} a_j over the row's 32-weight blocks (a: the imatrix)."""
+    torch = run.s.torch
+    w = m.weight.detach().float()
+    cols = w.shape[1]
+    sketch = torch.randn(cols, SKETCH, generator=torch.Generator().manual_seed(cols))
+    sketch = sketch.div_(SKETCH ** 0.5).to(w.device)
+    mass = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    for x, g in held:
+        z = g.float().T @ (x.float() @ sketch)
+        mass += (z * z).sum(1).double()
+    im = run.imatrix.weights(gname)
+    a = (torch.from_numpy(im.reshape(-1, cols)[expert]).to(w.device) if im is not None
+         else torch.ones(cols, device=w.device))
+    if cols % 32:
+        err = (w * w) @ a
+    else:
+        err = w.abs().reshape(w.shape[0], -1, 32).amax(-1).square() @ a.reshape(-1, 32).sum(-1)
+    return (mass * err.double()).cpu().numpy()
 
 
 def _backward(run: Pass, inputs, head: Head) -> Iterator[FisherTensor]:
@@ -255,7 +308,7 @@ def _backward(run: Pass, inputs, head: Head) -> Iterator[FisherTensor]:
     if not s.tied:
         yield FisherTensor(names["lm_head.weight"][0], head.weight.cpu().numpy(),
                            head.fisher.div_(n_tok).cpu().numpy(), head.n_rows,
-                           head.keep.cpu().numpy(),
+                           head.keep.cpu().numpy(), weights=head.weights,
                            floor=per_token(head.floor, n_tok))
         head.fisher = head.weight = None
     grads = head.grads
@@ -267,19 +320,22 @@ def _backward(run: Pass, inputs, head: Head) -> Iterator[FisherTensor]:
             got = _layer_fisher(run, layer, i, inputs[i], grads)
         inputs[i] = None
         merged: dict[str, dict[int, tuple]] = {}
-        for n, (rows, f, w, n_rows, fl) in got.items():
+        for n, (rows, counts, f, w, n_rows, fl) in got.items():
             (gname, expert), w = names[n], w[torch.from_numpy(rows)].cpu().numpy()
             f = f.div_(n_tok).cpu().numpy()
             fl = per_token(fl, n_tok)
             if expert is None:
-                yield FisherTensor(gname, w, f, n_rows, rows, floor=fl)
+                yield FisherTensor(gname, w, f, n_rows, rows, weights=counts, floor=fl)
             else:
-                merged.setdefault(gname, {})[expert] = (w, f, rows, n_rows, fl)
+                merged.setdefault(gname, {})[expert] = (w, f, rows, n_rows, fl, counts)
         for gname, parts in merged.items():  # the converter's 3-D tensor, rows expert by expert
             n, per = len(parts), parts[0][3]
+            drawn = parts[0][5] is not None
             yield FisherTensor(gname, merge_experts({e: p[0] for e, p in parts.items()}),
                                merge_experts({e: p[1] for e, p in parts.items()}), per * n,
                                np.concatenate([parts[e][2] + e * per for e in range(n)]), n,
+                               weights=(np.concatenate([parts[e][5] for e in range(n)])
+                                        if drawn else None),
                                floor={b: sum(p[4][b] for p in parts.values()) for b in ACT_BLOCKS})
         del got, merged
         s.release(layer) if i in run.pinned else s.unload(layer)

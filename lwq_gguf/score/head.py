@@ -5,6 +5,12 @@ and the token embedding's Fisher at the end of the backward.
 The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) on the kept
 rows only, in blocks of rows; a tied embedding's rows get both gradients per window (as output
 projection and as input lookup) before squaring.
+
+Which output rows are kept (score.sample): a tied embedding keeps the rows of every token the
+Fisher windows hold (their input gradients make most of its Fisher) and draws the rest; an untied
+output draws all of its kept rows. Drawn by damage, at the first Fisher window: each row's
+gradient energy there times its weights' squares against the output's squared inputs there
+(``a_i sum_j b_j w_ij^2``), each kept row counting for 1 / its probability.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from lwq_gguf.score.floor import ACT_BLOCKS, add_act_floor, per_token
-from lwq_gguf.score.sample import FisherTensor, RowSample, sample_labels, stratified_rows
+from lwq_gguf.score.sample import (FisherTensor, RowSample, drawn_rows, sample_labels,
+                                   stratified_rows)
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
 
@@ -29,9 +36,10 @@ class Head:
     keep: Any  # the kept rows (a sorted index tensor)
     n_rows: int  # the output's row count
     rows: list  # tied: per window (token rows, the output gradient on those rows)
-    proxy: np.ndarray  # every output row's damage proxy, a_i sum_j b_j w_ij^2
+    proxy: np.ndarray | None  # every output row's damage proxy, a_i sum_j b_j w_ij^2 (uniform)
     present: np.ndarray  # the tokens of the Fisher windows (sorted)
     floor: dict[int, float]  # the output matmul's runtime floor, summed over the Fisher tokens
+    weights: np.ndarray | None = None  # drawn rows: what each kept row counts for (1 / pi)
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,14 @@ def head_backward(s, hs, job: HeadJob) -> Head:
     dev = w.device
     present = np.array(sorted({t for j in chosen for t in windows[j]}), dtype=np.int64)
     count = sample.count(w.shape[0], w.shape[1], vocab=True)
-    keep = torch.from_numpy(stratified_rows(w.shape[0], present, count) if s.tied
-                            else sample.rows(w.shape[0], w.shape[1], vocab=True)).to(dev)
-    fisher = torch.zeros(len(keep), w.shape[1], device=dev)
+    drawn = sample.by_damage and count < w.shape[0]
+    keep: Any = None
+    fisher: Any = None
+    weights = None
+    if not drawn:
+        keep = torch.from_numpy(stratified_rows(w.shape[0], present, count) if s.tied
+                                else sample.rows(w.shape[0], w.shape[1], vocab=True)).to(dev)
+        fisher = torch.zeros(len(keep), w.shape[1], device=dev)
     # each output row's gradient energy and the inputs': a_i sum_j b_j w_ij^2 follows a row's
     # damage; a tied embedding's sample of the rows no Fisher window holds counts by it
     energy = torch.zeros(w.shape[0], device=dev)
@@ -94,6 +107,12 @@ def head_backward(s, hs, job: HeadJob) -> Head:
             if slope is not None:
                 d.mul_(slope)  # ... / d z
                 del slope
+            if keep is None:  # drawn by this first Fisher window's estimate of their damage
+                first = (d * d).sum(0) * torch.mv(w.detach().float().square(),
+                                                  x.float().square().sum(0))
+                k, weights = _draw(first.double().cpu().numpy(), count, present, s.tied)
+                keep = torch.from_numpy(k).to(dev)
+                fisher = torch.zeros(len(keep), w.shape[1], device=dev)
             energy += (d * d).sum(0)
             inputs_sq += (x * x).sum(0)
             for i in range(0, len(keep), block):
@@ -109,11 +128,24 @@ def head_backward(s, hs, job: HeadJob) -> Head:
         norm.weight.grad = None
         grads.append(h.grad.cpu())
     weight = w.detach()[keep]
-    proxy = (energy * torch.mv(w.detach() * w.detach(), inputs_sq)).cpu().double().numpy()
+    proxy = (None if drawn else
+             (energy * torch.mv(w.detach() * w.detach(), inputs_sq)).cpu().double().numpy())
     s.unload(norm)
     s.unload(head)
     return Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows,
-                 proxy, present, floor)
+                proxy, present, floor, weights)
+
+
+def _draw(est: np.ndarray, count: int, present: np.ndarray, tied: bool):
+    """The output rows kept (score.sample.drawn_rows by ``est``) and what each counts for: a
+    tied embedding's Fisher-window tokens for certain and a draw from the rest."""
+    if not tied:
+        return drawn_rows(est, count, "output.weight")
+    rest = np.setdiff1d(np.arange(len(est)), present)
+    at, w = drawn_rows(est[rest], max(0, count - len(present)), "token_embd.weight")
+    keep = np.concatenate([present, rest[at]])
+    order = np.argsort(keep)
+    return keep[order], np.concatenate([np.ones(len(present)), w])[order]
 
 
 def embedding_fisher(run, head: Head, grads) -> FisherTensor:
@@ -129,7 +161,9 @@ def embedding_fisher(run, head: Head, grads) -> FisherTensor:
     keep = head.keep if s.tied else torch.from_numpy(head.present).to(s.device)
     k = keep.cpu().numpy()
     weights = np.ones(len(k))
-    if s.tied and len(k) < n_rows:
+    if s.tied and head.weights is not None:  # (drawn by damage: each counts for 1 / pi)
+        weights = head.weights
+    elif s.tied and len(k) < n_rows and head.proxy is not None:
         rest = ~np.isin(k, head.present)
         others = np.ones(n_rows, dtype=bool)
         others[head.present] = False

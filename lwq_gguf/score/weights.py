@@ -12,7 +12,8 @@ not a KL-divergence, so plans made from it are labelled "weight error" wherever 
 
 It is computed inside the converter child (``python -m lwq_gguf.score.weights JOB.json``, job
 ``damage``: :func:`run_damage`) on the tensors
-exactly as the converter writes them, on the same sample of rows as the Fisher path.
+exactly as the converter writes them, on a fixed uniform sample of rows (score.sample.UNIFORM:
+without a Fisher there is no row's gradient to draw the rows by).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from lwq_gguf.quant.encoder import Quantizer, split_damage_key
 from lwq_gguf.quant.imatrix import read_imatrix
 from lwq_gguf.quant.tensors import as_16bit, as_f32, materialize
 from lwq_gguf.quant.types import legal_types, usable_ladder
+from lwq_gguf.score.sample import UNIFORM
 from lwq_gguf.score.scores import sig6
-from lwq_gguf.score.sensitivity import ROWS
 from lwq_gguf.score.sweeps import tensor_damage
 
 BASIS_FISHER = "expected KLD (Fisher)"
@@ -70,7 +71,7 @@ class WeightDamage:
         """``data``: the tensor as float32, ggml shape reversed ([experts,] rows, cols)."""
         cols = data.shape[-1]
         rows = data.reshape(-1, cols)
-        keep = ROWS.rows(len(rows), cols, vocab=t.layer is None)
+        keep = UNIFORM.rows(len(rows), cols, vocab=t.layer is None)
         w = np.ascontiguousarray(rows[keep])
         experts = keep // (len(rows) // t.experts) if t.experts > 1 else None
         types = legal_types(self.job.ladder, t.shape[0])

@@ -120,11 +120,12 @@ def test_streamed_fisher_equals_whole_model(tiny, arch, tied):
         assert got["blk.1.ffn_down_exps.weight"].shape == (N_EXPERTS * 256, 256)
 
 
+@pytest.mark.parametrize("by_damage", [False, True])
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2moe", False)])
-def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied):
+def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied, by_damage):
     """With max_rows, only a sample of rows is formed (the output and embedding without their
-    full Fisher; merged experts from each expert's share of the sample); the sample's weights and
-    Fisher are the whole run's rows."""
+    full Fisher; merged experts from each expert's share of the sample), uniform or drawn by the
+    rows' estimated damage; the sample's weights and Fisher are the whole run's rows."""
     import numpy as np
 
     from lwq_gguf.score.fisher import kept_rows, streamed_fisher
@@ -133,7 +134,7 @@ def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied):
     model = open_model(tiny(arch, 2, tied=tied))
     cfg = ScoreConfig(calib_tokens=300, device="cpu", precision="fp32")
     whole = {t.name: t for t in streamed_fisher(model, cfg, progress=False).tensors}
-    forty = RowSample(weights=None, vocab_rows=40, max_rows=40)
+    forty = RowSample(weights=None, vocab_rows=40, max_rows=40, by_damage=by_damage)
     part = {t.name: t for t in streamed_fisher(model, cfg, progress=False, sample=forty).tensors}
     assert part.keys() == whole.keys() and "token_embd.weight" in part
     sampled = 0
@@ -142,8 +143,11 @@ def test_fisher_on_kept_rows_equals_those_rows_of_the_whole(tiny, arch, tied):
         keep = t.keep
         sampled += len(keep) < w.rows
         assert t.rows == w.rows and t.experts == w.experts and t.weight.shape[0] == len(keep), name
-        if not name.startswith("token_embd"):  # (the embedding: its tokens, and a sample)
-            np.testing.assert_array_equal(keep, kept_rows(w.rows, 40), err_msg=name)
+        layer = name.startswith("blk.")
+        if not by_damage and not name.startswith("token_embd"):  # (the embedding: its tokens,
+            np.testing.assert_array_equal(keep, kept_rows(w.rows, 40), err_msg=name)  # and more)
+        elif layer and len(keep) < w.rows:  # drawn: as many, each counting for 1 / pi >= 1
+            assert len(keep) == 40 and t.weights is not None and (t.weights >= 1 - 1e-9).all()
         assert len(t.row_weights) == len(keep) and (t.row_weights > 0).all()
         at = np.searchsorted(w.keep, keep)  # (the whole run's rows: all but an untied
         assert (w.keep[at] == keep).all(), name  # embedding's, which are its tokens)
