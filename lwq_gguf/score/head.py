@@ -75,11 +75,29 @@ def head_backward(s, hs, job: HeadJob) -> Head:
         keep = torch.from_numpy(stratified_rows(w.shape[0], present, count) if s.tied
                                 else sample.rows(w.shape[0], w.shape[1], vocab=True)).to(dev)
         fisher = torch.zeros(len(keep), w.shape[1], device=dev)
-    # each output row's gradient energy and the inputs': a_i sum_j b_j w_ij^2 follows a row's
-    # damage; a tied embedding's sample of the rows no Fisher window holds counts by it
+    # (a uniform sample) each output row's gradient energy and the inputs': a_i sum_j b_j w_ij^2
+    # follows a row's damage; a tied embedding's sample of the rest counts for the rest by it
     energy = torch.zeros(w.shape[0], device=dev)
     inputs_sq = torch.zeros(w.shape[1], device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
+    labels: dict[int, Any] = {}
+    if drawn:  # a first pass over the Fisher windows: their labels, then the rows drawn
+        expect = torch.zeros(w.shape[0], device=dev)
+        for j in chosen:
+            with torch.no_grad(), job.amp():
+                x = norm(hs[j].to(dev))[0]
+                d, slope = _probabilities(torch.nn.functional.linear(x, w, head.bias), s.softcap)
+                expect += _expected_energy(d, slope)
+                inputs_sq += x.float().square().sum(0)
+                labels[j] = sample_labels(d, gen)
+                del d, slope
+        certain = torch.cat([labels[j] for j in chosen]).unique().cpu().numpy()
+        if s.tied:  # (and the tokens the windows hold: their input gradients)
+            certain = np.union1d(certain, present)
+        k, weights = _draw(_row_energy(w, inputs_sq).mul_(expect).double().cpu().numpy(), count,
+                           certain, "token_embd.weight" if s.tied else "output.weight")
+        keep = torch.from_numpy(k).to(dev)
+        fisher = torch.zeros(len(keep), w.shape[1], device=dev)
     grads, rows = [], []
     floor = dict.fromkeys(ACT_BLOCKS, 0.0)
     block = max(1, HEAD_BLOCK // w.shape[1])
@@ -92,29 +110,16 @@ def head_backward(s, hs, job: HeadJob) -> Head:
         hn = norm(h)[0]
         with torch.no_grad(), job.amp():
             x = hn.detach()
-            z = head(x).float()  # (through the module: its imatrix hook)
-            cap = s.softcap  # the model's logits are cap * tanh(z / cap)
-            if cap:
-                t = torch.tanh(z / cap)
-                d = torch.softmax(t * cap, -1)
-                slope = t.mul_(t).neg_().add_(1)  # d logits / d z = 1 - tanh^2 (t's memory)
-                del t
-            else:
-                d, slope = torch.softmax(z, -1), None
-            del z
-            y = sample_labels(d, gen)
+            # (through the module: its imatrix hook)
+            d, slope = _probabilities(head(x), s.softcap)
+            y = labels[j] if drawn else sample_labels(d, gen)
             d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
             if slope is not None:
                 d.mul_(slope)  # ... / d z
                 del slope
-            if keep is None:  # drawn by this first Fisher window's estimate of their damage
-                first = (d * d).sum(0) * torch.mv(w.detach().float().square(),
-                                                  x.float().square().sum(0))
-                k, weights = _draw(first.double().cpu().numpy(), count, present, s.tied)
-                keep = torch.from_numpy(k).to(dev)
-                fisher = torch.zeros(len(keep), w.shape[1], device=dev)
-            energy += (d * d).sum(0)
-            inputs_sq += (x * x).sum(0)
+            if not drawn:  # (the uniform sample's proxy: over every Fisher window)
+                energy += (d * d).sum(0)
+                inputs_sq += (x * x).sum(0)
             for i in range(0, len(keep), block):
                 g = (d[:, keep[i:i + block]].T @ x).float()
                 fisher[i:i + block].addcmul_(g, g)
@@ -128,24 +133,60 @@ def head_backward(s, hs, job: HeadJob) -> Head:
         norm.weight.grad = None
         grads.append(h.grad.cpu())
     weight = w.detach()[keep]
-    proxy = (None if drawn else
-             (energy * torch.mv(w.detach() * w.detach(), inputs_sq)).cpu().double().numpy())
+    proxy = None if drawn else (energy * _row_energy(w, inputs_sq)).cpu().double().numpy()
     s.unload(norm)
     s.unload(head)
     return Head(grads, fisher.to(s.device), weight, keep.to(s.device), w.shape[0], rows,
                 proxy, present, floor, weights)
 
 
-def _draw(est: np.ndarray, count: int, present: np.ndarray, tied: bool):
-    """The output rows kept (score.sample.drawn_rows by ``est``) and what each counts for: a
-    tied embedding's Fisher-window tokens for certain and a draw from the rest."""
-    if not tied:
-        return drawn_rows(est, count, "output.weight")
-    rest = np.setdiff1d(np.arange(len(est)), present)
-    at, w = drawn_rows(est[rest], max(0, count - len(present)), "token_embd.weight")
-    keep = np.concatenate([present, rest[at]])
+def _probabilities(z, cap: float | None):
+    """The softmax of the logits ``cap * tanh(z / cap)`` (or of z), and d logits / d z (None
+    without a softcap)."""
+    import torch
+
+    z = z.float()
+    if not cap:
+        return torch.softmax(z, -1), None
+    t = torch.tanh(z / cap)
+    d = torch.softmax(t * cap, -1)
+    return d, t.mul_(t).neg_().add_(1)  # 1 - tanh^2 (t's memory)
+
+
+def _expected_energy(p, slope, rows: int = 64):
+    """Each output row's gradient energy summed over the window's tokens, in expectation over the
+    labels the model itself would draw: E_y (p - onehot(y))^2 = p (1 - p) (times the softcap's
+    slope^2). Unlike the drawn labels' own energy it also counts the tokens that later windows
+    will draw as labels (a drawn label's row would otherwise be estimated from one window)."""
+    out = p.new_zeros(p.shape[1])
+    for i in range(0, p.shape[0], rows):
+        b = p[i:i + rows]
+        e = b * (1 - b)
+        if slope is not None:
+            e.mul_(slope[i:i + rows].square())
+        out += e.sum(0)
+    return out
+
+
+def _row_energy(w, b):
+    """sum_j b_j w_ij^2 for every row of ``w`` (in blocks: no vocabulary x hidden temporary)."""
+    out = b.new_empty(w.shape[0])
+    step = max(1, HEAD_BLOCK // w.shape[1])
+    for i in range(0, w.shape[0], step):
+        out[i:i + step] = w[i:i + step].detach().float().square() @ b.float()
+    return out
+
+
+def _draw(est: np.ndarray, count: int, certain: np.ndarray, name: str):
+    """The output rows kept and what each counts for: ``certain`` (the labels' rows, whose
+    gradient is -1 + p where a label falls, and a tied embedding's window tokens) each for
+    itself, and a draw from the rest by ``est`` (score.sample.drawn_rows; at least a quarter of
+    ``count``)."""
+    rest = np.setdiff1d(np.arange(len(est)), certain)
+    at, w = drawn_rows(est[rest], max(count - len(certain), count // 4), name)
+    keep = np.concatenate([certain, rest[at]])
     order = np.argsort(keep)
-    return keep[order], np.concatenate([np.ones(len(present)), w])[order]
+    return keep[order], np.concatenate([np.ones(len(certain)), w])[order]
 
 
 def embedding_fisher(run, head: Head, grads) -> FisherTensor:

@@ -30,7 +30,7 @@ import numpy as np
 class RowSample:
     weights: int | None = 1 << 15  # about this many weights per tensor; None: every row
     min_rows: int = 32
-    vocab_rows: int | None = 2048  # rows of the output / token embedding (None: every row)
+    vocab_rows: int | None = 1024  # rows of the output / token embedding (None: every row)
     max_rows: int | None = None  # a cap on every tensor (tests)
     # a layer tensor's rows drawn by their estimated damage (drawn_rows), once the backward has
     # their gradients; False: the fixed uniform sample of ``rows`` (chosen before the pass)
@@ -55,7 +55,9 @@ class RowSample:
 
 
 EVERY_ROW = RowSample(weights=None, vocab_rows=None)
-UNIFORM = RowSample(weights=1 << 16, min_rows=64, by_damage=False)  # (the weight-error path's)
+# the fixed uniform sample the weight-error path measures (and the Fisher path's before the rows
+# were drawn by damage: bench/fidelity.py --uniform)
+UNIFORM = RowSample(weights=1 << 16, min_rows=64, vocab_rows=2048, by_damage=False)
 
 
 def drawn_rows(proxy: np.ndarray, k: int, name: str) -> tuple[np.ndarray, np.ndarray]:
