@@ -209,7 +209,8 @@ def prepare(job: Job) -> Prepared:
     # the tensor list (the converter in a child process, seconds when not cached) is made while
     # the scoring pass runs; a plan's budget is checked with it before the slow scoring
     with ThreadPoolExecutor(max_workers=1) as pool:
-        listing = pool.submit(model_tensors, model)
+        # (a job that plans measures the 16-bit file's header in the same converter run)
+        listing = pool.submit(model_tensors, model, job.plan is not None)
         plan = None
         if job.plan_file is not None:
             plan = read_plan(job.plan_file, listing.result())

@@ -164,3 +164,22 @@ def test_force_replaces_and_sigkill_leaves_nothing_at_target(llama2, llama2_scor
             "--calib-tokens", "1024", "--ladder", "k", check=True)
     assert sha(out) != first
     check_output_file(out, 5.0)
+
+
+def test_a_listing_for_scoring_measures_no_header_and_a_plan_adds_it(tiny, tmp_path, monkeypatch):
+    """`score` lists the tensors without the 16-bit file's header (which needs the vocabulary
+    read); the first plan measures it, and the cache then holds both."""
+    import json
+
+    from lwq_gguf.model.inventory import inventory, model_tensors
+    from lwq_gguf.model.load import open_model
+
+    monkeypatch.setenv("LWQ_SCORES_CACHE", str(tmp_path))
+    model = open_model(tiny("llama", 2, tied=True))
+    tensors = model_tensors(model)
+    (entry,) = (tmp_path / "inventory").glob("*.json")
+    assert json.loads(entry.read_text())["header_bytes"] is None
+    inv = inventory(model)
+    assert inv.tensors == tensors and inv.header_bytes > 1000
+    assert json.loads(entry.read_text())["header_bytes"] == inv.header_bytes
+    assert model_tensors(model, header=True) == tensors  # (from the cache, header and all)

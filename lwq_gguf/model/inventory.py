@@ -224,8 +224,9 @@ def _inventory(inst, job: ConverterJob) -> int:
     rows = [{"name": name, "shape": [int(d) for d in reversed(ti.shape)],
              "type": ti.dtype.name.lower()}
             for shard in inst.gguf_writer.tensors for name, ti in shard.items()]
-    Path(job.out).write_text(json.dumps({"tensors": rows,
-                                         "header_bytes": _header_bytes(inst, job)}))
+    # (the header needs the vocabulary read: half of the child's time, and only a plan needs it)
+    header = _header_bytes(inst, job) if job.task.get("header", True) else None
+    Path(job.out).write_text(json.dumps({"tensors": rows, "header_bytes": header}))
     return 0
 
 
@@ -271,12 +272,15 @@ class Inventory:
     header_bytes: int
 
 
-def _inventory_rows(path: Path) -> dict | None:
+def _inventory_rows(path: Path, header: bool = True) -> dict | None:
+    """The inventory file's document if it is well formed (and holds the header's bytes, when
+    ``header``), else None."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("header_bytes"), int):
+    if not isinstance(doc, dict) or not (isinstance(doc.get("header_bytes"), int) or (
+            not header and doc.get("header_bytes") is None)):
         return None
     rows = doc.get("tensors")
     ok = isinstance(rows, list) and rows and all(
@@ -286,9 +290,10 @@ def _inventory_rows(path: Path) -> dict | None:
     return doc if ok else None
 
 
-def model_tensors(model: HFModel) -> tuple[GGUFTensor, ...]:
-    """The GGUF tensor list of ``model``, from the pinned converter itself (:func:`inventory`)."""
-    return inventory(model).tensors
+def model_tensors(model: HFModel, header: bool = False) -> tuple[GGUFTensor, ...]:
+    """The GGUF tensor list of ``model``, from the pinned converter itself (:func:`inventory`;
+    ``header``: measure the header's bytes in the same run, for a plan made next)."""
+    return _listing(model, header)[0]
 
 
 def inventory(model: HFModel) -> Inventory:
@@ -297,8 +302,15 @@ def inventory(model: HFModel) -> Inventory:
 
     Cached in ``scores_cache_dir()/inventory`` by what it
     depends on: config.json and the tensors' names, dtypes and shapes (read from the headers; no
-    weight file is hashed), the converter install and its source, and this module's code.
+    weight file is hashed), the converter install and its source, and this module's code. A
+    listing made for scoring alone holds no header size; the first plan measures it.
     """
+    tensors, header = _listing(model, True)
+    assert header is not None
+    return Inventory(tensors, header)
+
+
+def _listing(model: HFModel, header: bool) -> tuple[tuple[GGUFTensor, ...], int | None]:
     lc = find_llama_cpp()
     converter = lc.src / "convert_hf_to_gguf.py"
     root = scores_cache_dir()
@@ -308,19 +320,19 @@ def inventory(model: HFModel) -> Inventory:
              "code": code_digest("model/inventory.py")}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     path = root / "inventory" / f"{key}.json"
-    doc = _inventory_rows(path)
+    doc = _inventory_rows(path, header)
     if doc is None:
         with tempfile.TemporaryDirectory(prefix="lwq-inv-") as tmp:
             out = Path(tmp) / "inventory.json"
             run_job(ConverterJob(mode="inventory", src=str(lc.src), model=str(model.path),
-                                 out=str(out)), __name__)
-            doc = _inventory_rows(out)
+                                 out=str(out), task={"header": header}), __name__)
+            doc = _inventory_rows(out, header)
         if doc is None:
             raise ToolError(f"convert_hf_to_gguf on {model.path} listed no tensors: check the "
                             "model folder")
         write_cache_text(path, json.dumps(doc))
-    return Inventory(tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"])
-                           for r in doc["tensors"]), doc["header_bytes"])
+    return (tuple(GGUFTensor(r["name"], tuple(r["shape"]), r["type"]) for r in doc["tensors"]),
+            doc["header_bytes"])
 
 
 if __name__ == "__main__":

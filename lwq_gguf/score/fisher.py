@@ -262,9 +262,11 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
         for h in handles:
             h.remove()
     counts: dict[str, Any] = dict.fromkeys(lin)
+    sketched: dict = {}  # (an input several matmuls share - q, k, v; gate, up - projected once)
     for gname in sorted({names[n][0] for n in drawn}):  # (a merged tensor's experts together)
         parts = sorted((names[n][1] or 0, n) for n in drawn if names[n][0] == gname)
-        proxy = np.concatenate([_row_proxy(run, lin[n], held[n], gname, e) for e, n in parts])
+        proxy = np.concatenate([_row_proxy(run, lin[n], held[n], gname, e, sketched)
+                                for e, n in parts])
         m = lin[parts[0][1]]
         keep, weight = drawn_rows(proxy, sample.count(total[parts[0][1]], m.in_features), gname)
         for e, n in parts:
@@ -276,22 +278,27 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
                 gw = g[:, r].float().T @ x.float()
                 fisher[n].addcmul_(gw, gw)
             held[n] = []
+    sketched.clear()
     return {n: (rows[n], counts[n], fisher[n], m.weight.detach(), m.out_features, floor[n])
             for n, m in lin.items()}
 
 
-def _row_proxy(run: Pass, m, held: list, gname: str, expert: int) -> np.ndarray:
+def _row_proxy(run: Pass, m, held: list, gname: str, expert: int, sketched: dict) -> np.ndarray:
     """Every row's damage estimate (score.sample): its Fisher mass sum_j F_ij, sketched as
-    sum over windows of |S x^T g_i|^2 (S: SKETCH x cols, N(0, 1/SKETCH), fixed), times
-    sum_b max_{j in b} w_ij^2 sum_{j in b} a_j over the row's 32-weight blocks (a: the imatrix)."""
+    sum over windows of |S x^T g_i|^2 (S: SKETCH x cols, N(0, 1/SKETCH), fixed; in the pass's
+    matmul precision), times sum_b max_{j in b} w_ij^2 sum_{j in b} a_j over the row's 32-weight
+    blocks (a: the imatrix)."""
     torch = run.s.torch
     w = m.weight.detach().float()
     cols = w.shape[1]
-    sketch = torch.randn(cols, SKETCH, generator=torch.Generator().manual_seed(cols))
-    sketch = sketch.div_(SKETCH ** 0.5).to(w.device)
     mass = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for x, g in held:
-        z = g.float().T @ (x.float() @ sketch)
+        if id(x) not in sketched:  # (held with x, so the id is not reused meanwhile)
+            s = torch.randn(cols, SKETCH, generator=torch.Generator().manual_seed(cols))
+            with run.amp():
+                sketched[id(x)] = x @ s.div_(SKETCH ** 0.5).to(x.device, x.dtype)
+        with run.amp():
+            z = (g.T @ sketched[id(x)]).float()
         mass += (z * z).sum(1).double()
     im = run.imatrix.weights(gname)
     a = (torch.from_numpy(im.reshape(-1, cols)[expert]).to(w.device) if im is not None
