@@ -12,7 +12,11 @@ same bits faster (the C text, and why each is exact: :mod:`lwq_gguf.quant.rebuil
   sort where ggml sorts (distance, index) pairs already in index order with ``qsort``;
 * **independent trial scales in AVX-512 lanes** (IQ4's 15, IQ3's 19-31, ``make_qkx3_quants``'s
   37 for Q2_K, Q4_1, Q5_1, Q5_K): each lane adds the same floats in the same order, and the
-  choice between them is made in the loop's order.
+  choice between them is made in the loop's order;
+* **IQ1_S's and IQ1_M's split search** (every split of a block's sorted weights into three
+  groups) in AVX-512 lanes the same way, and their sort of each block's weights by insertion
+  where the C library's ``qsort`` is a stable merge sort, as glibc's up to 2.36
+  (:mod:`lwq_gguf.quant.rebuilt_iq1`).
 
 The file is compiled with ``-O3 -march=native -ffp-contract=off -fno-fast-math`` (no fused
 multiply-add and no reassociation, so vectorized code computes the same floats) and linked
@@ -33,6 +37,7 @@ from typing import Any
 from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant import rebuilt_c as C
+from lwq_gguf.quant import rebuilt_iq1 as C1
 from lwq_gguf.quant.cbuild import CompileError, compile_once
 from lwq_gguf.quant.types import FLOAT_TYPES, QUANT_TYPES
 
@@ -71,6 +76,11 @@ def patched_source(src: str) -> str:
         src = _replace(src, loop, C.IQ3_CALL.substitute(lim=lim, n=size) + loop + "#endif\n", 1)
     first = "static void quantize_row_iq3_xxs_impl("
     src = _replace(src, first, C.IQ3_LANES + first, 1)
+    src = _replace(src, C1.IQ1S_SPLIT, C1.IQ1S_CALL + C1.IQ1S_SPLIT, 1)
+    src = _replace(src, C1.IQ1M_SPLIT, C1.IQ1M_CALL + C1.IQ1M_SPLIT, 1)
+    src = _replace(src, C1.IQ1_QSORT, "lwq_sort_pairs(pairs, block_size);", 2)
+    first = "static void quantize_row_iq1_s_impl("
+    src = _replace(src, first, C1.IQ1_SORT + C1.IQ1S_LANES + C1.IQ1M_LANES + first, 1)
     loop = "    for (int is = 0; is <= nstep; ++is) {\n"
     src = _replace(src, loop + C.QKX3_START, C.QKX3_LANES + loop + C.QKX3_START, 1)
     for name in ("iq2_compare_func", "iq3_compare_func"):

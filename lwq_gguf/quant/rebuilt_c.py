@@ -336,6 +336,7 @@ INIT = '''
 static pthread_mutex_t lwq_init_lock = PTHREAD_MUTEX_INITIALIZER;
 void lwq_quantize_init(enum ggml_type type) {
     pthread_mutex_lock(&lwq_init_lock);
+    lwq_stable_qsort = lwq_glibc_sorts_stably();
     switch (type) {
         case GGML_TYPE_IQ2_XXS:
         case GGML_TYPE_IQ2_XS:
