@@ -26,6 +26,8 @@ from lwq_gguf.score.sample import (FisherTensor, RowSample, drawn_rows, sample_l
                                    stratified_rows)
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
+KEEP_PROBS = 1 << 26  # the labels' pass keeps the Fisher windows' probabilities for the Fisher's
+# when they fit in this many floats (256 MiB: a small vocabulary's), else they are made again
 
 
 @dataclass
@@ -81,8 +83,10 @@ def head_backward(s, hs, job: HeadJob) -> Head:
     inputs_sq = torch.zeros(w.shape[1], device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     labels: dict[int, Any] = {}
+    kept: dict[int, tuple] = {}  # the labels' pass's probabilities, when they fit (KEEP_PROBS)
     if drawn:  # a first pass over the Fisher windows: their labels, then the rows drawn
         expect = torch.zeros(w.shape[0], device=dev)
+        keep_probs = sum(len(windows[j]) for j in chosen) * w.shape[0] <= KEEP_PROBS
         for j in chosen:
             with torch.no_grad(), job.amp():
                 x = norm(hs[j].to(dev))[0]
@@ -90,6 +94,8 @@ def head_backward(s, hs, job: HeadJob) -> Head:
                 expect += _expected_energy(d, slope)
                 inputs_sq += x.float().square().sum(0)
                 labels[j] = sample_labels(d, gen)
+                if keep_probs:
+                    kept[j] = (d, slope)
                 del d, slope
         certain = torch.cat([labels[j] for j in chosen]).unique().cpu().numpy()
         if s.tied:  # (and the tokens the windows hold: their input gradients)
@@ -110,8 +116,11 @@ def head_backward(s, hs, job: HeadJob) -> Head:
         hn = norm(h)[0]
         with torch.no_grad(), job.amp():
             x = hn.detach()
-            # (through the module: its imatrix hook)
-            d, slope = _probabilities(head(x), s.softcap)
+            if j in kept:  # (the output's inputs still go into the imatrix)
+                imatrix(x)
+                d, slope = kept.pop(j)
+            else:  # (through the module: its imatrix hook)
+                d, slope = _probabilities(head(x), s.softcap)
             y = labels[j] if drawn else sample_labels(d, gen)
             d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
             if slope is not None:
