@@ -11,11 +11,12 @@ for the rows it stands for. The sample is sized in weights (:class:`RowSample`):
 A layer tensor's rows are drawn with probability proportional to an estimate of their damage
 (:func:`drawn_rows`, ``by_damage``), each counting for 1 / its probability (an unbiased sum):
 a row's Fisher mass (its gradients over the Fisher windows, sketched: score.fisher) times its
-importance-weighted squared block maxima (the scale of any type's rounding error there). A
-tensor's damage sits in a few rows; a uniform sample of 65,536 weights missed them by 2 % of the
-plans' damage at 2.5-4 BPW on the demo model and Gemma 3 270M, the drawn sample of half as many
-by 0.3-0.5 % (docs/results.md, *Which rows*). Only the sampled rows' Fisher is ever formed, so the
-backward pass computes their weight gradients alone.
+importance-weighted squared block maxima (the scale of any type's rounding error there); the
+output's by their labels and expected gradient energy (score.head). A tensor's damage sits in a
+few rows: against every row measured on the same tokens, a uniform sample of 65,536 weights put
+the demo model's plans 0.3-3.6 % off at 2.5-5.5 BPW, the drawn sample of half as many 0.0-0.3 %
+(bench/fidelity.py --against all-rows --uniform; docs/results.md, *Which rows*). Only the
+sampled rows' Fisher is ever formed, so the backward pass computes their weight gradients alone.
 """
 
 from __future__ import annotations
