@@ -293,12 +293,12 @@ def _row_proxy(run: Pass, m, held: list, gname: str, expert: int, sketched: dict
     cols = w.shape[1]
     mass = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for x, g in held:
-        if id(x) not in sketched:  # (held with x, so the id is not reused meanwhile)
+        if id(x) not in sketched:  # (x kept beside its projection: its id stays its own)
             s = torch.randn(cols, SKETCH, generator=torch.Generator().manual_seed(cols))
             with run.amp():
-                sketched[id(x)] = x @ s.div_(SKETCH ** 0.5).to(x.device, x.dtype)
+                sketched[id(x)] = (x, x @ s.div_(SKETCH ** 0.5).to(x.device, x.dtype))
         with run.amp():
-            z = (g.T @ sketched[id(x)]).float()
+            z = (g.T @ sketched[id(x)][1]).float()
         mass += (z * z).sum(1).double()
     im = run.imatrix.weights(gname)
     a = (torch.from_numpy(im.reshape(-1, cols)[expert]).to(w.device) if im is not None
