@@ -165,8 +165,8 @@ def _probabilities(z, cap: float | None):
 def _expected_energy(p, slope, rows: int = 64):
     """Each output row's gradient energy summed over the window's tokens, in expectation over the
     labels the model itself would draw: E_y (p - onehot(y))^2 = p (1 - p) (times the softcap's
-    slope^2). Unlike the drawn labels' own energy it also counts the tokens that later windows
-    will draw as labels (a drawn label's row would otherwise be estimated from one window)."""
+    slope^2). It weighs the draw of the rows no drawn label fell on (those are kept for certain):
+    a smooth estimate over every token, where one draw of labels would be all or nothing."""
     out = p.new_zeros(p.shape[1])
     for i in range(0, p.shape[0], rows):
         b = p[i:i + rows]
