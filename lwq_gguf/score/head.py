@@ -6,11 +6,12 @@ The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)
 rows only, in blocks of rows; a tied embedding's rows get both gradients per window (as output
 projection and as input lookup) before squaring.
 
-Which output rows are kept (score.sample): a tied embedding keeps the rows of every token the
-Fisher windows hold (their input gradients make most of its Fisher) and draws the rest; an untied
-output draws all of its kept rows. Drawn by damage, at the first Fisher window: each row's
-gradient energy there times its weights' squares against the output's squared inputs there
-(``a_i sum_j b_j w_ij^2``), each kept row counting for 1 / its probability.
+Which output rows are kept (score.sample): a first pass of logits over the Fisher windows draws
+their labels; the rows the labels fall on (gradient p - 1 there: most of a row's Fisher) and, for
+a tied embedding, the rows of every token the windows hold (their input gradients) are kept for
+certain; the rest are drawn by their expected gradient energy sum_t p (1 - p) times their
+weights' squares against the output's squared inputs (``a_i sum_j b_j w_ij^2``), each counting
+for 1 / its probability.
 """
 
 from __future__ import annotations
