@@ -265,7 +265,8 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
     sketched: dict = {}  # (an input several matmuls share - q, k, v; gate, up - projected once)
     for gname in sorted({names[n][0] for n in drawn}):  # (a merged tensor's experts together)
         parts = sorted((names[n][1] or 0, n) for n in drawn if names[n][0] == gname)
-        proxy = np.concatenate([_row_proxy(run, lin[n], held[n], gname, e, sketched)
+        im = run.imatrix.weights(gname)  # (every expert's row, made once)
+        proxy = np.concatenate([_row_proxy(run, lin[n], held[n], im, e, sketched)
                                 for e, n in parts])
         m = lin[parts[0][1]]
         keep, weight = drawn_rows(proxy, sample.count(total[parts[0][1]], m.in_features), gname)
@@ -283,11 +284,12 @@ def _layer_fisher(run: Pass, layer, i: int, inputs: list, grads: list) -> dict:
             for n, m in lin.items()}
 
 
-def _row_proxy(run: Pass, m, held: list, gname: str, expert: int, sketched: dict) -> np.ndarray:
+def _row_proxy(run: Pass, m, held: list, im: np.ndarray | None, expert: int,
+               sketched: dict) -> np.ndarray:
     """Every row's damage estimate (score.sample): its Fisher mass sum_j F_ij, sketched as
     sum over windows of |S x^T g_i|^2 (S: SKETCH x cols, N(0, 1/SKETCH), fixed; in the pass's
     matmul precision), times sum_b max_{j in b} w_ij^2 sum_{j in b} a_j over the row's 32-weight
-    blocks (a: the imatrix)."""
+    blocks (a: ``expert``'s row of the imatrix ``im``)."""
     torch = run.s.torch
     w = m.weight.detach().float()
     cols = w.shape[1]
@@ -300,7 +302,6 @@ def _row_proxy(run: Pass, m, held: list, gname: str, expert: int, sketched: dict
         with run.amp():
             z = (g.T @ sketched[id(x)][1]).float()
         mass += (z * z).sum(1).double()
-    im = run.imatrix.weights(gname)
     a = (torch.from_numpy(im.reshape(-1, cols)[expert]).to(w.device) if im is not None
          else torch.ones(cols, device=w.device))
     if cols % 32:
