@@ -2,16 +2,18 @@
 output layer) that samples the labels and starts the backward, with the output weight's Fisher,
 and the token embedding's Fisher at the end of the backward.
 
-The output's gradient is formed by hand (d loss / d logits = softmax - onehot(y)) on the kept
-rows only, in blocks of rows; a tied embedding's rows get both gradients per window (as output
-projection and as input lookup) before squaring.
+One pass of logits over the Fisher windows draws their labels, forms d loss / d logits =
+softmax - onehot(y) and from it the backward's start (the last layer's output gradient) and a
+tied embedding's rows' gradients as output projection (added to their input-lookup gradients
+before squaring). The output weight's Fisher is kept on some rows only, made afterwards from
+those rows' own logits and each token's log-sum-exp (a matmul of the kept rows, not of the
+vocabulary), in blocks of rows.
 
-Which output rows are kept (score.sample): a first pass of logits over the Fisher windows draws
-their labels; the rows the labels fall on (gradient p - 1 there: most of a row's Fisher) and, for
-a tied embedding, the rows of every token the windows hold (their input gradients) are kept for
-certain; the rest are drawn by their expected gradient energy sum_t p (1 - p) times their
-weights' squares against the output's squared inputs (``a_i sum_j b_j w_ij^2``), each counting
-for 1 / its probability.
+Which output rows are kept (score.sample): the rows the labels fall on (gradient p - 1 there:
+most of a row's Fisher) and, for a tied embedding, the rows of every token the windows hold
+(their input gradients) for certain; the rest drawn by their expected gradient energy
+sum_t p (1 - p) times their weights' squares against the output's squared inputs
+(``a_i sum_j b_j w_ij^2``), each counting for 1 / its probability.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from lwq_gguf.score.sample import (FisherTensor, RowSample, drawn_rows, sample_l
                                    stratified_rows)
 
 HEAD_BLOCK = 1 << 24  # output-gradient elements formed at a time (64 MiB as float32)
-KEEP_PROBS = 1 << 26  # the labels' pass keeps the Fisher windows' probabilities for the Fisher's
-# when they fit in this many floats (256 MiB: a small vocabulary's), else they are made again
 
 
 @dataclass
@@ -58,10 +58,12 @@ class HeadJob:
 def head_backward(s, hs, job: HeadJob) -> Head:
     """Final norm + output: sample labels, start the backward; the output weight's Fisher.
 
-    Over the Fisher windows (``chosen``); the others only add the output's inputs to the
-    imatrix (``imatrix(x)``). The output's gradient is formed by hand (d loss / d logits =
-    softmax - onehot(y)) on the kept rows only, in blocks of rows, so no vocabulary x hidden
-    gradient is ever whole in memory (an 8B model's output is 2 GB in float32)."""
+    One pass of logits over the Fisher windows (``chosen``) samples their labels, forms the
+    output's input gradient (the backward's start) and each row's gradient energy; the others
+    only add the output's inputs to the imatrix (``imatrix(x)``). The kept rows, chosen from that
+    energy, get their gradients afterwards from their own logits and each token's log-sum-exp,
+    so no vocabulary x tokens probability is formed twice, and no vocabulary x hidden gradient
+    is ever whole in memory (an 8B model's output is 2 GB in float32)."""
     torch = s.torch
     windows, chosen, sample, imatrix = job.windows, job.chosen, job.sample, job.imatrix
     norm = s.load(s.lm.model.norm, "model.norm")
@@ -71,43 +73,14 @@ def head_backward(s, hs, job: HeadJob) -> Head:
     present = np.array(sorted({t for j in chosen for t in windows[j]}), dtype=np.int64)
     count = sample.count(w.shape[0], w.shape[1], vocab=True)
     drawn = sample.by_damage and count < w.shape[0]
-    keep: Any = None
-    fisher: Any = None
-    weights = None
-    if not drawn:
-        keep = torch.from_numpy(stratified_rows(w.shape[0], present, count) if s.tied
-                                else sample.rows(w.shape[0], w.shape[1], vocab=True)).to(dev)
-        fisher = torch.zeros(len(keep), w.shape[1], device=dev)
-    # (a uniform sample) each output row's gradient energy and the inputs': a_i sum_j b_j w_ij^2
-    # follows a row's damage; a tied embedding's sample of the rest counts for the rest by it
+    # each row's gradient energy over the Fisher windows (drawn: in expectation over the labels,
+    # p (1 - p); a uniform sample: as drawn) and the output's squared inputs
     energy = torch.zeros(w.shape[0], device=dev)
     inputs_sq = torch.zeros(w.shape[1], device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
-    labels: dict[int, Any] = {}
-    kept: dict[int, tuple] = {}  # the labels' pass's probabilities, when they fit (KEEP_PROBS)
-    if drawn:  # a first pass over the Fisher windows: their labels, then the rows drawn
-        expect = torch.zeros(w.shape[0], device=dev)
-        keep_probs = sum(len(windows[j]) for j in chosen) * w.shape[0] <= KEEP_PROBS
-        for j in chosen:
-            with torch.no_grad(), job.amp():
-                x = norm(hs[j].to(dev))[0]
-                d, slope = _probabilities(torch.nn.functional.linear(x, w, head.bias), s.softcap)
-                expect += _expected_energy(d, slope)
-                inputs_sq += x.float().square().sum(0)
-                labels[j] = sample_labels(d, gen)
-                if keep_probs:
-                    kept[j] = (d, slope)
-                del d, slope
-        certain = torch.cat([labels[j] for j in chosen]).unique().cpu().numpy()
-        if s.tied:  # (and the tokens the windows hold: their input gradients)
-            certain = np.union1d(certain, present)
-        k, weights = _draw(_row_energy(w, inputs_sq).mul_(expect).double().cpu().numpy(), count,
-                           certain, "token_embd.weight" if s.tied else "output.weight")
-        keep = torch.from_numpy(k).to(dev)
-        fisher = torch.zeros(len(keep), w.shape[1], device=dev)
+    ends: list[_Window] = []  # per Fisher window: what its kept rows' gradients are made from
     grads, rows = [], []
     floor = dict.fromkeys(ACT_BLOCKS, 0.0)
-    block = max(1, HEAD_BLOCK // w.shape[1])
     for j, (h, win) in enumerate(zip(hs, windows)):
         if j not in chosen:
             with torch.no_grad():
@@ -117,32 +90,44 @@ def head_backward(s, hs, job: HeadJob) -> Head:
         hn = norm(h)[0]
         with torch.no_grad(), job.amp():
             x = hn.detach()
-            if j in kept:  # (the output's inputs still go into the imatrix)
-                imatrix(x)
-                d, slope = kept.pop(j)
-            else:  # (through the module: its imatrix hook)
-                d, slope = _probabilities(head(x), s.softcap)
-            y = labels[j] if drawn else sample_labels(d, gen)
+            imatrix(x)
+            d, slope, lse = _probabilities(torch.nn.functional.linear(x, w, head.bias),
+                                           s.softcap)
+            if drawn:
+                energy += _expected_energy(d, slope)
+            y = sample_labels(d, gen)
             d[torch.arange(len(y), device=dev), y] -= 1  # d sum(-log p(y)) / d logits
             if slope is not None:
                 d.mul_(slope)  # ... / d z
                 del slope
-            if not drawn:  # (the uniform sample's proxy: over every Fisher window)
+            if not drawn:
                 energy += (d * d).sum(0)
-                inputs_sq += (x * x).sum(0)
-            for i in range(0, len(keep), block):
-                g = (d[:, keep[i:i + block]].T @ x).float()
-                fisher[i:i + block].addcmul_(g, g)
+            inputs_sq += x.float().square().sum(0)
             if s.tied:
                 tok = torch.tensor(sorted(set(win)), device=dev)
                 rows.append((tok.to(s.device), (d[:, tok].T @ x).float().to(s.device)))
             dx = (d @ w).float()
             del d
             add_act_floor(floor, x, dx)
+            ends.append(_Window(x, lse, y))
         hn.backward(dx)
         norm.weight.grad = None
         grads.append(h.grad.cpu())
+    weights = None
+    if drawn:  # the labels' rows (and a tied embedding's window tokens) for certain, then a draw
+        certain = torch.cat([e.labels for e in ends]).unique().cpu().numpy()
+        if s.tied:
+            certain = np.union1d(certain, present)
+        k, weights = _draw(_row_energy(w, inputs_sq).mul_(energy).double().cpu().numpy(), count,
+                           certain, "token_embd.weight" if s.tied else "output.weight")
+    else:
+        k = (stratified_rows(w.shape[0], present, count) if s.tied
+             else sample.rows(w.shape[0], w.shape[1], vocab=True))
+    keep = torch.from_numpy(k).to(dev)
     weight = w.detach()[keep]
+    bias = None if head.bias is None else head.bias.detach()[keep]
+    with torch.no_grad(), job.amp():
+        fisher = _kept_fisher(weight, bias, keep, ends, s.softcap)
     proxy = None if drawn else (energy * _row_energy(w, inputs_sq)).cpu().double().numpy()
     s.unload(norm)
     s.unload(head)
@@ -150,17 +135,55 @@ def head_backward(s, hs, job: HeadJob) -> Head:
                 proxy, present, floor, weights)
 
 
+@dataclass(frozen=True)
+class _Window:
+    x: Any  # the output's inputs (tokens x hidden)
+    lse: Any  # each token's log-sum-exp of the (capped) logits
+    labels: Any  # the sampled labels
+
+
+def _kept_fisher(weight, bias, keep, ends: list[_Window], cap: float | None):
+    """The kept output rows' sum over windows of their gradient squared: each row's logits
+    made again from its own weights (``weight``: the kept rows), its probabilities from the
+    token's log-sum-exp, minus 1 where the label falls, in blocks of rows."""
+    import torch
+
+    fisher = torch.zeros(weight.shape, device=weight.device)
+    for e in ends:
+        at = torch.searchsorted(keep, e.labels).clamp_(max=len(keep) - 1)
+        hit = keep[at] == e.labels  # the tokens whose label is a kept row
+        tokens = torch.arange(len(e.labels), device=keep.device)
+        block = max(1, HEAD_BLOCK // len(e.labels))
+        for i in range(0, len(keep), block):
+            z = torch.nn.functional.linear(e.x, weight[i:i + block],
+                                           None if bias is None else bias[i:i + block]).float()
+            slope = None
+            if cap:
+                t = torch.tanh(z / cap)
+                z = t * cap
+                slope = t.mul_(t).neg_().add_(1)
+            d = z.sub_(e.lse[:, None]).exp_()
+            on = hit & (at >= i) & (at < i + block)
+            d[tokens[on], at[on] - i] -= 1
+            if slope is not None:
+                d.mul_(slope)
+            g = (d.T @ e.x).float()
+            fisher[i:i + block].addcmul_(g, g)
+    return fisher
+
+
 def _probabilities(z, cap: float | None):
-    """The softmax of the logits ``cap * tanh(z / cap)`` (or of z), and d logits / d z (None
-    without a softcap)."""
+    """The softmax of the logits ``cap * tanh(z / cap)`` (or of z), d logits / d z (None
+    without a softcap) and each token's log-sum-exp of the logits."""
     import torch
 
     z = z.float()
-    if not cap:
-        return torch.softmax(z, -1), None
-    t = torch.tanh(z / cap)
-    d = torch.softmax(t * cap, -1)
-    return d, t.mul_(t).neg_().add_(1)  # 1 - tanh^2 (t's memory)
+    slope = None
+    if cap:
+        t = torch.tanh(z / cap)
+        z = t * cap
+        slope = t.mul_(t).neg_().add_(1)  # 1 - tanh^2 (t's memory)
+    return torch.softmax(z, -1), slope, torch.logsumexp(z, -1)
 
 
 def _expected_energy(p, slope, rows: int = 64):
