@@ -17,11 +17,12 @@ list (waiting for the converter's tensor list, made meanwhile), sweeps (quantize
 CPU seconds over the worker threads) and wait (their wall time after the backward). Models:
 the demo model (models/smollm2-135m-k256, f32) and random Llama models with Llama-3.2-1B /
 Llama-3.1-8B shapes (bench/scale.py, bf16), and the real Gemma 3 270M (`gemma`, models/gemma3-270m
-from `make models`, f32).
+from `make models`, f32) and Qwen2.5-Coder-1.5B-Instruct (`qwen`, models/qwen2.5-coder-1.5b
+from models/make_qwen25coder.py, bf16: a real model none of the defaults were tuned on).
 
 Writes bench/results/speed.json and speed.md (date, machine, commands, the commit measured, per
-row); targets: ratio <= 2.5 for the demo model, the 1B shape and Gemma 3 270M, peak RSS <= 8 GB at
-the 8B shape.
+row); targets: ratio <= 2.5 for the demo model, the 1B shape and the real models, peak RSS
+<= 8 GB at the 8B shape.
 Rows of shapes not measured in this run are kept from the existing results file, each with its
 own date and commit (say --fresh to drop them).
 """
@@ -54,6 +55,12 @@ def model_dir(shape: str) -> Path:
         path = ROOT / "models" / "gemma3-270m"
         if not (path / "config.json").is_file():
             raise SystemExit(f"speed: {path} is missing: run `make models`")
+        return path
+    if shape == "qwen":  # a real model none of the defaults were tuned on (not in make models)
+        path = ROOT / "models" / "qwen2.5-coder-1.5b"
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"speed: {path} is missing: run `.venv/bin/python "
+                             "models/make_qwen25coder.py models`")
         return path
     from scale import generate
 
@@ -102,7 +109,7 @@ def measure(shape: str, tokens: int, work: Path, lc) -> dict:
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--shapes", default="demo,1b", help="some of demo,1b,8b,gemma")
+    ap.add_argument("--shapes", default="demo,1b", help="some of demo,1b,8b,gemma,qwen")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "speed")
     ap.add_argument("--fresh", action="store_true", help="drop the rows of shapes not run now")
@@ -116,7 +123,7 @@ def main() -> None:
         old = json.loads(res_json.read_text())
         doc["rows"] = [{"date": old["date"], **r} for r in old.get("rows", [])
                        if r["shape"] not in shapes]
-    order = ("demo", "1b", "gemma", "8b")
+    order = ("demo", "1b", "gemma", "qwen", "8b")
     for shape in shapes:
         doc["rows"].append(measure(shape, a.calib_tokens, a.work, lc))
         doc["rows"].sort(key=lambda r: order.index(r["shape"]) if r["shape"] in order else 9)
@@ -131,7 +138,7 @@ def write(res_json: Path, doc: dict) -> None:
              r["llama_imatrix"]["seconds"], r["lwq_score"]["seconds"],
              r["ratio"], r["lwq_score"]["peak_rss_gb"],
              *(r["lwq_score"]["phases"].get(p, "-") for p in PHASES)) for r in doc["rows"]]
-    timed = [r["shape"] for r in doc["rows"] if r["shape"] in ("demo", "1b", "gemma")]
+    timed = [r["shape"] for r in doc["rows"] if r["shape"] in ("demo", "1b", "gemma", "qwen")]
     met = all(r["ratio"] <= TARGET for r in doc["rows"] if r["shape"] in timed)
     verdict = f"ratio <= {TARGET} for {', '.join(timed)}: {'met' if met else 'NOT met'}"
     big = [r for r in doc["rows"] if r["shape"] == "8b"]
