@@ -183,7 +183,10 @@ def _probabilities(z, cap: float | None):
         t = torch.tanh(z / cap)
         z = t * cap
         slope = t.mul_(t).neg_().add_(1)  # 1 - tanh^2 (t's memory)
-    return torch.softmax(z, -1), slope, torch.logsumexp(z, -1)
+    p = torch.softmax(z, -1)
+    top = p.argmax(-1, keepdim=True)  # (log-sum-exp = z - log p anywhere; at the top p exactly
+    # enough, and no vocabulary-sized temporary as torch.logsumexp makes)
+    return p, slope, (z.gather(-1, top) - p.gather(-1, top).log()).squeeze(-1)
 
 
 def _expected_energy(p, slope, rows: int = 64):
