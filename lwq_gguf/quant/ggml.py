@@ -10,12 +10,14 @@ bytes) where that library can be built, else the pinned library's own.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
+
 import numpy as np
 
 from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant.rebuilt import Rebuilt, wanted
-from lwq_gguf.quant.types import GGML_NEEDS_IMATRIX, QUANT_TYPES
+from lwq_gguf.quant.types import FLOAT_TYPES, GGML_NEEDS_IMATRIX, QUANT_TYPES
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
 
@@ -44,6 +46,8 @@ class Ggml:
             ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
         self.lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
         self.lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        self.lib.ggml_quantize_init.restype = None
+        self.lib.ggml_quantize_init.argtypes = [ctypes.c_int]
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         # why_not_rebuilt: "" where the rebuilt quantizers are in use
@@ -51,6 +55,16 @@ class Ggml:
         if rebuilt is None:
             rebuilt, why = wanted(), "LWQ_QUANTIZERS=pinned"
         self.rebuilt, self.why_not_rebuilt = Rebuilt.load(lc) if rebuilt else (None, why)
+
+    def prepare(self, types: Iterable[str]) -> None:
+        """Set up the grids of those types that have one (IQ1-IQ3: about 0.5 s of one core, done
+        otherwise by their first quantize), e.g. on a thread while the cores have other work."""
+        for name in types:
+            ty = int(QUANT_TYPES[name].ggml)
+            if self.rebuilt is not None and name in self.rebuilt.fns:
+                self.rebuilt.lib.lwq_quantize_init(ty)
+            elif name not in FLOAT_TYPES:
+                self.lib.ggml_quantize_init(ty)
 
     def row_size(self, type_name: str, n: int) -> int:
         """Bytes of one row of ``n`` weights in the type."""

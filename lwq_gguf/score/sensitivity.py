@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from threading import Thread
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,8 +92,20 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     fisher = cfg.fisher_tokens
     bar = Progress(model.n_layers * (cfg.calib_tokens + 2 * fisher), progress,
                    f"scoring ({torch_device(cfg.device)})")
+    lc = find_llama_cpp()
+    quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
+    # the quantizers' grids set up on a second core while the pass starts on one (its setup)
+    def set_up() -> None:
+        for q in quantizers.values():
+            q.prepare(ladder)
+
+    grids = Thread(target=set_up)
+    grids.start()
     bar.stage("forward")
-    run = streamed_fisher(model, cfg, progress, rows, phases, bar.update)
+    try:
+        run = streamed_fisher(model, cfg, progress, rows, phases, bar.update)
+    finally:
+        grids.join()
     with phases("list"):  # (the converter's tensor list, made meanwhile when not cached)
         todo = {t.name: t for t in (tensors() if callable(tensors) else tensors) if t.quantizable}
     layer_weights = sum(t.numel for t in todo.values() if t.layer is not None) / max(
@@ -103,8 +116,6 @@ def measure_sensitivity(model: HFModel, tensors, req: SensitivityRequest, cfg: S
     bar.grow(sweep_cost(sampled * len(ladder) * len(req.keys)))
     known = {"none": None, "auto": run.imatrix, **req.given}
     modes = {k: known[split_damage_key(k)[0]] for k in req.keys}
-    lc = find_llama_cpp()
-    quantizers = {enc: Quantizer(lc, enc) for enc in {split_damage_key(k)[1] for k in req.keys}}
 
     def one(t: GGUFTensor, ft: FisherTensor, fisher: np.ndarray, ty: str):
         """One type on one tensor under every setting (a task: the pool balances them)."""
