@@ -155,13 +155,8 @@ def _kept_fisher(weight, bias, keep, ends: list[_Window], cap: float | None):
         tokens = torch.arange(len(e.labels), device=keep.device)
         block = max(1, HEAD_BLOCK // len(e.labels))
         for i in range(0, len(keep), block):
-            z = torch.nn.functional.linear(e.x, weight[i:i + block],
-                                           None if bias is None else bias[i:i + block]).float()
-            slope = None
-            if cap:
-                t = torch.tanh(z / cap)
-                z = t * cap
-                slope = t.mul_(t).neg_().add_(1)
+            z, slope = _capped(torch.nn.functional.linear(
+                e.x, weight[i:i + block], None if bias is None else bias[i:i + block]), cap)
             d = z.sub_(e.lse[:, None]).exp_()
             on = hit & (at >= i) & (at < i + block)
             d[tokens[on], at[on] - i] -= 1
@@ -172,17 +167,24 @@ def _kept_fisher(weight, bias, keep, ends: list[_Window], cap: float | None):
     return fisher
 
 
+def _capped(z, cap: float | None):
+    """The logits ``cap * tanh(z / cap)`` (or z) in float32, and d logits / d z (None without a
+    softcap)."""
+    import torch
+
+    z = z.float()
+    if not cap:
+        return z, None
+    t = torch.tanh(z / cap)
+    return t * cap, t.mul_(t).neg_().add_(1)  # 1 - tanh^2 (t's memory)
+
+
 def _probabilities(z, cap: float | None):
     """The softmax of the logits ``cap * tanh(z / cap)`` (or of z), d logits / d z (None
     without a softcap) and each token's log-sum-exp of the logits."""
     import torch
 
-    z = z.float()
-    slope = None
-    if cap:
-        t = torch.tanh(z / cap)
-        z = t * cap
-        slope = t.mul_(t).neg_().add_(1)  # 1 - tanh^2 (t's memory)
+    z, slope = _capped(z, cap)
     p = torch.softmax(z, -1)
     top = p.argmax(-1, keepdim=True)  # (log-sum-exp = z - log p anywhere; at the top p exactly
     # enough, and no vocabulary-sized temporary as torch.logsumexp makes)
