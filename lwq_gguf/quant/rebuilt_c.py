@@ -204,7 +204,8 @@ QKX3_LANES = """#if LWQ_AVX512
 # IQ3_XXS / IQ3_S: the trial scales of a block are independent until the choice, so with AVX-512
 # 16 of them run in lanes - the rounding, the grid look-up and the sums vectorized (each lane's
 # sums in the loop's order), the neighbour search of each lane's off-grid groups as before, the
-# choice in the loop's order.
+# choice in the loop's order. The lanes past the last trial (IQ3_S's 19 trials take two rounds
+# of 16) are copies of it, never chosen: they are not searched.
 IQ3_TRIALS = Template(r"""            for (int is = -$lim; is <= $lim; ++is) {
                 float id = (2*kMaxQ-1+is*0.2f)/max;
                 float this_scale = 1/id;
@@ -259,6 +260,8 @@ static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * 
             tsc[t] = 1/idv[t];
         }
         const __m512 id = _mm512_loadu_ps(idv);
+        /* the lanes past the last trial (copies of it) are never chosen: no search for them */
+        const unsigned live = lim - is0 >= 15 ? 0xffffu : (1u << (lim - is0 + 1)) - 1;
         for (int i = 0; i < n; ++i) {
             const __m512 f = _mm512_mul_ps(_mm512_set1_ps(0.5f),
                 _mm512_sub_ps(_mm512_mul_ps(id, _mm512_set1_ps(xval[i])), _mm512_set1_ps(1.0f)));
@@ -274,7 +277,7 @@ static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * 
                                 _mm512_or_si512(_mm512_slli_epi32(_mm512_loadu_si512(la[4*k+2]), 6),
                                                 _mm512_slli_epi32(_mm512_loadu_si512(la[4*k+3]), 9)));
             const __m512i gi = _mm512_i32gather_epi32(u, (const void *)kmap, 4);
-            unsigned off = _mm512_cmplt_epi32_mask(gi, _mm512_setzero_si512());
+            unsigned off = _mm512_cmplt_epi32_mask(gi, _mm512_setzero_si512()) & live;
             int32_t uu[16];
             _mm512_storeu_si512(uu, u);
             for (int t = 0; t < 16; ++t) aux[t][k] = !((off >> t) & 1);
