@@ -25,6 +25,20 @@ SEARCH = Template('''    for (int j = 1; j <= num_neighbors; ++j) {
 # points, a permute per coordinate, the lanes' sums in the same order, the first lane at the
 # minimum: the element the scalar scan keeps; the last few one at a time).
 TABLED = Template("""    float term[$n][8];  /* [i][l]: the term of q = 2*l + 1 (rows of 8: one 256-bit load each) */
+#if LWQ_AVX512
+    {   /* two coordinates' rows at a time, all 8 values of l (the same operations per float) */
+        const __m512 sq = _mm512_mul_ps(_mm512_set1_ps(scale),
+            _mm512_set_ps(15, 13, 11, 9, 7, 5, 3, 1, 15, 13, 11, 9, 7, 5, 3, 1));
+        for (int i = 0; i < $n; i += 2) {
+            const __m512 x = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(xval[i])),
+                                                                 _mm256_castps_pd(_mm256_set1_ps(xval[i+1])), 1));
+            const __m512 w = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(weight[i])),
+                                                                 _mm256_castps_pd(_mm256_set1_ps(weight[i+1])), 1));
+            const __m512 diff = _mm512_sub_ps(sq, x);
+            _mm512_storeu_ps(term[i], _mm512_mul_ps(_mm512_mul_ps(w, diff), diff));
+        }
+    }
+#else
     for (int i = 0; i < $n; ++i) {
         for (int l = 0; l < $levels; ++l) {
             float q = 2*l + 1;
@@ -32,6 +46,7 @@ TABLED = Template("""    float term[$n][8];  /* [i][l]: the term of q = 2*l + 1 
             term[i][l] = weight[i]*diff*diff;
         }
     }
+#endif
     int j = 1;
 #if LWQ_AVX512
     for (; j + 15 <= num_neighbors; j += 16) {
