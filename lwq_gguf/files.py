@@ -163,20 +163,30 @@ def write_cache_text(path: Path, text: str) -> bool:
         return False
 
 
+def _memo_entry(path: Path, memo: Path) -> Path:
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return memo / hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def remembered_sha256(path: Path, memo: Path) -> str | None:
+    """The sha256 :func:`sha256_file` remembered for this file as it is now, or None."""
+    try:
+        known = _memo_entry(path, memo).read_text().strip()
+    except OSError:
+        return None
+    return known if len(known) == 64 and all(c in "0123456789abcdef" for c in known) else None
+
+
 def sha256_file(path: Path, memo: Path | None = None) -> str:
     """sha256 of a file's bytes; with ``memo`` (a folder) remembered by (path, size, mtime), so a
     large file is read in full once."""
-    st = path.stat()
     entry = None
     if memo is not None:
-        ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        entry = memo / hashlib.sha256(ident.encode()).hexdigest()[:32]
-        try:
-            known = entry.read_text().strip()
-            if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
-                return known
-        except OSError:
-            pass
+        known = remembered_sha256(path, memo)
+        if known is not None:
+            return known
+        entry = _memo_entry(path, memo)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):

@@ -31,7 +31,7 @@ from lwq_gguf.quant.encoder import damage_key, split_damage_key
 from lwq_gguf.quant.imatrix import ImatrixChoice, imatrix_to_dict
 from lwq_gguf.quant.gguf_file import read_back
 from lwq_gguf.quant.types import AUTO_LADDER, DEFAULT_ENCODER
-from lwq_gguf.score.cache import ScoreCache, model_sha256
+from lwq_gguf.score.cache import ScoreCache, model_sha256, remembered
 from lwq_gguf.score.clock import Phases
 from lwq_gguf.score.layers import score_model, zd_scores
 from lwq_gguf.score.scores import ScoreConfig, Scores
@@ -98,6 +98,18 @@ def _has(scores: Scores, key: str, ladder: tuple[str, ...]) -> bool:
             and (split_damage_key(key)[0] != "auto" or scores.imatrix is not None))
 
 
+def _digest(model: HFModel, warm: bool) -> str:
+    """The model's digest. ``warm``: its weights are read for it (a model new here, whose scores
+    are measured next), so they are hashed on a thread while this one imports PyTorch, which
+    the measuring starts with (the hash phase then holds that import)."""
+    if not warm:
+        return model_sha256(model)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(model_sha256, model)
+        import torch  # noqa: F401
+        return digest.result()
+
+
 def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
                keys: tuple[str, ...]) -> Scores:
     """Scores from ``job.scores_file``, else the score cache, else measured (and cached), with the
@@ -111,7 +123,7 @@ def get_scores(job: Job, model: HFModel, tensors, ladder: tuple[str, ...],
     cache, fresh, phases = None, False, Phases()
     if job.scores_file is None:
         with phases("hash"):
-            digest = model_sha256(model)
+            digest = _digest(model, warm=model.arch is not None and not remembered(model))
         cache = ScoreCache(model, digest, job.score)
         scores = None if job.score.rescore else cache.load()
         if scores is not None and job.progress:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 from lwq_gguf.errors import LwqError
-from lwq_gguf.files import (code_digest, scores_cache_dir, sha256_file, sha256_memo,
-                            write_cache_text)
+from lwq_gguf.files import (code_digest, remembered_sha256, scores_cache_dir, sha256_file,
+                            sha256_memo, write_cache_text)
 from lwq_gguf.model.load import HFModel
 from lwq_gguf.score.scores import SCORES_VERSION, ScoreConfig, Scores
 
@@ -28,10 +28,23 @@ _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "token
 CODE = ("score", "model", "quant")  # the code whose output the cache holds
 
 
+def _model_files(model: HFModel) -> list[str]:
+    return sorted({*(n for n in _MODEL_FILES if (model.path / n).is_file()),
+                   *(t.file.name for t in model.tensors)})
+
+
+def remembered(model: HFModel) -> bool:
+    """Whether every file's digest is remembered (so :func:`model_sha256` reads no weights)."""
+    try:
+        return all(remembered_sha256(model.path / n, sha256_memo()) is not None
+                   for n in _model_files(model))
+    except OSError:
+        return False
+
+
 def model_sha256(model: HFModel) -> str:
     """The model's content: config, tokenizer and every weight file (names and bytes)."""
-    names = sorted({*(n for n in _MODEL_FILES if (model.path / n).is_file()),
-                    *(t.file.name for t in model.tensors)})
+    names = _model_files(model)
     h = hashlib.sha256()
     for n in names:
         try:

@@ -147,3 +147,19 @@ def test_sigkill_during_scoring_leaves_no_file_and_an_intact_cache(model, tmp_pa
         assert entry.read_bytes() == good and not list(cache.glob(".*.tmp"))
     again = run_cli(*args[3:6], "4.5", *args[7:], env=env, check=True)
     assert REUSE in again.stderr and out.exists()
+
+
+def test_a_new_models_digest_is_read_beside_the_import_and_then_remembered(model, tmp_path,
+                                                                          monkeypatch):
+    from lwq_gguf.pipeline import _digest
+    from lwq_gguf.score.cache import remembered
+
+    monkeypatch.setenv("LWQ_SCORES_CACHE", str(tmp_path / "c"))
+    m = open_model(model)
+    assert not remembered(m)
+    digest = _digest(m, warm=True)  # hashed on a thread while PyTorch imports
+    assert remembered(m)
+    assert digest == model_sha256(m) == _digest(m, warm=False)
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")
+    assert not remembered(m)  # a changed file is read again
+    assert model_sha256(m) != digest
