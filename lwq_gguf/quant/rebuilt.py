@@ -10,8 +10,8 @@ same bits faster (the C text, and why each is exact: :mod:`lwq_gguf.quant.rebuil
   in the same order (AVX-512: 16 neighbours at a time);
 * **the grids' set-up** (about 8 s on 2 cores at every start, half of it for IQ1_S): a counting
   sort where ggml sorts (distance, index) pairs already in index order with ``qsort``;
-* **independent trial scales in AVX-512 lanes** (IQ4's 15, IQ3's 19-31, IQ2's 13-19
-  (:mod:`lwq_gguf.quant.rebuilt_iq2`), ``make_qkx3_quants``'s 37 for Q2_K, Q4_1, Q5_1, Q5_K):
+* **independent trial scales in AVX-512 lanes** (IQ4's 15, IQ3's 19-31, IQ2's 13-19,
+  ``make_qkx3_quants``'s 37 for Q2_K, Q4_1, Q5_1, Q5_K):
   each lane adds the same floats in the same order, and the choice between them is made in the
   loop's order; lanes past the last trial are not searched;
 * **IQ1_S's and IQ1_M's split search** (every split of a block's sorted weights into three
@@ -39,7 +39,6 @@ from lwq_gguf.errors import ToolError
 from lwq_gguf.llamacpp import LlamaCpp
 from lwq_gguf.quant import rebuilt_c as C
 from lwq_gguf.quant import rebuilt_iq1 as C1
-from lwq_gguf.quant import rebuilt_iq2 as C2
 from lwq_gguf.quant.cbuild import CompileError, compile_once
 from lwq_gguf.quant.types import FLOAT_TYPES, QUANT_TYPES
 
@@ -73,15 +72,13 @@ def patched_source(src: str) -> str:
         src = _replace(src, C.SEARCH.substitute(n=n),
                        C.TABLED.substitute(n=n, levels=levels, gather=C.GATHER[n]), 1)
     src = _replace(src, C.IQ4_TRIALS, C.IQ4_LANES + C.IQ4_TRIALS, 1)
-    for lim, size, groups, gap in ((15, "32", "8", "<  "), (9, "block_size", "bs4", "< ")):
-        loop = C.IQ3_TRIALS.substitute(lim=lim, n=size, groups=groups, gap=gap)
-        src = _replace(src, loop, C.IQ3_CALL.substitute(lim=lim, n=size) + loop + "#endif\n", 1)
-    first = "static void quantize_row_iq3_xxs_impl("
-    src = _replace(src, first, C.IQ3_LANES + first, 1)
-    src = _replace(src, C2.XXS_TRIALS, C2.XXS_CALL + C2.XXS_TRIALS + "#endif\n", 1)
-    src = _replace(src, C2.XS_TRIALS, C2.XS_CALL + C2.XS_TRIALS + "#endif\n", 2)
-    first = "static void quantize_row_iq2_xxs_impl("
-    src = _replace(src, first, C2.IQ2_LANES + first, 1)
+    for name, trials in C.TRIAL_LOOPS.items():  # (IQ2_XS's loop is IQ2_S's too)
+        loop = C.TRIALS.substitute(trials)
+        src = _replace(src, loop, C.TRIALS_CALL.substitute(trials) + loop + "#endif\n",
+                       2 if name == "iq2_xs" else 1)
+    for first, lanes in (("static void quantize_row_iq2_xxs_impl(", C.IQ2_LANES),
+                         ("static void quantize_row_iq3_xxs_impl(", C.IQ3_LANES)):
+        src = _replace(src, first, lanes + first, 1)
     src = _replace(src, C1.IQ1S_SPLIT, C1.IQ1S_CALL + C1.IQ1S_SPLIT, 1)
     src = _replace(src, C1.IQ1M_SPLIT, C1.IQ1M_CALL + C1.IQ1M_SPLIT, 1)
     src = _replace(src, C1.IQ1_QSORT, "lwq_sort_pairs(pairs, block_size);", 2)

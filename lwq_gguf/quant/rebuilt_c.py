@@ -216,27 +216,27 @@ QKX3_LANES = """#if LWQ_AVX512
     }
 #endif
 """
-# IQ3_XXS / IQ3_S: the trial scales of a block are independent until the choice, so with AVX-512
-# 16 of them run in lanes - the rounding, the grid look-up and the sums vectorized (each lane's
-# sums in the loop's order), the neighbour search of each lane's off-grid groups as before, the
-# choice in the loop's order. The lanes past the last trial (IQ3_S's 19 trials take two rounds
-# of 16) are copies of it, never chosen: they are not searched.
-IQ3_TRIALS = Template(r"""            for (int is = -$lim; is <= $lim; ++is) {
-                float id = (2*kMaxQ-1+is*0.2f)/max;
+# IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: the trial scales of a block are independent until the
+# choice, so with AVX-512 16 of them run in lanes (TRIAL_LANES) - the rounding, the grid look-up
+# and the sums vectorized (each lane's sums in the loop's order), the neighbour search of each
+# lane's off-grid groups as before, the choice in the loop's order. The lanes past the last trial
+# (19 trials take two rounds of 16) are copies of it, never chosen: they are not searched.
+# The pinned loop, in each of the five (IQ2_XS and IQ2_S: the same text; ``on``, ``off``: the
+# lines that keep is_on_grid_aux, which IQ2_XXS has not):
+TRIALS = Template(r"""            for (int is = -$lim; is <= $lim; ++is) {
+                float id = (2*kMaxQ-1+is*$step)/$div;
                 float this_scale = 1/id;
                 for (int k = 0; k < $groups; ++k) {
-                    for (int i = 0; i < 4; ++i) {
-                        int l = nearest_int(0.5f*(id*xval[4*k+i]-1));
-                        Laux[4*k+i] = MAX(0, MIN(kMaxQ-1, l));
+                    for (int i = 0; i < $c; ++i) {
+                        int l = nearest_int(0.5f*(id*xval[$c*k+i]-1));
+                        Laux[$c*k+i] = MAX(0, MIN(kMaxQ-1, l));
                     }
                     uint16_t u = 0;
-                    for (int i = 0; i < 4; ++i) u |= (Laux[4*k+i] << 3*i);
-                    int grid_index = kmap_q3xs[u];
-                    is_on_grid_aux[k] = true;
-                    if (grid_index < 0) {
-                        is_on_grid_aux[k] = false;
-                        const uint16_t * neighbours = kneighbors_q3xs - kmap_q3xs[u] - 1;
-                        grid_index = iq3_find_best_neighbour(neighbours, kgrid_q3xs, xval + 4*k, waux + 4*k, this_scale, Laux + 4*k);
+                    for (int i = 0; i < $c; ++i) u |= (Laux[$c*k+i] << $bits*i);
+                    int grid_index = kmap_$g[u];
+$on                    if (grid_index < 0) {
+$off                        const uint16_t * neighbours = kneighbors_$g - kmap_$g[u] - 1;
+                        grid_index = ${f}_find_best_neighbour(neighbours, kgrid_$g, xval + $c*k, waux + $c*k, this_scale, Laux + $c*k);
                     }
                 }
                 float sumqx = 0, sumq2 = 0;
@@ -248,26 +248,44 @@ IQ3_TRIALS = Template(r"""            for (int is = -$lim; is <= $lim; ++is) {
                 }
                 if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {
                     scale = sumqx/sumq2; best = scale*sumqx;
-                    for (int i = 0; i < $n; ++i) L[i] = Laux[i];
-                    for (int k = 0; k $gap$groups; ++k) is_on_grid[k] = is_on_grid_aux[k];
-                }
+$keep                }
             }
 """)
-IQ3_CALL = Template("""#if LWQ_AVX512
-            lwq_iq3_trials($lim, 0.2f, kMaxQ, $n, xval, weight, waux, max, kmap_q3xs, kneighbors_q3xs,
-                           kgrid_q3xs, &scale, &best, L, is_on_grid);
+_ON = "                    is_on_grid_aux[k] = true;\n"
+_OFF = "                        is_on_grid_aux[k] = false;\n"
+_KEEP = ("                    for (int i = 0; i < {n}; ++i) L[i] = Laux[i];\n"
+         "                    for (int k = 0; k {gap}{groups}; ++k) is_on_grid[k] = is_on_grid_aux[k];\n")
+IQ3 = dict(step="0.2f", div="max", c=4, bits=3, g="q3xs", f="iq3", on=_ON, off=_OFF,
+           on_grid="is_on_grid")
+IQ2 = dict(step="0.1f", c=8, bits=2, g="q2xs", f="iq2")
+TRIAL_LOOPS: dict[str, dict[str, object]] = {  # (IQ2_XS's text is IQ2_S's too)
+    "iq3_xxs": {**IQ3, "lim": 15, "groups": "8", "n": "32",
+                "keep": _KEEP.format(n="32", gap="<  ", groups="8")},
+    "iq3_s": {**IQ3, "lim": 9, "groups": "bs4", "n": "block_size",
+              "keep": _KEEP.format(n="block_size", gap="< ", groups="bs4")},
+    "iq2_xxs": {**IQ2, "lim": 6, "div": "eff_max", "groups": 4, "n": 32, "on": "", "off": "",
+                "on_grid": "NULL", "keep": "                    memcpy(L, Laux, 32);\n"},
+    "iq2_xs": {**IQ2, "lim": 9, "div": "max", "groups": 2, "n": 16, "on": _ON, "off": _OFF,
+               "on_grid": "is_on_grid", "keep": _KEEP.format(n=16, gap="<  ", groups=2)},
+}
+TRIALS_CALL = Template("""#if LWQ_AVX512
+            lwq_${f}_trials($lim, $step, kMaxQ, $n, xval, weight, waux, $div, kmap_$g, kneighbors_$g,
+                           kgrid_$g, &scale, &best, L, $on_grid);
 #else
 """)
-IQ3_LANES = r"""#if LWQ_AVX512
-/* lwq-gguf: the trials -lim..lim of an IQ3 block in 16 lanes (see lwq_gguf/quant/rebuilt.py) */
-static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * xval,
+# The lanes' function of IQ3's trials and IQ2's, one per grid family: nc
+# coordinates of ``bits`` bits to a group, grid points of type ``grid``, its neighbour search
+# ``search``; is_on_grid NULL where the caller keeps none (IQ2_XXS).
+TRIAL_LANES = Template(r"""#if LWQ_AVX512
+/* lwq-gguf: the trials -lim..lim of a block in 16 lanes (see lwq_gguf/quant/rebuilt_c.py) */
+static void $name(int lim, float step, int kMaxQ, int n, const float * xval,
         const float * weight, const float * waux, float max, const int * kmap,
-        const uint16_t * kneighbors, const uint32_t * kgrid, float * scale, float * best,
+        const uint16_t * kneighbors, const $grid * kgrid, float * scale, float * best,
         int8_t * L, bool * is_on_grid) {
     int32_t la[32][16];
     bool aux[16][8];
     float idv[16], tsc[16], sx[16], s2[16];
-    const int ngroups = n/4;
+    const int ngroups = n/$nc;
     for (int is0 = -lim; is0 <= lim; is0 += 16) {
         for (int t = 0; t < 16; ++t) {
             const int is = MIN(is0 + t, lim);
@@ -277,7 +295,7 @@ static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * 
         const __m512 id = _mm512_loadu_ps(idv);
         /* the lanes past the last trial (copies of it) are never chosen: no search for them */
         const unsigned live = lim - is0 >= 15 ? 0xffffu : (1u << (lim - is0 + 1)) - 1;
-        for (int i = 0; i < n; ++i) {
+        for (int i = 0; i < n; ++i) {  /* nearest_int(0.5f*(id*xval[i]-1)), clamped */
             const __m512 f = _mm512_mul_ps(_mm512_set1_ps(0.5f),
                 _mm512_sub_ps(_mm512_mul_ps(id, _mm512_set1_ps(xval[i])), _mm512_set1_ps(1.0f)));
             __m512i l = _mm512_castps_si512(_mm512_add_ps(f, _mm512_set1_ps(12582912.f)));
@@ -287,10 +305,9 @@ static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * 
             _mm512_storeu_si512(la[i], l);
         }
         for (int k = 0; k < ngroups; ++k) {
-            const __m512i u = _mm512_or_si512(_mm512_or_si512(_mm512_loadu_si512(la[4*k]),
-                                                _mm512_slli_epi32(_mm512_loadu_si512(la[4*k+1]), 3)),
-                                _mm512_or_si512(_mm512_slli_epi32(_mm512_loadu_si512(la[4*k+2]), 6),
-                                                _mm512_slli_epi32(_mm512_loadu_si512(la[4*k+3]), 9)));
+            __m512i u = _mm512_loadu_si512(la[$nc*k]);
+            for (int i = 1; i < $nc; ++i)
+                u = _mm512_or_si512(u, _mm512_slli_epi32(_mm512_loadu_si512(la[$nc*k+i]), $bits*i));
             const __m512i gi = _mm512_i32gather_epi32(u, (const void *)kmap, 4);
             unsigned off = _mm512_cmplt_epi32_mask(gi, _mm512_setzero_si512()) & live;
             int32_t uu[16];
@@ -299,11 +316,11 @@ static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * 
             while (off) {
                 const int t = __builtin_ctz(off);
                 off &= off - 1;
-                int8_t Lg[4];
-                for (int i = 0; i < 4; ++i) Lg[i] = la[4*k+i][t];
+                int8_t Lg[$nc];
+                for (int i = 0; i < $nc; ++i) Lg[i] = la[$nc*k+i][t];
                 const uint16_t * neighbours = kneighbors - kmap[uu[t]] - 1;
-                iq3_find_best_neighbour(neighbours, kgrid, xval + 4*k, waux + 4*k, tsc[t], Lg);
-                for (int i = 0; i < 4; ++i) la[4*k+i][t] = Lg[i];
+                $search(neighbours, kgrid, xval + $nc*k, waux + $nc*k, tsc[t], Lg);
+                for (int i = 0; i < $nc; ++i) la[$nc*k+i][t] = Lg[i];
             }
         }
         __m512 sqx = _mm512_setzero_ps(), sq2 = _mm512_setzero_ps();
@@ -320,14 +337,19 @@ static void lwq_iq3_trials(int lim, float step, int kMaxQ, int n, const float * 
             if (sumq2 > 0 && sumqx*sumqx > *best*sumq2) {
                 *scale = sumqx/sumq2; *best = *scale*sumqx;
                 for (int i = 0; i < n; ++i) L[i] = la[i][t];
-                for (int k = 0; k < ngroups; ++k) is_on_grid[k] = aux[t][k];
+                if (is_on_grid)
+                    for (int k = 0; k < ngroups; ++k) is_on_grid[k] = aux[t][k];
             }
         }
     }
 }
 #endif
 
-"""
+""")
+IQ3_LANES = TRIAL_LANES.substitute(name="lwq_iq3_trials", nc=4, bits=3, grid="uint32_t",
+                                   search="iq3_find_best_neighbour")
+IQ2_LANES = TRIAL_LANES.substitute(name="lwq_iq2_trials", nc=8, bits=2, grid="uint64_t",
+                                   search="iq2_find_best_neighbour")
 COUNTING_SORT = '''
 /* lwq-gguf: the (d2, j) pairs arrive in j order, so a stable counting sort by d2 gives
    qsort's (d2, j) order */
