@@ -169,13 +169,20 @@ def _memo_entry(path: Path, memo: Path) -> Path:
     return memo / hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-def remembered_sha256(path: Path, memo: Path) -> str | None:
-    """The sha256 :func:`sha256_file` remembered for this file as it is now, or None."""
+def _read_memo(entry: Path) -> str | None:
     try:
-        known = _memo_entry(path, memo).read_text().strip()
+        known = entry.read_text().strip()
     except OSError:
         return None
     return known if len(known) == 64 and all(c in "0123456789abcdef" for c in known) else None
+
+
+def remembered_sha256(path: Path, memo: Path) -> str | None:
+    """The sha256 :func:`sha256_file` remembered for this file as it is now, or None."""
+    try:
+        return _read_memo(_memo_entry(path, memo))
+    except OSError:  # (the file itself cannot be read)
+        return None
 
 
 def sha256_file(path: Path, memo: Path | None = None) -> str:
@@ -183,10 +190,10 @@ def sha256_file(path: Path, memo: Path | None = None) -> str:
     large file is read in full once."""
     entry = None
     if memo is not None:
-        known = remembered_sha256(path, memo)
+        entry = _memo_entry(path, memo)
+        known = _read_memo(entry)
         if known is not None:
             return known
-        entry = _memo_entry(path, memo)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):

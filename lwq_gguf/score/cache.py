@@ -35,11 +35,8 @@ def _model_files(model: HFModel) -> list[str]:
 
 def remembered(model: HFModel) -> bool:
     """Whether every file's digest is remembered (so :func:`model_sha256` reads no weights)."""
-    try:
-        return all(remembered_sha256(model.path / n, sha256_memo()) is not None
-                   for n in _model_files(model))
-    except OSError:
-        return False
+    memo = sha256_memo()
+    return all(remembered_sha256(model.path / n, memo) is not None for n in _model_files(model))
 
 
 def model_sha256(model: HFModel) -> str:
